@@ -1,0 +1,1 @@
+//! crownstone-webhooks: forwards Crownstone event streams to webhooks, as a Kubernetes operator.
