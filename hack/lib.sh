@@ -15,3 +15,6 @@ export GOTOOLCHAIN=local
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# Cargo's build output, kept outside the checkout so a fresh clone on a warm machine reuses it.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE_ROOT/target}"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, and integration tests against a real kube-apiserver, etcd and
+# kube-controller-manager (started by the test harness), the simulator and real HTTP receivers.
+# Everything it needs is built or installed on first use and cached under
+# ${XDG_CACHE_HOME:-~/.cache}/crownstone-webhooks.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=hack/lib.sh
+. "$here/lib.sh"
+cd "$here/.."
+
+log "control plane binaries: $("$here/build-kube.sh")"
+log "python for client tests: $("$here/python-env.sh")"
+cargo test --locked --all-targets "$@"

@@ -1,0 +1,169 @@
+//! The real control plane the tests run against: started once per test run from the binaries
+//! `hack/build-kube.sh` builds (or the one `KUBECONFIG` points at), with the CRDs applied, and a
+//! fresh namespace per test so tests run in parallel without seeing each other.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// Where the shared control plane is and how to reach it with kubectl.
+pub struct ControlPlane {
+    pub kubeconfig: PathBuf,
+    pub kubectl: PathBuf,
+}
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let output = cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The control plane of this test run, started on first use.
+pub fn control_plane() -> &'static ControlPlane {
+    static PLANE: OnceLock<ControlPlane> = OnceLock::new();
+    PLANE.get_or_init(|| {
+        let bin = PathBuf::from(run(Command::new(repo_root().join("hack/build-kube.sh"))));
+        let kubectl = bin.join("kubectl");
+        let kubeconfig = match std::env::var_os("KUBECONFIG") {
+            Some(path) if !path.is_empty() => PathBuf::from(path),
+            _ => {
+                let dir = std::env::temp_dir().join(format!(
+                    "crownstone-webhooks-test-{}",
+                    std::process::id()
+                ));
+                run(Command::new(repo_root().join("hack/control-plane.sh"))
+                    .arg("start")
+                    .arg(&dir)
+                    .arg("--controller-manager")
+                    .arg("--watch-pid")
+                    .arg(std::process::id().to_string()));
+                dir.join("kubeconfig")
+            }
+        };
+        run(Command::new(&kubectl)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["apply", "--server-side", "--force-conflicts", "-f"])
+            .arg(repo_root().join("crds")));
+        run(Command::new(&kubectl)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/listeners.webhooks.crownstone.rocks",
+                "crd/webhookusers.webhooks.crownstone.rocks",
+            ]));
+        ControlPlane {
+            kubeconfig,
+            kubectl,
+        }
+    })
+}
+
+/// A client for the test run's control plane. Made per test: a client is bound to the runtime
+/// it was made on, and every `#[tokio::test]` has its own.
+pub async fn client() -> Client {
+    let plane = control_plane();
+    let kubeconfig = Kubeconfig::read_from(&plane.kubeconfig).expect("kubeconfig readable");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig valid");
+    Client::try_from(config).expect("client")
+}
+
+/// A namespace of one test's own, deleted when the test ends.
+pub struct TestNamespace {
+    pub name: String,
+    pub client: Client,
+}
+
+impl TestNamespace {
+    pub async fn new(prefix: &str) -> TestNamespace {
+        let client = client().await;
+        let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"crownstone-webhooks/test": "true"}}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("create test namespace");
+        TestNamespace { name, client }
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Runs kubectl against the test run's control plane in this namespace.
+    pub fn kubectl(&self, args: &[&str]) -> std::process::Output {
+        let plane = control_plane();
+        Command::new(&plane.kubectl)
+            .arg("--kubeconfig")
+            .arg(&plane.kubeconfig)
+            .arg("--namespace")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .expect("kubectl runs")
+    }
+
+    /// Deletes the namespace now (tests that check cascades call this themselves).
+    pub async fn delete(&self) {
+        let _ = Api::<Namespace>::all(self.client.clone())
+            .delete(&self.name, &DeleteParams::background())
+            .await;
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Best effort and non-blocking: a failed test should still leave a clean cluster behind.
+        let plane = control_plane();
+        let _ = Command::new(&plane.kubectl)
+            .arg("--kubeconfig")
+            .arg(&plane.kubeconfig)
+            .args(["delete", "namespace", &self.name, "--wait=false"])
+            .output();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `deadline`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,3 @@
+//! What the integration tests share: the control plane, namespaces, waiting.
+
+pub mod cluster;
