@@ -337,10 +337,7 @@ mod tests {
         let mut out = Vec::new();
         let mut skips = Vec::new();
         index.route(&TokenHash::of(token), t, &mut out, |s| skips.push(s));
-        (
-            out.iter().map(|t| t.listener.to_string()).collect(),
-            skips,
-        )
+        (out.iter().map(|t| t.listener.to_string()).collect(), skips)
     }
 
     #[test]
@@ -415,7 +412,10 @@ mod tests {
         assert_eq!(moved, Some(TokenHash::of("t1")));
         assert!(index.listeners_of_token(&TokenHash::of("t1")).is_empty());
         assert_eq!(index.listeners_of_token(&TokenHash::of("t2")).len(), 1);
-        assert_eq!(index.remove_listener(&ListenerId::new("ns/a")), Some(TokenHash::of("t2")));
+        assert_eq!(
+            index.remove_listener(&ListenerId::new("ns/a")),
+            Some(TokenHash::of("t2"))
+        );
         assert!(index.listeners_of_token(&TokenHash::of("t2")).is_empty());
     }
 
@@ -431,7 +431,10 @@ mod tests {
                 deliveries: 3,
             },
         );
-        assert_eq!(routed(&index, "t", EventType::Command).1, [Skip::AllowanceUsed]);
+        assert_eq!(
+            routed(&index, "t", EventType::Command).1,
+            [Skip::AllowanceUsed]
+        );
         // Usage of another day is stale and ignored.
         let (index, _) = setup();
         index.seed_usage(

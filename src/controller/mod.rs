@@ -1,0 +1,80 @@
+//! The reconcilers of WebhookUser and Listener, the state they share, and how they run.
+
+mod conditions;
+mod credentials;
+mod listener;
+mod status;
+mod webhook_user;
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+use kube::Client;
+
+pub use conditions::{listener_conditions, ListenerObservation, OwnerState, TokenState};
+pub use credentials::{generate_credentials, Credentials, API_KEY, CLIENT_SECRET};
+pub use listener::{listener_id, run_listener_controller};
+pub use status::StatusWriter;
+pub use webhook_user::run_webhook_user_controller;
+
+use crate::clock::SharedClock;
+use crate::delivery::{DeliveryEngine, ListenerId, Suspension};
+use crate::forwarder::ForwarderRegistry;
+use crate::index::RoutingIndex;
+use crate::metrics::ControllerMetrics;
+use crate::resources::{Listener, WebhookUser};
+
+/// The finalizer both resources carry.
+pub const FINALIZER: &str = "webhooks.crownstone.rocks/cleanup";
+/// Label on every object the operator creates.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "crownstone-webhooks");
+
+/// What the reconcilers share.
+pub struct Context {
+    pub client: Client,
+    pub index: Arc<RoutingIndex>,
+    pub forwarders: ForwarderRegistry,
+    pub engine: DeliveryEngine,
+    pub recorder: Recorder,
+    pub clock: SharedClock,
+    pub metrics: ControllerMetrics,
+    /// Deliveries allowed per owner per UTC day when the WebhookUser does not say.
+    pub default_daily_allowance: u64,
+    /// Listeners whose receiver was given up on, for the spec generation in the value.
+    pub suspensions: DashMap<ListenerId, (i64, Suspension)>,
+    pub listeners: Store<Listener>,
+    pub users: Store<WebhookUser>,
+}
+
+/// What can go wrong while reconciling.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer failed: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("object has no namespace")]
+    MissingNamespace,
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+}
+
+impl Error {
+    /// A label for metrics: the kind of failure, never its details.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::MissingNamespace => "missing_namespace",
+            Error::InvalidSpec(_) => "invalid_spec",
+        }
+    }
+}
+
+impl From<kube::runtime::finalizer::Error<Error>> for Error {
+    fn from(error: kube::runtime::finalizer::Error<Error>) -> Self {
+        Error::Finalizer(Box::new(error))
+    }
+}

@@ -1,0 +1,106 @@
+//! Prometheus metrics of the forwarders and controllers. No label ever holds a token, a secret
+//! or a url: tokens are counted, not named.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::index::Skip;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    pub controller: &'static str,
+    pub error: &'static str,
+}
+
+/// Metrics of the event streams.
+#[derive(Clone, Default)]
+pub struct ForwarderMetrics {
+    pub streams: Gauge,
+    pub reconnects: Counter,
+    pub events: Counter,
+    pub malformed_frames: Counter,
+    pub skipped: Family<ReasonLabel, Counter>,
+}
+
+impl ForwarderMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = ForwarderMetrics::default();
+        let registry = registry.sub_registry_with_prefix("forwarder");
+        registry.register(
+            "streams",
+            "Open event streams, one per token",
+            metrics.streams.clone(),
+        );
+        registry.register(
+            "reconnects",
+            "Stream reconnects",
+            metrics.reconnects.clone(),
+        );
+        registry.register(
+            "events",
+            "Data events received on the streams",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "malformed_frames",
+            "Frames that could not be parsed",
+            metrics.malformed_frames.clone(),
+        );
+        registry.register(
+            "skipped",
+            "Listeners an event was not routed to, by reason",
+            metrics.skipped.clone(),
+        );
+        metrics
+    }
+
+    pub fn skipped(&self, skip: Skip) {
+        let reason = match skip {
+            Skip::NotSubscribed => "not_subscribed",
+            Skip::OwnerMissing => "owner_missing",
+            Skip::OwnerDisabled => "owner_disabled",
+            Skip::AllowanceUsed => "allowance_used",
+            Skip::Expired => "expired",
+        };
+        self.skipped.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
+/// Metrics of the reconcilers.
+#[derive(Clone, Default)]
+pub struct ControllerMetrics {
+    pub reconciliations: Family<ControllerLabel, Counter>,
+    pub failures: Family<ControllerLabel, Counter>,
+    pub status_writes: Counter,
+}
+
+impl ControllerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = ControllerMetrics::default();
+        let registry = registry.sub_registry_with_prefix("controller");
+        registry.register(
+            "reconciliations",
+            "Reconciliations by controller",
+            metrics.reconciliations.clone(),
+        );
+        registry.register(
+            "failures",
+            "Failed reconciliations by controller and error kind",
+            metrics.failures.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "Status patches of delivery counters and usage",
+            metrics.status_writes.clone(),
+        );
+        metrics
+    }
+}
