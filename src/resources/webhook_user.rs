@@ -16,12 +16,28 @@ use serde::{Deserialize, Serialize};
     shortname = "whu",
     category = "crownstone",
     doc = "A client of the webhook service, whose listeners receive Crownstone events.",
-    printcolumn(name = "Display Name", type_ = "string", json_path = ".spec.displayName"),
+    printcolumn(
+        name = "Display Name",
+        type_ = "string",
+        json_path = ".spec.displayName"
+    ),
     printcolumn(name = "Enabled", type_ = "boolean", json_path = ".spec.enabled"),
     printcolumn(name = "Listeners", type_ = "integer", json_path = ".status.listeners"),
-    printcolumn(name = "Today", type_ = "integer", json_path = ".status.usage.deliveries"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Today",
+        type_ = "integer",
+        json_path = ".status.usage.deliveries"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookUserSpec {

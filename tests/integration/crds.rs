@@ -93,7 +93,10 @@ async fn valid_listener_and_webhook_user_are_accepted() {
         .create(&PostParams::default(), &user)
         .await
         .unwrap();
-    assert!(created.spec.enabled, "enabled defaults to true on the server");
+    assert!(
+        created.spec.enabled,
+        "enabled defaults to true on the server"
+    );
 }
 
 #[tokio::test]
@@ -165,7 +168,11 @@ async fn bad_listeners_are_rejected_naming_the_field() {
             "{name}: the error should name {field}: {error}"
         );
     }
-    let left = ns.api::<Listener>().list(&Default::default()).await.unwrap();
+    let left = ns
+        .api::<Listener>()
+        .list(&Default::default())
+        .await
+        .unwrap();
     assert!(left.items.is_empty(), "nothing bad was stored");
 }
 

@@ -23,7 +23,9 @@ fn repo_root() -> &'static Path {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let output = cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
     assert!(
         output.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -42,10 +44,8 @@ pub fn control_plane() -> &'static ControlPlane {
         let kubeconfig = match std::env::var_os("KUBECONFIG") {
             Some(path) if !path.is_empty() => PathBuf::from(path),
             _ => {
-                let dir = std::env::temp_dir().join(format!(
-                    "crownstone-webhooks-test-{}",
-                    std::process::id()
-                ));
+                let dir = std::env::temp_dir()
+                    .join(format!("crownstone-webhooks-test-{}", std::process::id()));
                 run(Command::new(repo_root().join("hack/control-plane.sh"))
                     .arg("start")
                     .arg(&dir)
