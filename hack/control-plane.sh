@@ -60,13 +60,23 @@ start_plane() {
   mkdir -p "$logs"
   [ -f "$pki/sa.pub" ] || generate_pki "$pki"
 
+  # A restart of the same DIR keeps its ports, admin token and etcd data, so clients that
+  # were connected before find the same API server again.
+  if [ ! -f "$pki/tokens.csv" ]; then
+    local new_token
+    new_token="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    echo "$new_token,admin,admin,system:masters" >"$pki/tokens.csv"
+    chmod 600 "$pki/tokens.csv"
+  fi
   local token
-  token="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-  echo "$token,admin,admin,system:masters" >"$pki/tokens.csv"
-  chmod 600 "$pki/tokens.csv"
+  token="$(cut -d, -f1 "$pki/tokens.csv")"
 
+  if [ ! -f "$dir/ports" ]; then
+    printf 'etcd_port=%s\netcd_peer=%s\napi_port=%s\n' "$(free_port)" "$(free_port)" "$(free_port)" >"$dir/ports"
+  fi
   local etcd_port etcd_peer api_port
-  etcd_port="$(free_port)"; etcd_peer="$(free_port)"; api_port="$(free_port)"
+  # shellcheck disable=SC1091
+  . "$dir/ports"
 
   : >"$dir/pids"
   "$bin/etcd" --name test --data-dir "$dir/etcd" \

@@ -14,5 +14,9 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
   python3 -m venv "$venv" >&2
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req" >&2
   touch "$venv/.complete"
+  # Environments of older requirements are of no further use.
+  for old in "$CACHE_ROOT"/venv-*; do
+    [ "$old" = "$venv" ] || rm -rf "$old"
+  done
 fi
 echo "$venv/bin/python"

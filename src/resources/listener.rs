@@ -96,9 +96,11 @@ pub struct ListenerStatus {
     pub url_host: Option<String>,
     /// Events delivered since the Listener was created.
     #[serde(default)]
+    #[schemars(extend("format" = "int64"))]
     pub delivered: u64,
     /// Deliveries that failed after their last attempt, or were dropped.
     #[serde(default)]
+    #[schemars(extend("format" = "int64"))]
     pub failed: u64,
     /// When the last event was delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -51,7 +51,7 @@ pub struct WebhookUserSpec {
 
     /// Deliveries allowed per UTC day; the operator's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0), extend("format" = "int64"))]
     pub daily_allowance: Option<u64>,
 }
 
@@ -71,6 +71,7 @@ pub struct WebhookUserStatus {
     pub credentials_secret: Option<String>,
     /// How many Listeners this user owns.
     #[serde(default)]
+    #[schemars(extend("format" = "int32"))]
     pub listeners: u32,
     /// Deliveries made today (UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,6 +88,7 @@ pub struct Usage {
     /// The UTC day, `YYYY-MM-DD`.
     pub day: String,
     /// Deliveries on that day.
+    #[schemars(extend("format" = "int64"))]
     pub deliveries: u64,
 }
 

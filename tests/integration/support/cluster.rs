@@ -80,23 +80,85 @@ pub fn control_plane() -> &'static ControlPlane {
 /// A client for the test run's control plane. Made per test: a client is bound to the runtime
 /// it was made on, and every `#[tokio::test]` has its own.
 pub async fn client() -> Client {
-    let plane = control_plane();
-    let kubeconfig = Kubeconfig::read_from(&plane.kubeconfig).expect("kubeconfig readable");
+    client_for(&control_plane().kubeconfig).await
+}
+
+/// A client for the control plane of a kubeconfig.
+pub async fn client_for(kubeconfig: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("kubeconfig readable");
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("kubeconfig valid");
     Client::try_from(config).expect("client")
 }
 
+/// A control plane of one test's own (etcd and kube-apiserver), for tests that restart it.
+pub struct PrivatePlane {
+    pub dir: tempfile::TempDir,
+}
+
+impl PrivatePlane {
+    /// Starts it and applies the CRDs.
+    pub fn start() -> PrivatePlane {
+        let plane = PrivatePlane {
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        plane.up();
+        run(Command::new(&control_plane().kubectl)
+            .arg("--kubeconfig")
+            .arg(plane.kubeconfig())
+            .args(["apply", "--server-side", "-f"])
+            .arg(repo_root().join("crds")));
+        plane
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("plane/kubeconfig")
+    }
+
+    fn up(&self) {
+        run(Command::new(repo_root().join("hack/control-plane.sh"))
+            .arg("start")
+            .arg(self.dir.path().join("plane"))
+            .arg("--watch-pid")
+            .arg(std::process::id().to_string()));
+    }
+
+    /// Stops etcd and the API server and starts them again on the same ports and data.
+    pub fn restart(&self) {
+        self.stop();
+        self.up();
+    }
+
+    pub fn stop(&self) {
+        run(Command::new(repo_root().join("hack/control-plane.sh"))
+            .arg("stop")
+            .arg(self.dir.path().join("plane")));
+    }
+}
+
+impl Drop for PrivatePlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A namespace of one test's own, deleted when the test ends.
 pub struct TestNamespace {
     pub name: String,
     pub client: Client,
+    kubeconfig: PathBuf,
 }
 
 impl TestNamespace {
+    /// A namespace on the test run's control plane.
     pub async fn new(prefix: &str) -> TestNamespace {
-        let client = client().await;
+        TestNamespace::on(&control_plane().kubeconfig, prefix).await
+    }
+
+    /// A namespace on the control plane of `kubeconfig`.
+    pub async fn on(kubeconfig: &Path, prefix: &str) -> TestNamespace {
+        let client = client_for(kubeconfig).await;
         let name = format!("{prefix}-{:08x}", rand::random::<u32>());
         let namespace: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": {"crownstone-webhooks/test": "true"}}
@@ -106,7 +168,11 @@ impl TestNamespace {
             .create(&PostParams::default(), &namespace)
             .await
             .expect("create test namespace");
-        TestNamespace { name, client }
+        TestNamespace {
+            name,
+            client,
+            kubeconfig: kubeconfig.to_owned(),
+        }
     }
 
     pub fn api<K>(&self) -> Api<K>
@@ -119,10 +185,9 @@ impl TestNamespace {
 
     /// Runs kubectl against the test run's control plane in this namespace.
     pub fn kubectl(&self, args: &[&str]) -> std::process::Output {
-        let plane = control_plane();
-        Command::new(&plane.kubectl)
+        Command::new(&control_plane().kubectl)
             .arg("--kubeconfig")
-            .arg(&plane.kubeconfig)
+            .arg(&self.kubeconfig)
             .arg("--namespace")
             .arg(&self.name)
             .args(args)
@@ -141,11 +206,10 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         // Best effort and non-blocking: a failed test should still leave a clean cluster behind.
-        let plane = control_plane();
-        let _ = Command::new(&plane.kubectl)
+        let _ = Command::new(&control_plane().kubectl)
             .arg("--kubeconfig")
-            .arg(&plane.kubeconfig)
-            .args(["delete", "namespace", &self.name, "--wait=false"])
+            .arg(&self.kubeconfig)
+            .args(["delete", "namespace", &self.name, "--wait=false", "--timeout=5s"])
             .output();
     }
 }

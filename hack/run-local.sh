@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs the whole system locally, no cluster needed: a real etcd, kube-apiserver and
+# kube-controller-manager on 127.0.0.1, the CRDs, the Crownstone simulator, the operator, a demo
+# webhook receiver, and a demo WebhookUser with a token. Prints how to take it from there.
+# Ctrl-C stops everything.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=hack/lib.sh
+. "$here/lib.sh"
+cd "$here/.."
+
+state="${LOCAL_STATE_DIR:-$CACHE_ROOT/local}"
+sim_port="${SIMULATOR_PORT:-8080}"
+health_port="${HEALTH_PORT:-8081}"
+receiver_port="${RECEIVER_PORT:-9000}"
+mkdir -p "$state/logs"
+pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  log "stopping"
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  "$here/control-plane.sh" stop "$state/plane" || true
+}
+trap cleanup EXIT INT TERM
+
+bin_dir="$("$here/build-kube.sh")"
+kubectl="$bin_dir/kubectl"
+log "building crownstone-webhooks"
+cargo build --locked --quiet
+exe="$CARGO_TARGET_DIR/debug/crownstone-webhooks"
+
+"$here/control-plane.sh" start "$state/plane" --controller-manager
+export KUBECONFIG="$state/plane/kubeconfig"
+"$kubectl" apply --server-side -f crds/ >/dev/null
+"$kubectl" wait --for=condition=Established --timeout=60s \
+  crd/listeners.webhooks.crownstone.rocks crd/webhookusers.webhooks.crownstone.rocks >/dev/null
+
+"$exe" simulator --listen "127.0.0.1:$sim_port" >"$state/logs/simulator.log" 2>&1 &
+pids+=($!)
+python3 hack/demo/receiver.py "$receiver_port" >"$state/logs/receiver.log" 2>&1 &
+pids+=($!)
+"$exe" run --events-url "http://127.0.0.1:$sim_port" --health-listen "127.0.0.1:$health_port" \
+  --allow-private-destinations >"$state/logs/operator.log" 2>&1 &
+pids+=($!)
+
+for _ in $(seq 1 100); do
+  curl -fsS "http://127.0.0.1:$health_port/readyz" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+curl -fsS "http://127.0.0.1:$health_port/readyz" >/dev/null || die "the operator did not become ready; see $state/logs/operator.log"
+
+# The demo: a namespace, a WebhookUser, and a Crownstone token from the simulator in a Secret.
+"$kubectl" create namespace demo --dry-run=client -o yaml | "$kubectl" apply -f - >/dev/null
+"$kubectl" apply -f hack/demo/webhookuser.yaml >/dev/null
+token="$(curl -fsS -X POST "http://127.0.0.1:$sim_port/admin/tokens" -H 'Content-Type: application/json' \
+  -d '{"userId":"demo-user","spheres":["demo-sphere"],"scopes":["all"],"ttlSeconds":86400}' |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')"
+"$kubectl" -n demo create secret generic demo-token --from-literal=token="$token" \
+  --dry-run=client -o yaml | "$kubectl" apply -f - >/dev/null
+
+cat <<INFO
+
+crownstone-webhooks runs locally.
+  Kubernetes API    export KUBECONFIG=$KUBECONFIG   (kubectl: $kubectl)
+  Simulator         http://127.0.0.1:$sim_port      (Crownstone event server stand-in)
+  Operator          http://127.0.0.1:$health_port/metrics
+  Demo receiver     http://127.0.0.1:$receiver_port  (prints deliveries to $state/logs/receiver.log)
+  Logs              $state/logs/
+
+A WebhookUser 'demo' and a token Secret 'demo-token' are in namespace 'demo'. Try:
+
+  export KUBECONFIG=$KUBECONFIG; alias kubectl=$kubectl
+  kubectl apply -f hack/demo/listener.yaml          # a Listener for command and presence events
+  kubectl -n demo get listeners                     # wait for READY True
+  curl -X POST http://127.0.0.1:$sim_port/admin/events -H 'Content-Type: application/json' \\
+    -d '{"type":"command","subType":"multiSwitch","sphere":{"id":"demo-sphere","name":"Home","uid":1},"switchData":[{"id":"stone-1","name":"Lamp","macAddress":"AA:BB:CC:DD:EE:01","uid":1,"type":"TURN_ON"}],"sequenceTime":{"timestamp":1700000000000,"counter":1}}'
+  tail $state/logs/receiver.log                     # the signed delivery
+  kubectl -n demo get listener demo -o jsonpath='{.status.delivered}'
+
+Press Ctrl-C to stop.
+INFO
+wait

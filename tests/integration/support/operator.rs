@@ -1,0 +1,248 @@
+//! An operator under test: the simulator, the operator itself (in this process, scoped to the
+//! test's namespace), and helpers to create WebhookUsers, token Secrets and Listeners.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use crownstone_webhooks::clock::{SharedClock, SystemClock};
+use crownstone_webhooks::config::OperatorArgs;
+use crownstone_webhooks::controller::CLIENT_SECRET;
+use crownstone_webhooks::operator::{self, RunningOperator};
+use crownstone_webhooks::resources::{Listener, WebhookUser};
+use crownstone_webhooks::simulator::{RunningSimulator, Scope, SimulatorClient};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{ObjectMeta, PostParams};
+use serde_json::json;
+
+use super::cluster::{eventually, TestNamespace};
+use super::sim;
+
+/// How long a test waits for any one thing.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Parser)]
+struct Flags {
+    #[command(flatten)]
+    operator: OperatorArgs,
+}
+
+/// Operator settings for tests: fast status writes, reconnects and retries, loopback receivers.
+pub fn test_args(events_url: &str, namespace: &str, extra: &[&str]) -> OperatorArgs {
+    let mut flags = vec![
+        "operator",
+        "--events-url",
+        events_url,
+        "--watch-namespace",
+        namespace,
+        "--health-listen",
+        "127.0.0.1:0",
+        "--status-interval",
+        "200ms",
+        "--silence-timeout",
+        "5s",
+        "--reconnect-initial",
+        "100ms",
+        "--reconnect-max",
+        "500ms",
+        "--delivery-retry-initial",
+        "10ms",
+        "--delivery-retry-max",
+        "50ms",
+        "--shutdown-grace",
+        "2s",
+        "--allow-private-destinations",
+    ];
+    flags.extend_from_slice(extra);
+    Flags::try_parse_from(flags)
+        .expect("test flags parse")
+        .operator
+}
+
+/// A namespace, a simulator and an operator watching that namespace.
+pub struct Harness {
+    pub ns: TestNamespace,
+    pub sim: RunningSimulator,
+    pub admin: SimulatorClient,
+    pub operator: Option<RunningOperator>,
+}
+
+impl Harness {
+    pub async fn start(prefix: &str) -> Harness {
+        Harness::start_with(prefix, Arc::new(SystemClock), &[]).await
+    }
+
+    pub async fn start_with(prefix: &str, clock: SharedClock, extra: &[&str]) -> Harness {
+        Harness::start_in(TestNamespace::new(prefix).await, clock, extra).await
+    }
+
+    /// An operator watching `ns`, which may live on a control plane of the test's own.
+    pub async fn start_in(ns: TestNamespace, clock: SharedClock, extra: &[&str]) -> Harness {
+        let (sim, admin) = sim::start(Duration::from_millis(500)).await;
+        let operator = operator::start(
+            ns.client.clone(),
+            test_args(&sim.base_url(), &ns.name, extra),
+            clock,
+        )
+        .await
+        .expect("operator starts");
+        Harness {
+            ns,
+            sim,
+            admin,
+            operator: Some(operator),
+        }
+    }
+
+    /// Stops the operator, as a SIGTERM would.
+    pub async fn stop_operator(&mut self) {
+        if let Some(operator) = self.operator.take() {
+            operator.shutdown().await;
+        }
+    }
+
+    /// Starts the operator again.
+    pub async fn restart_operator(&mut self) {
+        self.stop_operator().await;
+        let operator = operator::start(
+            self.ns.client.clone(),
+            test_args(&self.sim.base_url(), &self.ns.name, &[]),
+            Arc::new(SystemClock),
+        )
+        .await
+        .expect("operator restarts");
+        self.operator = Some(operator);
+    }
+
+    /// A token for `user_id` on sphere `sphere` with scope `all`.
+    pub async fn token(&self, user_id: &str, sphere: &str) -> String {
+        sim::token(&self.admin, user_id, &[sphere], &[Scope::All], 3600).await
+    }
+
+    pub async fn create_user(&self, name: &str, enabled: bool, allowance: Option<u64>) {
+        let mut spec = json!({"displayName": name, "enabled": enabled});
+        if let Some(allowance) = allowance {
+            spec["dailyAllowance"] = json!(allowance);
+        }
+        let user: WebhookUser = serde_json::from_value(json!({
+            "apiVersion": "webhooks.crownstone.rocks/v1alpha1",
+            "kind": "WebhookUser",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .unwrap();
+        self.ns
+            .api::<WebhookUser>()
+            .create(&PostParams::default(), &user)
+            .await
+            .expect("create WebhookUser");
+    }
+
+    /// The client secret the operator generated for a user.
+    pub async fn client_secret(&self, user: &str) -> String {
+        let secrets = self.ns.api::<Secret>();
+        let name = format!("{user}-credentials");
+        eventually("the credentials Secret", WAIT, || async {
+            let secret = secrets.get_opt(&name).await.ok()??;
+            let value = secret.data?.get(CLIENT_SECRET)?.0.clone();
+            String::from_utf8(value).ok()
+        })
+        .await
+    }
+
+    pub async fn create_token_secret(&self, name: &str, token: &str) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(
+                "token".to_owned(),
+                ByteString(token.as_bytes().to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        self.ns
+            .api::<Secret>()
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("create token Secret");
+    }
+
+    /// A Listener for `owner` on the token in Secret `secret`, posting `types` to `url`.
+    pub async fn create_listener(
+        &self,
+        name: &str,
+        owner: &str,
+        secret: &str,
+        types: &[&str],
+        url: &str,
+        expires_at: Option<&str>,
+    ) {
+        let mut spec = json!({
+            "owner": owner,
+            "userId": "user-1",
+            "eventTypes": types,
+            "url": url,
+            "tokenSecretRef": {"name": secret, "key": "token"},
+        });
+        if let Some(at) = expires_at {
+            spec["expiresAt"] = json!(at);
+        }
+        let listener: Listener = serde_json::from_value(json!({
+            "apiVersion": "webhooks.crownstone.rocks/v1alpha1",
+            "kind": "Listener",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .unwrap();
+        self.ns
+            .api::<Listener>()
+            .create(&PostParams::default(), &listener)
+            .await
+            .expect("create Listener");
+    }
+
+    /// Waits until the Listener's condition has this status and reason.
+    pub async fn wait_condition(&self, listener: &str, type_: &str, status: &str, reason: &str) {
+        let api = self.ns.api::<Listener>();
+        eventually(
+            &format!("{listener}: {type_}={status} ({reason})"),
+            WAIT,
+            || async {
+                let l = api.get(listener).await.ok()?;
+                let c = l.condition(type_)?;
+                (c.status == status && c.reason == reason).then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Waits until the Listener streams.
+    pub async fn wait_ready(&self, listener: &str) {
+        self.wait_condition(listener, "Ready", "True", "Forwarding")
+            .await
+    }
+
+    /// Waits until a Listener is gone from the API server.
+    pub async fn wait_gone(&self, listener: &str) {
+        let api = self.ns.api::<Listener>();
+        eventually(&format!("{listener} deleted"), WAIT, || async {
+            match api.get_opt(listener).await {
+                Ok(None) => Some(()),
+                _ => None,
+            }
+        })
+        .await
+    }
+
+    /// Waits until the simulator has exactly `n` open streams.
+    pub async fn wait_streams(&self, n: usize) {
+        eventually(&format!("{n} open streams"), WAIT, || async {
+            (self.admin.stats().await.ok()?.open_streams == n).then_some(())
+        })
+        .await
+    }
+}
