@@ -1,1 +1,4 @@
 //! crownstone-webhooks: forwards Crownstone event streams to webhooks, as a Kubernetes operator.
+
+pub mod crownstone;
+pub mod simulator;
