@@ -801,10 +801,16 @@ async fn simulator_serves_eventsource_client() {
 }
 
 /// Opens many streams and publishes many events, printing what the simulator sustains. Run with
-/// `cargo test --release --test integration simulator_load -- --ignored --nocapture`.
+/// `cargo test --release --test integration simulator_load -- --ignored --nocapture`; set
+/// `SIM_LOAD_URL` to measure a simulator running in its own process (10,000 streams need more
+/// file descriptors than one process may have when both ends live in it), `SIM_LOAD_STREAMS` to
+/// change the number of streams.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a measurement, not a test"]
 async fn simulator_load_measurement() {
+    use crownstone_webhooks::simulator::SimulatorClient;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let streams: usize = std::env::var("SIM_LOAD_STREAMS")
@@ -812,18 +818,27 @@ async fn simulator_load_measurement() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
     let spheres = 100;
-    let (sim, client) = sim::start(Duration::from_secs(30)).await;
+    let (_local, base) = match std::env::var("SIM_LOAD_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let (sim, _) = sim::start(Duration::from_secs(30)).await;
+            let base = sim.base_url();
+            (Some(sim), base)
+        }
+    };
+    let client = SimulatorClient::new(&base).unwrap();
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let before = client.stats().await.unwrap();
     let mut tokens = Vec::new();
     for s in 0..spheres {
         tokens.push(token(&client, "u1", &[&format!("load-{s}")], &[Scope::All], 3600).await);
     }
-    let addr = sim.addr();
     let started = std::time::Instant::now();
-    let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     for i in 0..streams {
         let token = tokens[i % spheres].clone();
-        let counted = std::sync::Arc::clone(&counted);
+        let counted = Arc::clone(&counted);
         let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
         socket
             .write_all(
@@ -832,20 +847,20 @@ async fn simulator_load_measurement() {
             .await
             .unwrap();
         readers.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
+            let mut buf = vec![0u8; 16 * 1024];
             loop {
                 match socket.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
                         let frames = buf[..n].windows(2).filter(|w| w == b"\n\n").count();
-                        counted.fetch_add(frames as u64, std::sync::atomic::Ordering::Relaxed);
+                        counted.fetch_add(frames as u64, Ordering::Relaxed);
                     }
                 }
             }
         }));
     }
     sim::wait_for_stats(&client, "every stream to open", |s| {
-        s.open_streams == streams
+        s.open_streams >= before.open_streams + streams
     })
     .await;
     println!("opened {streams} streams in {:?}", started.elapsed());
@@ -862,9 +877,23 @@ async fn simulator_load_measurement() {
     let elapsed = started.elapsed();
     let events = batches * batch.len();
     println!(
-        "dispatched {events} events ({frames} frames) in {elapsed:?}: {:.0} events/s, {:.0} frames/s",
+        "dispatched {events} events ({frames} frames queued) in {elapsed:?}: {:.0} events/s, {:.0} frames/s",
         events as f64 / elapsed.as_secs_f64(),
         frames as f64 / elapsed.as_secs_f64()
+    );
+    // Frames counted by the readers: STREAM_START plus every event (pings are rare at 30 s).
+    let expected = (streams + frames) as u64;
+    let read_started = std::time::Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(120), async {
+        while counted.load(Ordering::Relaxed) < expected {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    println!(
+        "readers got {} of {expected} frames, {:?} after the last publish",
+        counted.load(Ordering::Relaxed),
+        read_started.elapsed()
     );
     let stats = client.stats().await.unwrap();
     println!("stats: {stats:?}");
