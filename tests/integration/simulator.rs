@@ -803,8 +803,9 @@ async fn simulator_serves_eventsource_client() {
 /// Opens many streams and publishes many events, printing what the simulator sustains. Run with
 /// `cargo test --release --test integration simulator_load -- --ignored --nocapture`; set
 /// `SIM_LOAD_URL` to measure a simulator running in its own process (10,000 streams need more
-/// file descriptors than one process may have when both ends live in it), `SIM_LOAD_STREAMS` to
-/// change the number of streams.
+/// file descriptors than one process may have when both ends live in it), `SIM_LOAD_STREAMS`
+/// and `SIM_LOAD_SPHERES` to change the number of streams and of spheres they are spread over
+/// (each event goes to streams / spheres streams).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a measurement, not a test"]
 async fn simulator_load_measurement() {
@@ -817,7 +818,10 @@ async fn simulator_load_measurement() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let spheres = 100;
+    let spheres: usize = std::env::var("SIM_LOAD_SPHERES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let (_local, base) = match std::env::var("SIM_LOAD_URL") {
         Ok(url) => (None, url),
         Err(_) => {
@@ -865,7 +869,7 @@ async fn simulator_load_measurement() {
     .await;
     println!("opened {streams} streams in {:?}", started.elapsed());
 
-    let batch: Vec<Value> = (0..1000)
+    let batch: Vec<Value> = (0..2000)
         .map(|i| samples::switch_state_update(&format!("load-{}", i % spheres), 50))
         .collect();
     let batches = 50;
