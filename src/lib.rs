@@ -1,4 +1,13 @@
 //! crownstone-webhooks: forwards Crownstone event streams to webhooks, as a Kubernetes operator.
 
+pub mod clock;
+pub mod config;
+pub mod controller;
 pub mod crownstone;
+pub mod delivery;
+pub mod forwarder;
+pub mod index;
+pub mod metrics;
+pub mod operator;
 pub mod resources;
+pub mod simulator;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use crownstone_webhooks::clock::SystemClock;
 use crownstone_webhooks::config::{LogArgs, OperatorArgs};
+use crownstone_webhooks::simulator::{self, SimulatorArgs};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,13 @@ enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Run a stand-in for Crownstone's event server, for local runs, demos, tests and benchmarks.
+    Simulator {
+        #[command(flatten)]
+        simulator: SimulatorArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    },
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
 }
@@ -54,6 +62,10 @@ fn main() -> ExitCode {
         Command::Run { operator, log } | Command::Controller { operator, log } => {
             log.init();
             run_async(run_operator(operator))
+        }
+        Command::Simulator { simulator, log } => {
+            log.init();
+            run_async(async { simulator::run(simulator).await.map_err(|e| e.to_string()) })
         }
     }
 }

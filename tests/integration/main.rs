@@ -1,5 +1,10 @@
-//! Integration tests: one binary, one control plane for the whole run.
+//! Integration tests, one binary: a real control plane (started once per run), the simulator,
+//! real HTTP receivers, all on 127.0.0.1.
 
 mod support;
 
 mod crds;
+mod delivery;
+mod operator;
+mod simulator;
+mod simulator_python;

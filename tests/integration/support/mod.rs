@@ -1,3 +1,6 @@
-//! What the integration tests share: the control plane, namespaces, waiting.
+//! What the integration tests share: the control plane, the simulator, receivers, the operator.
 
 pub mod cluster;
+pub mod operator;
+pub mod receiver;
+pub mod sim;
