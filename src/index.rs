@@ -297,7 +297,7 @@ impl RoutingIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::clock::{Clock, ManualClock};
     use chrono::TimeZone;
 
     fn owner(name: &str) -> OwnerKey {
