@@ -10,10 +10,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// The event types a listener may subscribe to (`UPSTREAM.md` §2).
-///
-/// The variants carry plain comments, not doc comments: schemars would turn documented variants
-/// into a `oneOf`, and the CRD wants a plain string enum.
+/// The event types a listener may subscribe to: the six that Crownstone forwards to webhooks.
+// The variants carry plain comments, not doc comments: schemars would turn documented variants
+// into a `oneOf`, and the CRD wants a plain string enum.
 #[derive(
     Clone,
     Copy,

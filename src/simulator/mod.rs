@@ -2,7 +2,7 @@
 //! sphere routing and scope filter, the cloud's login route, and an admin API for tests and demos.
 //!
 //! Routes:
-//! - `GET /sse`: the event stream (`UPSTREAM.md` §1).
+//! - `GET /sse`: the event stream (Crownstone's event server protocol).
 //! - `POST /api/users/login` `{email, password: sha1 hex}` → `{id: <token>, ttl, created, userId}`.
 //! - `POST /admin/tokens` [`TokenRequest`] → 201 [`TokenGrant`].
 //! - `DELETE /admin/tokens/{token}` → 204 (404 for an unknown token); the token counts as expired.

@@ -1,4 +1,4 @@
-//! The event server's scope filter (`UPSTREAM.md` §3): which events a token's scopes let through.
+//! The event server's scope filter: which events a token's scopes let through.
 
 use std::fmt;
 use std::str::FromStr;
