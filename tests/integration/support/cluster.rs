@@ -39,7 +39,7 @@ fn run(cmd: &mut Command) -> String {
 pub fn control_plane() -> &'static ControlPlane {
     static PLANE: OnceLock<ControlPlane> = OnceLock::new();
     PLANE.get_or_init(|| {
-        let bin = PathBuf::from(run(Command::new(repo_root().join("hack/build-kube.sh"))));
+        let bin = PathBuf::from(run(&mut Command::new(repo_root().join("hack/build-kube.sh"))));
         let kubectl = bin.join("kubectl");
         let kubeconfig = match std::env::var_os("KUBECONFIG") {
             Some(path) if !path.is_empty() => PathBuf::from(path),
