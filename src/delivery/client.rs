@@ -44,6 +44,7 @@ pub(crate) fn build_client(
 /// Everything one attempt needs; borrowed from the delivery so a retry rebuilds nothing.
 pub(crate) struct AttemptRequest<'a> {
     pub url: &'a url::Url,
+    pub authorization: Option<&'a HeaderValue>,
     pub body: &'a Bytes,
     pub message_id: &'a HeaderValue,
     pub signing_key: &'a SigningKey,
@@ -70,6 +71,9 @@ pub(crate) async fn attempt(client: &Client, request: AttemptRequest<'_>) -> Att
     headers.insert(WEBHOOK_ID, request.message_id.clone());
     headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(unix));
     headers.insert(WEBHOOK_SIGNATURE, signature);
+    if let Some(authorization) = request.authorization {
+        headers.insert(header::AUTHORIZATION, authorization.clone());
+    }
 
     let mut http_request = Request::new(Method::POST, request.url.clone());
     *http_request.headers_mut() = headers;

@@ -239,6 +239,10 @@ impl DestinationQueue {
     }
 
     /// Admits a delivery without waiting, or hands it back.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the rejected delivery is handed back by move, boxing it would cost every push an allocation"
+    )]
     pub(crate) fn push(self: &Arc<Self>, mut delivery: Delivery) -> Result<(), Rejected> {
         {
             let mut state = self.state.lock();
@@ -459,7 +463,8 @@ async fn send(shared: Arc<Shared>, mut delivery: Delivery) -> Attempted {
     let result = client::attempt(
         &shared.client,
         AttemptRequest {
-            url: &delivery.target.url,
+            url: &delivery.target.request_url,
+            authorization: delivery.target.authorization.as_ref(),
             body: &body,
             message_id: &delivery.message_id,
             signing_key: &delivery.target.signing_key,

@@ -254,7 +254,12 @@ impl fmt::Debug for DeliveryEngine {
 /// What a target is turned into once: the body prefix, the signing key and the destination.
 pub(crate) struct PreparedTarget {
     pub(crate) generation: i64,
-    pub(crate) url: Arc<Url>,
+    /// The url as given, to recognise the target.
+    url: Arc<Url>,
+    /// The url requests go to: without user information, which travels as `authorization`.
+    pub(crate) request_url: Url,
+    /// `Basic` credentials from the url's user information, if it has any.
+    pub(crate) authorization: Option<HeaderValue>,
     client_id: Arc<str>,
     client_secret: ClientSecret,
     user_id: Arc<str>,
@@ -270,9 +275,12 @@ impl PreparedTarget {
         let destination = DestinationKey::of(&target.url).ok_or("url has no host")?;
         let signing_key = SigningKey::from_client_secret(target.client_secret.expose())
             .map_err(|e| e.to_string())?;
+        let (request_url, authorization) = split_credentials(&target.url)?;
         Ok(Self {
             generation: target.generation,
             url: Arc::clone(&target.url),
+            request_url,
+            authorization,
             client_id: Arc::clone(&target.client_id),
             client_secret: target.client_secret.clone(),
             user_id: Arc::clone(&target.user_id),
@@ -298,6 +306,35 @@ impl PreparedTarget {
             && same(&self.user_id, &target.user_id)
             && same(&self.client_secret.0, &target.client_secret.0)
     }
+}
+
+/// Moves a url's user information into a `Basic` authorization header, as browsers and curl do.
+fn split_credentials(url: &Url) -> Result<(Url, Option<HeaderValue>), String> {
+    if url.username().is_empty() && url.password().is_none() {
+        return Ok((url.clone(), None));
+    }
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8()
+            .map(|decoded| decoded.into_owned())
+            .map_err(|_| "url credentials are not valid UTF-8".to_owned())
+    };
+    let credentials = format!(
+        "{}:{}",
+        decode(url.username())?,
+        decode(url.password().unwrap_or_default())?
+    );
+    let mut value = HeaderValue::try_from(format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, credentials)
+    ))
+    .map_err(|_| "url credentials cannot be sent".to_owned())?;
+    value.set_sensitive(true);
+    let mut bare = url.clone();
+    // Only fails for urls that cannot have credentials, which this one has.
+    let _ = bare.set_username("");
+    let _ = bare.set_password(None);
+    Ok((bare, Some(value)))
 }
 
 /// A listener's prepared target and the queue of its destination, reused across submits.

@@ -1,1 +1,4 @@
+//! Integration tests: real HTTP servers on loopback, no mocks.
 
+mod delivery;
+mod support;
