@@ -221,8 +221,10 @@ mod tests {
 
     #[test]
     fn failure_window() {
-        // (event at hour, success?, expected "failing")
-        let table: &[(&str, &[(i64, bool)], bool)] = &[
+        /// Deliveries as (hour, succeeded?).
+        type History = &'static [(i64, bool)];
+        // (case, history, failing after the last delivery?)
+        let table: &[(&str, History, bool)] = &[
             ("one failure", &[(0, false)], false),
             (
                 "failures for less than a day",
