@@ -70,7 +70,7 @@ impl AttemptResult {
     }
 
     /// The metric label of the result's kind.
-    pub fn label(&self) -> AttemptLabel {
+    pub(crate) fn label(&self) -> AttemptLabel {
         match self {
             Self::Response { status, .. } if status.is_success() => AttemptLabel::Success,
             Self::Response { status, .. } if status.is_redirection() => AttemptLabel::Redirect,
@@ -87,7 +87,7 @@ impl AttemptResult {
 
 /// The kinds of attempt results, as metric label values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AttemptLabel {
+pub(crate) enum AttemptLabel {
     /// 2xx.
     Success,
     /// 3xx (redirects are not followed).
@@ -110,7 +110,7 @@ pub enum AttemptLabel {
 
 impl AttemptLabel {
     /// Every label, for registering metrics up front.
-    pub const ALL: [Self; 9] = [
+    pub(crate) const ALL: [Self; 9] = [
         Self::Success,
         Self::Redirect,
         Self::ClientError,
@@ -123,7 +123,7 @@ impl AttemptLabel {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Success => "success",
             Self::Redirect => "redirect",

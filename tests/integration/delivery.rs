@@ -592,6 +592,37 @@ async fn forgetting_a_listener_drops_what_it_has_waiting() {
 }
 
 #[tokio::test]
+async fn idle_destinations_are_released_and_made_again() {
+    let receiver = Receiver::start().await;
+    let config = DeliveryConfig {
+        destination_idle_timeout: Duration::from_millis(20),
+        ..test_config()
+    };
+    let (engine, registry) = start(config);
+    let gauge = format!(
+        r#"webhook_delivery_queue_depth{{destination="http://{}"}}"#,
+        receiver.address()
+    );
+    let mut tally = Tally::default();
+    for round in 1..=3 {
+        engine.submit(event(round), target("ns/idle", 1, receiver.url()));
+        tally
+            .wait(&engine, "ns/idle", |t| t.delivered == round as u64)
+            .await;
+        // Released: its gauge is gone with it.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while metrics_text(&registry).contains(&gauge) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the idle destination was never released"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(receiver.request_count(), 3);
+}
+
+#[tokio::test]
 async fn shutdown_finishes_queued_deliveries() {
     let receiver = Receiver::start().await;
     let config = DeliveryConfig {
