@@ -151,13 +151,13 @@ pub struct DeliveryArgs {
         num_args = 0..=1,
         default_value_t = false,
         default_missing_value = "true",
-        value_parser = clap::builder::BoolishValueParser::new(),
+        value_parser = parse_switch,
     )]
     pub allow_private_destinations: bool,
 
     /// Comma-separated networks never delivered to, e.g. the cluster's pod and service CIDRs.
-    #[arg(long = "denied-networks", env = "DENIED_NETWORKS", value_delimiter = ',', value_parser = parse_network)]
-    pub denied_networks: Vec<IpNet>,
+    #[arg(long = "denied-networks", env = "DENIED_NETWORKS", default_value = "", value_parser = parse_networks)]
+    pub denied_networks: NetworkList,
 
     /// Suspends a listener whose deliveries have all failed for this long, e.g. `24h`.
     #[arg(long = "endpoint-failing-after", env = "ENDPOINT_FAILING_AFTER", default_value = "24h", value_parser = humantime::parse_duration)]
@@ -176,7 +176,7 @@ impl TryFrom<DeliveryArgs> for DeliveryConfig {
             queue_capacity: args.delivery_queue_capacity,
             concurrency_per_destination: args.delivery_concurrency,
             allow_private_destinations: args.allow_private_destinations,
-            denied_networks: args.denied_networks,
+            denied_networks: args.denied_networks.0,
             endpoint_failing_after: args.endpoint_failing_after,
             max_delivery_age: args.delivery_max_age,
             ..Self::default()
@@ -194,13 +194,34 @@ fn parse_positive(value: &str) -> Result<usize, String> {
     }
 }
 
-/// A CIDR, or a single address taken as its own network.
-fn parse_network(value: &str) -> Result<IpNet, String> {
-    let value = value.trim();
+/// A comma-separated list of networks, as one flag or variable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkList(pub Vec<IpNet>);
+
+/// Parses a comma-separated list of CIDRs (a single address is its own network). Empty, as a
+/// chart leaves an unset value, is the empty list.
+fn parse_networks(value: &str) -> Result<NetworkList, String> {
     value
-        .parse::<IpNet>()
-        .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("{value:?} is not a CIDR such as 10.96.0.0/12"))
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.parse::<IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("{item:?} is not a CIDR such as 10.96.0.0/12"))
+        })
+        .collect::<Result<_, _>>()
+        .map(NetworkList)
+}
+
+/// A boolean switch: true/false, yes/no, on/off, 1/0; empty, as a chart leaves an unset value,
+/// is false.
+fn parse_switch(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "false" | "no" | "off" | "0" | "n" | "f" => Ok(false),
+        "true" | "yes" | "on" | "1" | "y" | "t" => Ok(true),
+        other => Err(format!("{other:?} is not true or false")),
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +306,13 @@ mod tests {
                 "{args:?}"
             );
         }
+    }
+
+    #[test]
+    fn empty_values_mean_unset() {
+        let config = parse(&["--denied-networks=", "--allow-private-destinations="]);
+        assert_eq!(config, Ok(DeliveryConfig::default()));
+        assert_eq!(parse_networks(" , "), Ok(NetworkList::default()));
     }
 
     #[test]

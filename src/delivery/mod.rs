@@ -38,7 +38,7 @@ use url::Url;
 
 pub use body::BodyPrefix;
 pub use client::USER_AGENT;
-pub use config::{ConfigError, DeliveryArgs, DeliveryConfig};
+pub use config::{ConfigError, DeliveryArgs, DeliveryConfig, NetworkList};
 pub use retry::{classify_status, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
 pub use signature::{
     receiver_secret, SignatureError, SigningKey, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
