@@ -867,7 +867,6 @@ async fn throughput_against_local_receivers() {
             .await;
     let config = DeliveryConfig {
         queue_capacity: EVENTS,
-        concurrency_per_destination: 32,
         ..test_config()
     };
     let (engine, _registry) = start(config);
