@@ -272,6 +272,32 @@ async fn a_client_error_fails_at_once_with_its_reason() {
 }
 
 #[tokio::test]
+async fn a_refused_connection_is_retried_then_fails_with_its_reason() {
+    // A port that was just free: nothing listens there.
+    let closed = match std::net::TcpListener::bind("127.0.0.1:0") {
+        Ok(listener) => listener.local_addr(),
+        Err(error) => panic!("cannot bind: {error}"),
+    };
+    let address = match closed {
+        Ok(address) => address,
+        Err(error) => panic!("no local address: {error}"),
+    };
+    let (engine, registry) = start(test_config());
+    let url = parse_url(&format!("http://{address}/webhook?token=abc"));
+    engine.submit(event(1), target("ns/refused", 1, url));
+
+    let mut tally = Tally::default();
+    let totals = tally.wait(&engine, "ns/refused", |t| t.failed == 1).await;
+    assert_eq!(totals.last_error.as_deref(), Some("connection refused"));
+    let text = metrics_text(&registry);
+    assert!(
+        text.contains(r#"webhook_delivery_attempts_total{result="connection_error"} 4"#),
+        "{text}"
+    );
+    assert!(text.contains("webhook_delivery_retries_total 3"), "{text}");
+}
+
+#[tokio::test]
 async fn a_redirect_is_a_failure_and_is_not_followed() {
     let target_receiver = Receiver::start().await;
     let location = match axum::http::HeaderValue::from_str(target_receiver.url().as_str()) {
