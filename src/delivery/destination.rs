@@ -1,0 +1,558 @@
+//! One bounded queue and one dispatcher task per destination (scheme, host, port), so a receiver
+//! that hangs or fails only ever delays its own deliveries.
+//!
+//! The dispatcher keeps up to `concurrency_per_destination` attempts in flight, polled by itself
+//! (no task per delivery), and keeps deliveries waiting to retry in a timer heap, where they
+//! hold no concurrency slot. A destination with nothing to do for a while closes its queue and
+//! ends its task; the next delivery to it makes a new one.
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::{stream::FuturesUnordered, StreamExt};
+use http::HeaderValue;
+use parking_lot::Mutex;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::{sync::Notify, time::Instant};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use super::{
+    client::{self, AttemptRequest},
+    listener::{FailureEffect, ListenerEntry},
+    metrics::{DeliveryMetrics, Outcome},
+    retry::{AttemptResult, Verdict},
+    DropReason, PreparedTarget, Shared,
+};
+
+/// Where connections go: deliveries to the same destination share a queue and a limit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct DestinationKey {
+    https: bool,
+    host: Arc<str>,
+    port: u16,
+}
+
+impl DestinationKey {
+    /// The destination of an http(s) url; `None` for other schemes or a url without host.
+    pub(crate) fn of(url: &Url) -> Option<Self> {
+        let https = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            _ => return None,
+        };
+        let host = match url.host()? {
+            url::Host::Domain(domain) => domain.to_owned(),
+            url::Host::Ipv4(address) => address.to_string(),
+            url::Host::Ipv6(address) => format!("[{address}]"),
+        };
+        Some(Self {
+            https,
+            host: host.into(),
+            port: url.port_or_known_default()?,
+        })
+    }
+
+    /// `scheme://host:port`: the metric label, which holds no path, query or credentials.
+    pub(crate) fn label(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+/// One event on its way to one listener.
+///
+/// A delivery is settled exactly once (delivered, failed or dropped). One dropped unsettled,
+/// which happens only when shutdown gives up on it, counts as failed.
+pub(crate) struct Delivery {
+    pub(crate) listener: Arc<ListenerEntry>,
+    pub(crate) target: Arc<PreparedTarget>,
+    /// The raw event until the first attempt builds the body from it.
+    event: Bytes,
+    body: Option<Bytes>,
+    message_id: HeaderValue,
+    attempts: u32,
+    deadline: Instant,
+    last_failure: Option<String>,
+    /// The queue that admitted the delivery, and its engine's metrics; `None` until admitted.
+    admitted: Option<Arc<DestinationQueue>>,
+    settled: bool,
+}
+
+/// How a delivery ended.
+pub(crate) enum Settlement {
+    Delivered,
+    Failed(String, FailureEffect),
+    Dropped(DropReason),
+}
+
+impl Delivery {
+    pub(crate) fn new(
+        listener: Arc<ListenerEntry>,
+        target: Arc<PreparedTarget>,
+        event: Bytes,
+        message_id: HeaderValue,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            listener,
+            target,
+            event,
+            body: None,
+            message_id,
+            attempts: 0,
+            deadline,
+            last_failure: None,
+            admitted: None,
+            settled: false,
+        }
+    }
+
+    /// Records the outcome on the listener and the metrics, and frees the queue slot.
+    pub(crate) fn settle(mut self, settlement: Settlement, shared: &Shared) {
+        self.settled = true;
+        let generation = self.target.generation;
+        match settlement {
+            Settlement::Delivered => {
+                self.listener
+                    .record_delivered(generation, shared.clock.now());
+                shared.metrics.outcome(Outcome::Delivered);
+            }
+            Settlement::Failed(reason, effect) => {
+                let suspension = self.listener.record_failed(
+                    generation,
+                    reason,
+                    shared.clock.now(),
+                    shared.config.endpoint_failing_after,
+                    effect,
+                );
+                if let Some(suspension) = suspension {
+                    tracing::info!(
+                        listener = %self.listener.id,
+                        generation,
+                        reason = suspension.as_reason(),
+                        "listener suspended"
+                    );
+                }
+                shared.metrics.outcome(Outcome::Failed);
+            }
+            Settlement::Dropped(reason) => {
+                self.listener.record_dropped(generation, reason);
+                shared.metrics.dropped(reason);
+            }
+        }
+        if let Some(queue) = self.admitted.take() {
+            queue.release();
+        }
+    }
+
+    /// The reason a delivery that ran out of time fails with.
+    fn expiry_reason(&mut self, max_age: Duration) -> String {
+        self.last_failure.take().unwrap_or_else(|| {
+            format!(
+                "not delivered within {}",
+                humantime::format_duration(max_age)
+            )
+        })
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        if let Some(queue) = self.admitted.take() {
+            self.listener.record_failed(
+                self.target.generation,
+                "not delivered before shutdown".to_owned(),
+                chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+                Duration::MAX,
+                FailureEffect::NotCounted,
+            );
+            queue.metrics.outcome(Outcome::Failed);
+            queue.release();
+        }
+    }
+}
+
+/// A delivery refused by a queue, handed back to the caller.
+pub(crate) enum Rejected {
+    /// The queue holds `queue_capacity` deliveries already.
+    Full(Delivery),
+    /// The queue was released for idleness or shutdown; ask for a new one.
+    Closed(Delivery),
+}
+
+/// The bounded queue of one destination, shared by submitters and its dispatcher.
+pub(crate) struct DestinationQueue {
+    key: DestinationKey,
+    label: String,
+    capacity: usize,
+    state: Mutex<QueueState>,
+    wake: Notify,
+    depth: Gauge,
+    metrics: Arc<DeliveryMetrics>,
+}
+
+struct QueueState {
+    waiting: VecDeque<Delivery>,
+    /// Admitted and not yet settled: waiting here, in flight, or waiting to retry.
+    held: usize,
+    closed: bool,
+}
+
+impl DestinationQueue {
+    pub(crate) fn new(key: DestinationKey, capacity: usize, metrics: Arc<DeliveryMetrics>) -> Self {
+        let label = key.label();
+        let depth = metrics.queue_gauge(&label);
+        Self {
+            key,
+            label,
+            capacity,
+            state: Mutex::new(QueueState {
+                waiting: VecDeque::new(),
+                held: 0,
+                closed: false,
+            }),
+            wake: Notify::new(),
+            depth,
+            metrics,
+        }
+    }
+
+    pub(crate) fn key(&self) -> &DestinationKey {
+        &self.key
+    }
+
+    pub(crate) fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+
+    /// Admits a delivery without waiting, or hands it back.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the rejected delivery is handed back by move, boxing it would cost every push an allocation"
+    )]
+    pub(crate) fn push(self: &Arc<Self>, mut delivery: Delivery) -> Result<(), Rejected> {
+        {
+            let mut state = self.state.lock();
+            if state.closed {
+                return Err(Rejected::Closed(delivery));
+            }
+            if state.held >= self.capacity {
+                return Err(Rejected::Full(delivery));
+            }
+            state.held += 1;
+            delivery.admitted = Some(Arc::clone(self));
+            state.waiting.push_back(delivery);
+        }
+        self.depth.inc();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Moves up to `max` waiting deliveries into `out`; returns how many.
+    fn pop_into(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
+        let mut state = self.state.lock();
+        let count = max.min(state.waiting.len());
+        out.extend(state.waiting.drain(..count));
+        count
+    }
+
+    fn release(&self) {
+        let mut state = self.state.lock();
+        state.held = state.held.saturating_sub(1);
+        drop(state);
+        self.depth.dec();
+    }
+
+    /// Closes the queue if it holds nothing; a closed queue admits nothing more.
+    pub(crate) fn close_if_empty(&self) -> bool {
+        let mut state = self.state.lock();
+        if state.held == 0 {
+            state.closed = true;
+        }
+        state.closed
+    }
+
+    /// Closes the queue whatever it holds, and hands back what was waiting.
+    fn close_and_take(&self) -> VecDeque<Delivery> {
+        let mut state = self.state.lock();
+        state.closed = true;
+        std::mem::take(&mut state.waiting)
+    }
+}
+
+/// A delivery waiting in the timer heap for its next attempt.
+struct ScheduledRetry {
+    due: Instant,
+    /// Keeps the heap's order total and first-in-first-out among equal times.
+    sequence: u64,
+    delivery: Delivery,
+}
+
+impl PartialEq for ScheduledRetry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.sequence) == (other.due, other.sequence)
+    }
+}
+
+impl Eq for ScheduledRetry {}
+
+impl PartialOrd for ScheduledRetry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ScheduledRetry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due, self.sequence).cmp(&(other.due, other.sequence))
+    }
+}
+
+/// How one attempt ended, with the delivery it belongs to.
+struct Attempted {
+    delivery: Delivery,
+    result: AttemptResult,
+    elapsed: Duration,
+}
+
+/// The dispatcher of one destination: runs until the queue is idle for
+/// `destination_idle_timeout`, or empty during shutdown, or shutdown's grace period ends.
+pub(crate) async fn dispatch(
+    queue: Arc<DestinationQueue>,
+    shared: Arc<Shared>,
+    stopping: CancellationToken,
+    abort: CancellationToken,
+) {
+    let concurrency = shared.config.concurrency_per_destination;
+    let idle_timeout = shared.config.destination_idle_timeout;
+    let mut in_flight = FuturesUnordered::new();
+    let mut retries: BinaryHeap<Reverse<ScheduledRetry>> = BinaryHeap::new();
+    let mut batch: Vec<Delivery> = Vec::with_capacity(concurrency);
+    let mut sequence = 0u64;
+    let mut idle_since: Option<Instant> = None;
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut timer_at: Option<Instant> = None;
+    let aborted = abort.clone().cancelled_owned();
+    tokio::pin!(aborted);
+    let mut stopping_seen = stopping.is_cancelled();
+    let stopped = stopping.cancelled_owned();
+    tokio::pin!(stopped);
+
+    loop {
+        // Fill the free slots: due retries first, then the queue in order.
+        let now = Instant::now();
+        while in_flight.len() < concurrency {
+            let due = retries.peek().is_some_and(|Reverse(next)| next.due <= now);
+            let Some(Reverse(next)) = due.then(|| retries.pop()).flatten() else {
+                break;
+            };
+            if let Some(delivery) = ready_for_attempt(next.delivery, &shared) {
+                in_flight.push(send(Arc::clone(&shared), delivery));
+            }
+        }
+        loop {
+            let free = concurrency.saturating_sub(in_flight.len());
+            if free == 0 || queue.pop_into(free, &mut batch) == 0 {
+                break;
+            }
+            for delivery in batch.drain(..) {
+                if let Some(delivery) = ready_for_attempt(delivery, &shared) {
+                    in_flight.push(send(Arc::clone(&shared), delivery));
+                }
+            }
+        }
+
+        let idle = in_flight.is_empty() && retries.is_empty();
+        if idle {
+            let since = *idle_since.get_or_insert(now);
+            if (stopping_seen || now.saturating_duration_since(since) >= idle_timeout)
+                && shared.retire(&queue)
+            {
+                break;
+            }
+        } else {
+            idle_since = None;
+        }
+
+        // Sleep until the next retry is due (only if a slot is free for it: otherwise a finished
+        // attempt wakes us), or until the idle timeout.
+        let wake_at = if in_flight.len() < concurrency {
+            retries.peek().map(|Reverse(next)| next.due)
+        } else {
+            None
+        }
+        .or_else(|| idle_since.map(|since| since + idle_timeout));
+        if wake_at != timer_at {
+            if let Some(at) = wake_at {
+                timer.as_mut().reset(at);
+            }
+            timer_at = wake_at;
+        }
+
+        tokio::select! {
+            biased;
+            _ = &mut aborted => break,
+            Some(attempted) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Some(retry) = conclude(attempted, &shared) {
+                    sequence += 1;
+                    retries.push(Reverse(ScheduledRetry { due: retry.0, sequence, delivery: retry.1 }));
+                }
+            }
+            _ = &mut timer, if timer_at.is_some() => timer_at = None,
+            _ = queue.wake.notified() => {}
+            _ = &mut stopped, if !stopping_seen => stopping_seen = true,
+        }
+    }
+
+    // Past shutdown's grace period, whatever is left is given up; a delivery dropped unsettled
+    // counts itself as failed (see `Delivery`'s `Drop`).
+    if abort.is_cancelled() {
+        let waiting = queue.close_and_take();
+        drop(in_flight);
+        drop(retries);
+        drop(waiting);
+        shared.retire(&queue);
+    }
+    shared.dispatcher_exited();
+}
+
+/// Checks a delivery before an attempt: drops or fails the ones that must not be sent.
+fn ready_for_attempt(mut delivery: Delivery, shared: &Shared) -> Option<Delivery> {
+    if delivery.listener.is_removed() {
+        delivery.settle(Settlement::Dropped(DropReason::ListenerRemoved), shared);
+        return None;
+    }
+    if delivery.listener.is_suspended(delivery.target.generation) {
+        delivery.settle(Settlement::Dropped(DropReason::Suspended), shared);
+        return None;
+    }
+    if Instant::now() >= delivery.deadline {
+        let reason = delivery.expiry_reason(shared.config.max_delivery_age);
+        delivery.settle(Settlement::Failed(reason, FailureEffect::Counted), shared);
+        return None;
+    }
+    Some(delivery)
+}
+
+/// Makes one attempt. The body is built on the first one and kept for the retries.
+async fn send(shared: Arc<Shared>, mut delivery: Delivery) -> Attempted {
+    let body = match &delivery.body {
+        Some(body) => body.clone(),
+        None => {
+            let event = std::mem::take(&mut delivery.event);
+            let body = delivery.target.prefix.assemble(&event);
+            delivery.body = Some(body.clone());
+            body
+        }
+    };
+    let started = Instant::now();
+    let result = client::attempt(
+        &shared.client,
+        AttemptRequest {
+            url: &delivery.target.request_url,
+            authorization: delivery.target.authorization.as_ref(),
+            body: &body,
+            message_id: &delivery.message_id,
+            signing_key: &delivery.target.signing_key,
+            timestamp: shared.clock.now(),
+            timeout: shared.config.timeout,
+        },
+    )
+    .await;
+    Attempted {
+        delivery,
+        result,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Settles a delivery after an attempt, or returns when and what to retry.
+fn conclude(attempted: Attempted, shared: &Shared) -> Option<(Instant, Delivery)> {
+    let Attempted {
+        mut delivery,
+        result,
+        elapsed,
+    } = attempted;
+    delivery.attempts += 1;
+    shared
+        .metrics
+        .attempt(result.label(), elapsed.as_secs_f64());
+    let settlement = match result.verdict() {
+        Verdict::Delivered => Settlement::Delivered,
+        Verdict::Gone => Settlement::Failed(result.reason(), FailureEffect::Gone),
+        Verdict::Fail => Settlement::Failed(result.reason(), FailureEffect::Counted),
+        Verdict::Retry { retry_after } => {
+            let delay = shared
+                .retry
+                .delay_after(delivery.attempts, retry_after, &mut rand::rng());
+            match delay.map(|delay| Instant::now() + delay) {
+                Some(due) if due < delivery.deadline => {
+                    shared.metrics.retry();
+                    delivery.last_failure = Some(result.reason());
+                    return Some((due, delivery));
+                }
+                _ => Settlement::Failed(result.reason(), FailureEffect::Counted),
+            }
+        }
+    };
+    delivery.settle(settlement, shared);
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destination_keys() {
+        let table = [
+            (
+                "https://example.com/a?token=secret",
+                Some("https://example.com:443"),
+            ),
+            ("http://example.com/", Some("http://example.com:80")),
+            ("http://EXAMPLE.com:8080/b", Some("http://example.com:8080")),
+            (
+                "https://user:pass@example.com/",
+                Some("https://example.com:443"),
+            ),
+            ("http://[::1]:9000/", Some("http://[::1]:9000")),
+            ("http://10.0.0.1/", Some("http://10.0.0.1:80")),
+            ("ftp://example.com/", None),
+        ];
+        for (text, expected) in table {
+            let url = match Url::parse(text) {
+                Ok(url) => url,
+                Err(error) => panic!("{text}: {error}"),
+            };
+            let key = DestinationKey::of(&url);
+            assert_eq!(
+                key.as_ref().map(DestinationKey::label).as_deref(),
+                expected,
+                "{text}"
+            );
+        }
+        let same = |a: &str, b: &str| {
+            let a = Url::parse(a).ok().and_then(|u| DestinationKey::of(&u));
+            let b = Url::parse(b).ok().and_then(|u| DestinationKey::of(&u));
+            a.is_some() && a == b
+        };
+        assert!(same("https://example.com/a", "https://example.com:443/b"));
+        assert!(!same("https://example.com/", "http://example.com/"));
+        assert!(!same("https://example.com/", "https://example.com:8443/"));
+    }
+}

@@ -1,0 +1,661 @@
+//! The delivery engine: POSTs events to webhook urls, signed, with timeouts, retries and a queue
+//! per destination, and counts what happened per listener. It knows nothing of Kubernetes.
+//!
+//! The caller [`submit`](DeliveryEngine::submit)s an event's raw JSON with a
+//! [`DeliveryTarget`]; submitting never waits. Every few seconds it takes
+//! [`ListenerReport`]s, the changes per listener since the previous call, to write them to the
+//! listeners' status. A receiver answering 410 Gone, or failing every delivery for
+//! `endpoint_failing_after`, suspends its listener until the listener's generation changes.
+
+mod body;
+mod client;
+mod config;
+mod destination;
+mod listener;
+mod metrics;
+mod retry;
+mod signature;
+mod url_policy;
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use http::HeaderValue;
+use parking_lot::Mutex;
+use prometheus_client::registry::Registry;
+use tokio::{sync::Notify, time::Instant};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+pub use body::BodyPrefix;
+pub use client::USER_AGENT;
+pub use config::{ConfigError, DeliveryArgs, DeliveryConfig, NetworkList};
+pub use retry::{classify_status, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
+pub use signature::{
+    receiver_secret, SignatureError, SigningKey, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
+};
+pub use url_policy::{AddressClass, DestinationRefused, UrlPolicy, UrlRefused};
+
+use destination::{Delivery, DestinationKey, DestinationQueue, Rejected, Settlement};
+use listener::{FailureEffect, ListenerEntry};
+use metrics::DeliveryMetrics;
+
+/// Identifies a listener, as `namespace/name`; opaque to the engine.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerId(Arc<str>);
+
+impl ListenerId {
+    /// A listener id, such as `"default/my-listener"`.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for ListenerId {
+    fn from(id: &str) -> Self {
+        Self::new(id)
+    }
+}
+
+impl From<String> for ListenerId {
+    fn from(id: String) -> Self {
+        Self::new(id)
+    }
+}
+
+impl fmt::Debug for ListenerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for ListenerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An owner's client secret. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientSecret(Arc<str>);
+
+impl ClientSecret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<Arc<str>>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The secret itself, for the body and the signing key.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClientSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where and as whom to deliver an event. Cheap to clone; keep one per listener and reuse it
+/// (the engine then reuses the body prefix, signing key and queue it prepared for it).
+#[derive(Clone, Debug)]
+pub struct DeliveryTarget {
+    /// The listener the delivery is counted on.
+    pub listener: ListenerId,
+    /// The listener's `metadata.generation`; a suspension applies to one generation.
+    pub generation: i64,
+    /// The webhook url.
+    pub url: Arc<Url>,
+    /// The owner's id: `clientId` in the body.
+    pub client_id: Arc<str>,
+    /// The owner's secret: `clientSecret` in the body, and the signing key.
+    pub client_secret: ClientSecret,
+    /// The Crownstone user id: `userId` in the body.
+    pub user_id: Arc<str>,
+}
+
+/// Why a listener gets no more deliveries (until its generation changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suspension {
+    /// The receiver answered 410 Gone.
+    EndpointGone,
+    /// Every delivery failed for `endpoint_failing_after`, without a success in between.
+    EndpointFailing,
+}
+
+impl Suspension {
+    /// The reason, for a condition or an event: `EndpointGone` or `EndpointFailing`.
+    pub fn as_reason(self) -> &'static str {
+        match self {
+            Self::EndpointGone => "EndpointGone",
+            Self::EndpointFailing => "EndpointFailing",
+        }
+    }
+}
+
+/// Why a delivery was dropped without (another) attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The destination's queue was full.
+    QueueFull,
+    /// The engine is shutting down.
+    ShuttingDown,
+    /// The listener is suspended for this generation.
+    Suspended,
+    /// The listener was forgotten while the delivery waited.
+    ListenerRemoved,
+}
+
+impl DropReason {
+    /// Every reason, for registering metrics up front.
+    pub const ALL: [Self; 4] = [
+        Self::QueueFull,
+        Self::ShuttingDown,
+        Self::Suspended,
+        Self::ListenerRemoved,
+    ];
+
+    /// The metric label: `queue_full`, `shutting_down`, `suspended`, `listener_removed`.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::ShuttingDown => "shutting_down",
+            Self::Suspended => "suspended",
+            Self::ListenerRemoved => "listener_removed",
+        }
+    }
+}
+
+/// What happened to a listener's deliveries since the previous [`DeliveryEngine::take_reports`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerReport {
+    /// The listener.
+    pub listener: ListenerId,
+    /// The newest generation the engine has seen for it.
+    pub generation: i64,
+    /// Deliveries that got a 2xx, since the previous report.
+    pub delivered: u64,
+    /// Deliveries that failed for good, since the previous report.
+    pub failed: u64,
+    /// Deliveries dropped without an attempt, since the previous report.
+    pub dropped: u64,
+    /// When the latest success came, if one came since the previous report.
+    pub last_delivery_time: Option<DateTime<Utc>>,
+    /// The reason of the latest failure, if one happened since the previous report: short,
+    /// such as `HTTP 400 Bad Request` or `timed out after 10s`; never a url or a secret.
+    pub last_error: Option<String>,
+    /// The reason of the latest drop, if one happened since the previous report.
+    pub last_drop_reason: Option<DropReason>,
+    /// The listener's suspension for `generation`, reported whenever it starts or is lifted.
+    pub suspension: Option<Suspension>,
+}
+
+/// The engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// A setting cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The engine spawns tasks, so it must be created inside a Tokio runtime.
+    #[error("the delivery engine must be created inside a Tokio runtime")]
+    NoRuntime,
+    /// The HTTP client could not be built.
+    #[error("could not build the HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+}
+
+/// The source of wall-clock time: `webhook-timestamp`, `lastDeliveryTime` and the
+/// `EndpointFailing` window. Tests substitute their own.
+pub trait Clock: Send + Sync + 'static {
+    /// The current time.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// Delivers events to webhooks. Cheap to clone: clones share one engine.
+#[derive(Clone)]
+pub struct DeliveryEngine {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for DeliveryEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeliveryEngine")
+            .field("listeners", &self.shared.listeners.len())
+            .field("destinations", &self.shared.destinations.len())
+            .finish()
+    }
+}
+
+/// What a target is turned into once: the body prefix, the signing key and the destination.
+pub(crate) struct PreparedTarget {
+    pub(crate) generation: i64,
+    /// The url as given, to recognise the target.
+    url: Arc<Url>,
+    /// The url requests go to: without user information, which travels as `authorization`.
+    pub(crate) request_url: Url,
+    /// `Basic` credentials from the url's user information, if it has any.
+    pub(crate) authorization: Option<HeaderValue>,
+    client_id: Arc<str>,
+    client_secret: ClientSecret,
+    user_id: Arc<str>,
+    pub(crate) prefix: BodyPrefix,
+    pub(crate) signing_key: SigningKey,
+    destination: DestinationKey,
+}
+
+impl PreparedTarget {
+    /// Prepares a target, or says why it can never be delivered to.
+    fn new(target: &DeliveryTarget, policy: &UrlPolicy) -> Result<Self, String> {
+        policy.check_url(&target.url).map_err(|e| e.to_string())?;
+        let destination = DestinationKey::of(&target.url).ok_or("url has no host")?;
+        let signing_key = SigningKey::from_client_secret(target.client_secret.expose())
+            .map_err(|e| e.to_string())?;
+        let (request_url, authorization) = split_credentials(&target.url)?;
+        Ok(Self {
+            generation: target.generation,
+            url: Arc::clone(&target.url),
+            request_url,
+            authorization,
+            client_id: Arc::clone(&target.client_id),
+            client_secret: target.client_secret.clone(),
+            user_id: Arc::clone(&target.user_id),
+            prefix: BodyPrefix::new(
+                &target.client_id,
+                target.client_secret.expose(),
+                &target.user_id,
+            ),
+            signing_key,
+            destination,
+        })
+    }
+
+    /// Whether this was prepared from an equal target; pointer equality makes it cheap when the
+    /// caller reuses its target.
+    fn matches(&self, target: &DeliveryTarget) -> bool {
+        fn same<T: ?Sized + PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+            Arc::ptr_eq(a, b) || a == b
+        }
+        self.generation == target.generation
+            && same(&self.url, &target.url)
+            && same(&self.client_id, &target.client_id)
+            && same(&self.user_id, &target.user_id)
+            && same(&self.client_secret.0, &target.client_secret.0)
+    }
+}
+
+/// Moves a url's user information into a `Basic` authorization header, as browsers and curl do.
+fn split_credentials(url: &Url) -> Result<(Url, Option<HeaderValue>), String> {
+    if url.username().is_empty() && url.password().is_none() {
+        return Ok((url.clone(), None));
+    }
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8()
+            .map(|decoded| decoded.into_owned())
+            .map_err(|_| "url credentials are not valid UTF-8".to_owned())
+    };
+    let credentials = format!(
+        "{}:{}",
+        decode(url.username())?,
+        decode(url.password().unwrap_or_default())?
+    );
+    let mut value = HeaderValue::try_from(format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, credentials)
+    ))
+    .map_err(|_| "url credentials cannot be sent".to_owned())?;
+    value.set_sensitive(true);
+    let mut bare = url.clone();
+    // Only fails for urls that cannot have credentials, which this one has.
+    let _ = bare.set_username("");
+    let _ = bare.set_password(None);
+    Ok((bare, Some(value)))
+}
+
+/// A listener's prepared target and the queue of its destination, reused across submits.
+pub(crate) struct PreparedSlot {
+    target: Arc<PreparedTarget>,
+    queue: Arc<DestinationQueue>,
+}
+
+/// Why a submit could not get a queue.
+enum Unavailable {
+    /// The target can never be delivered to: fail the delivery with this reason.
+    Refused(String),
+    /// No new queue is made once shutdown has begun.
+    ShuttingDown,
+}
+
+/// The engine's state, shared by its handles and its dispatchers.
+pub(crate) struct Shared {
+    pub(crate) config: DeliveryConfig,
+    pub(crate) retry: RetryPolicy,
+    policy: UrlPolicy,
+    pub(crate) client: reqwest::Client,
+    pub(crate) metrics: Arc<DeliveryMetrics>,
+    pub(crate) clock: Arc<dyn Clock>,
+    runtime: tokio::runtime::Handle,
+    listeners: DashMap<ListenerId, Arc<ListenerEntry>>,
+    destinations: DashMap<DestinationKey, Arc<DestinationQueue>>,
+    /// Serialises making and releasing queues (rare), so a queue is never made after shutdown
+    /// began and a released queue's gauge is never handed to its successor.
+    lifecycle: Mutex<()>,
+    shutting_down: AtomicBool,
+    stopping: CancellationToken,
+    abort: CancellationToken,
+    live_dispatchers: AtomicUsize,
+    dispatcher_exit: Notify,
+}
+
+impl DeliveryEngine {
+    /// Starts an engine, registering its metrics into `registry`. Must be called inside a Tokio
+    /// runtime, whose tasks then carry the deliveries.
+    pub fn new(config: DeliveryConfig, registry: &mut Registry) -> Result<Self, DeliveryError> {
+        Self::with_clock(config, registry, Arc::new(SystemClock))
+    }
+
+    /// Like [`new`](Self::new), with another source of wall-clock time.
+    pub fn with_clock(
+        config: DeliveryConfig,
+        registry: &mut Registry,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, DeliveryError> {
+        config.validate()?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| DeliveryError::NoRuntime)?;
+        let policy = config.url_policy();
+        let client = client::build_client(
+            Arc::new(policy.clone()),
+            config.timeout,
+            config.concurrency_per_destination,
+        )
+        .map_err(DeliveryError::HttpClient)?;
+        let metrics = Arc::new(DeliveryMetrics::register(registry));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                retry: config.retry_policy(),
+                config,
+                policy,
+                client,
+                metrics,
+                clock,
+                runtime,
+                listeners: DashMap::new(),
+                destinations: DashMap::new(),
+                lifecycle: Mutex::new(()),
+                shutting_down: AtomicBool::new(false),
+                stopping: CancellationToken::new(),
+                abort: CancellationToken::new(),
+                live_dispatchers: AtomicUsize::new(0),
+                dispatcher_exit: Notify::new(),
+            }),
+        })
+    }
+
+    /// Queues one event for one listener and returns at once. `event` is the event's JSON as it
+    /// arrived on the stream; it becomes the body's `data` byte for byte.
+    ///
+    /// Never blocks: when the destination's queue is full, the engine is shutting down, or the
+    /// listener is suspended for this generation, the delivery is dropped and counted with its
+    /// reason. A url that can never be delivered to (scheme, refused IP literal) fails at once.
+    pub fn submit(&self, event: Bytes, target: DeliveryTarget) {
+        let shared = &self.shared;
+        let listener = shared.listener(&target.listener);
+        let generation = target.generation;
+        if shared.shutting_down.load(Ordering::Acquire) {
+            shared.dropped(&listener, generation, DropReason::ShuttingDown);
+            return;
+        }
+        if listener.is_suspended(generation) {
+            shared.dropped(&listener, generation, DropReason::Suspended);
+            return;
+        }
+        let (prepared, mut queue) = match shared.prepare(&listener, &target, None) {
+            Ok(pair) => pair,
+            Err(Unavailable::Refused(reason)) => {
+                shared.failed(&listener, generation, reason);
+                return;
+            }
+            Err(Unavailable::ShuttingDown) => {
+                shared.dropped(&listener, generation, DropReason::ShuttingDown);
+                return;
+            }
+        };
+        let message_id = match HeaderValue::try_from(signature::new_message_id()) {
+            Ok(id) => id,
+            Err(_) => {
+                shared.failed(&listener, generation, "could not make a message id".into());
+                return;
+            }
+        };
+        let deadline = Instant::now() + shared.config.max_delivery_age;
+        let mut delivery = Delivery::new(
+            Arc::clone(&listener),
+            Arc::clone(&prepared),
+            event,
+            message_id,
+            deadline,
+        );
+        loop {
+            match queue.push(delivery) {
+                Ok(()) => return,
+                Err(Rejected::Full(refused)) => {
+                    refused.settle(Settlement::Dropped(DropReason::QueueFull), shared);
+                    return;
+                }
+                // The queue went idle and was released just now: take its successor.
+                Err(Rejected::Closed(refused)) => {
+                    match shared.prepare(&listener, &target, Some(&queue)) {
+                        Ok((_, successor)) => queue = successor,
+                        Err(_) => {
+                            refused.settle(Settlement::Dropped(DropReason::ShuttingDown), shared);
+                            return;
+                        }
+                    }
+                    delivery = refused;
+                }
+            }
+        }
+    }
+
+    /// The changes since the previous call: one report per listener with activity, or whose
+    /// suspension started or was lifted.
+    pub fn take_reports(&self) -> Vec<ListenerReport> {
+        self.shared
+            .listeners
+            .iter()
+            .filter_map(|entry| entry.value().take_report())
+            .collect()
+    }
+
+    /// Forgets a deleted listener: its tallies and suspension go, and its deliveries still
+    /// waiting are dropped.
+    pub fn forget_listener(&self, listener: &ListenerId) {
+        if let Some((_, entry)) = self.shared.listeners.remove(listener) {
+            entry.mark_removed();
+            entry.lock().prepared = None;
+        }
+    }
+
+    /// Stops taking events (later submits are dropped as `shutting_down`), lets queued, waiting
+    /// and in-flight deliveries finish within `grace`, then gives up the rest, which count as
+    /// failed. When it returns, [`take_reports`](Self::take_reports) has the final tallies.
+    pub async fn shutdown(&self, grace: Duration) {
+        let shared = &self.shared;
+        {
+            let _lifecycle = shared.lifecycle.lock();
+            shared.shutting_down.store(true, Ordering::Release);
+        }
+        shared.stopping.cancel();
+        let deadline = Instant::now() + grace;
+        if !shared.wait_for_dispatchers(Some(deadline)).await {
+            shared.abort.cancel();
+            shared.wait_for_dispatchers(None).await;
+        }
+    }
+}
+
+impl Shared {
+    fn listener(&self, id: &ListenerId) -> Arc<ListenerEntry> {
+        if let Some(entry) = self.listeners.get(id) {
+            return Arc::clone(entry.value());
+        }
+        let entry = self
+            .listeners
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(ListenerEntry::new(id.clone())));
+        Arc::clone(entry.value())
+    }
+
+    /// The prepared target and live queue for a submit, reusing the listener's previous ones
+    /// when the target is the same. `stale` is a queue found closed, to be replaced.
+    fn prepare(
+        self: &Arc<Self>,
+        listener: &Arc<ListenerEntry>,
+        target: &DeliveryTarget,
+        stale: Option<&Arc<DestinationQueue>>,
+    ) -> Result<(Arc<PreparedTarget>, Arc<DestinationQueue>), Unavailable> {
+        let mut state = listener.lock();
+        state.observe_generation(target.generation);
+        let reusable = state
+            .prepared
+            .as_ref()
+            .filter(|slot| slot.target.matches(target));
+        if let Some(slot) = reusable {
+            let is_stale = stale.is_some_and(|stale| Arc::ptr_eq(stale, &slot.queue));
+            if !is_stale {
+                return Ok((Arc::clone(&slot.target), Arc::clone(&slot.queue)));
+            }
+        }
+        let prepared = match reusable {
+            Some(slot) => Arc::clone(&slot.target),
+            None => {
+                Arc::new(PreparedTarget::new(target, &self.policy).map_err(Unavailable::Refused)?)
+            }
+        };
+        let queue = self.queue_for(&prepared.destination)?;
+        state.prepared = Some(PreparedSlot {
+            target: Arc::clone(&prepared),
+            queue: Arc::clone(&queue),
+        });
+        Ok((prepared, queue))
+    }
+
+    /// The open queue of a destination, made (with its dispatcher) if there is none.
+    fn queue_for(
+        self: &Arc<Self>,
+        key: &DestinationKey,
+    ) -> Result<Arc<DestinationQueue>, Unavailable> {
+        if let Some(queue) = self.destinations.get(key) {
+            if !queue.is_closed() {
+                return Ok(Arc::clone(queue.value()));
+            }
+        }
+        let _lifecycle = self.lifecycle.lock();
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(Unavailable::ShuttingDown);
+        }
+        if let Some(queue) = self.destinations.get(key) {
+            if !queue.is_closed() {
+                return Ok(Arc::clone(queue.value()));
+            }
+        }
+        let queue = Arc::new(DestinationQueue::new(
+            key.clone(),
+            self.config.queue_capacity,
+            Arc::clone(&self.metrics),
+        ));
+        self.destinations.insert(key.clone(), Arc::clone(&queue));
+        self.live_dispatchers.fetch_add(1, Ordering::AcqRel);
+        self.runtime.spawn(destination::dispatch(
+            Arc::clone(&queue),
+            Arc::clone(self),
+            self.stopping.child_token(),
+            self.abort.child_token(),
+        ));
+        Ok(queue)
+    }
+
+    /// Releases an idle queue: closes it if it holds nothing, and forgets it. False if it still
+    /// holds deliveries.
+    pub(crate) fn retire(&self, queue: &Arc<DestinationQueue>) -> bool {
+        let _lifecycle = self.lifecycle.lock();
+        if !queue.close_if_empty() {
+            return false;
+        }
+        let removed = self
+            .destinations
+            .remove_if(queue.key(), |_, current| Arc::ptr_eq(current, queue));
+        if removed.is_some() {
+            self.metrics.forget_queue_gauge(queue.label());
+        }
+        true
+    }
+
+    /// A dispatcher ended.
+    pub(crate) fn dispatcher_exited(&self) {
+        self.live_dispatchers.fetch_sub(1, Ordering::AcqRel);
+        self.dispatcher_exit.notify_waiters();
+    }
+
+    /// Waits until every dispatcher ended, or `deadline`; true if they all ended.
+    async fn wait_for_dispatchers(&self, deadline: Option<Instant>) -> bool {
+        loop {
+            let exit = self.dispatcher_exit.notified();
+            tokio::pin!(exit);
+            exit.as_mut().enable();
+            if self.live_dispatchers.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            match deadline {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, exit).await.is_err() {
+                        return false;
+                    }
+                }
+                None => exit.await,
+            }
+        }
+    }
+
+    fn dropped(&self, listener: &ListenerEntry, generation: i64, reason: DropReason) {
+        listener.record_dropped(generation, reason);
+        self.metrics.dropped(reason);
+    }
+
+    fn failed(&self, listener: &ListenerEntry, generation: i64, reason: String) {
+        listener.record_failed(
+            generation,
+            reason,
+            self.clock.now(),
+            self.config.endpoint_failing_after,
+            FailureEffect::Counted,
+        );
+        self.metrics.outcome(metrics::Outcome::Failed);
+    }
+}

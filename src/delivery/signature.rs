@@ -1,0 +1,172 @@
+//! Standard Webhooks signatures, so a receiver can check that a delivery came from us.
+//!
+//! Every delivery carries three headers, as the [Standard Webhooks] specification defines them:
+//!
+//! - `webhook-id`: the message id, `msg_` followed by 32 hex digits. It is unique per event and
+//!   listener and stays the same on every retry, so a receiver can drop duplicates.
+//! - `webhook-timestamp`: the unix time in seconds at which this attempt was sent.
+//! - `webhook-signature`: `v1,` followed by the base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`.
+//!
+//! The HMAC key is the UTF-8 bytes of the owner's `clientSecret` (the 32-character hex string
+//! that the body also carries). Standard Webhooks libraries take the key as `whsec_` followed by
+//! the key's base64, so a receiver configures its library with
+//! `"whsec_" + base64(clientSecret)`. In Python, with the `standardwebhooks` package:
+//!
+//! ```text
+//! secret = "whsec_" + base64.b64encode(client_secret.encode()).decode()
+//! Webhook(secret).verify(request_body, request_headers)
+//! ```
+//!
+//! The library also refuses a timestamp more than five minutes away from its clock, which stops
+//! a captured request from being replayed later.
+//!
+//! [Standard Webhooks]: https://www.standardwebhooks.com/
+
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// Header carrying the message id.
+pub const WEBHOOK_ID: &str = "webhook-id";
+/// Header carrying the unix time of the attempt, in seconds.
+pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
+/// Header carrying the `v1,` signature.
+pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+
+/// A signing key could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SignatureError {
+    /// The HMAC implementation refused the key.
+    #[error("invalid signing key length")]
+    InvalidKey,
+}
+
+/// An HMAC-SHA256 key, initialised once per target and cloned for each signature.
+#[derive(Clone)]
+pub struct SigningKey(Hmac<Sha256>);
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKey(<redacted>)")
+    }
+}
+
+impl SigningKey {
+    /// The key of an owner: the UTF-8 bytes of its client secret.
+    pub fn from_client_secret(client_secret: &str) -> Result<Self, SignatureError> {
+        Self::from_bytes(client_secret.as_bytes())
+    }
+
+    /// A key from raw bytes (what a `whsec_` secret's base64 decodes to).
+    pub fn from_bytes(key: &[u8]) -> Result<Self, SignatureError> {
+        Hmac::<Sha256>::new_from_slice(key)
+            .map(Self)
+            .map_err(|_| SignatureError::InvalidKey)
+    }
+
+    /// The `webhook-signature` value for one attempt: `v1,<base64 HMAC of "id.timestamp.body">`.
+    pub fn sign(&self, message_id: &str, timestamp: i64, body: &[u8]) -> String {
+        let mut mac = self.0.clone();
+        mac.update(message_id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        let digest = mac.finalize().into_bytes();
+        let mut out = String::with_capacity(48);
+        out.push_str("v1,");
+        STANDARD.encode_string(digest, &mut out);
+        out
+    }
+}
+
+/// The secret a receiver gives its Standard Webhooks library: `whsec_` + base64(client secret).
+pub fn receiver_secret(client_secret: &str) -> String {
+    format!("whsec_{}", STANDARD.encode(client_secret.as_bytes()))
+}
+
+/// A fresh message id: `msg_` and 128 random bits in hex.
+pub fn new_message_id() -> String {
+    let bits: u128 = rand::random();
+    format!("msg_{bits:032x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(secret: &str) -> SigningKey {
+        match SigningKey::from_client_secret(secret) {
+            Ok(key) => key,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    #[test]
+    fn matches_the_specification_example() {
+        // The example of the Standard Webhooks specification and its reference libraries.
+        let raw = match STANDARD.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw") {
+            Ok(raw) => raw,
+            Err(error) => panic!("{error}"),
+        };
+        let key = match SigningKey::from_bytes(&raw) {
+            Ok(key) => key,
+            Err(error) => panic!("{error}"),
+        };
+        assert_eq!(
+            key.sign(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1_614_265_330,
+                br#"{"test": 2432232314}"#
+            ),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn client_secret_is_the_key() {
+        // Computed with Python's `standardwebhooks` 1.1.0 and the secret from `receiver_secret`.
+        let body = br#"{"clientId":"owner-1","clientSecret":"0123456789abcdef0123456789abcdef","userId":"user-1","data":{"type":"presence"}}"#;
+        assert_eq!(
+            key("0123456789abcdef0123456789abcdef").sign(
+                "msg_2f6c4f2e9d6b4b1e8a3c5d7f9e1a2b3c",
+                1_700_000_000,
+                body
+            ),
+            "v1,AiH4sg2cgU/Es3j34wnfN4YyXHQFVetuTEoze99BA5A="
+        );
+    }
+
+    #[test]
+    fn receiver_secret_is_whsec_and_base64() {
+        assert_eq!(
+            receiver_secret("0123456789abcdef0123456789abcdef"),
+            "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+        );
+    }
+
+    #[test]
+    fn any_change_changes_the_signature() {
+        let key = key("0123456789abcdef0123456789abcdef");
+        let base = key.sign("msg_1", 100, b"{}");
+        assert_ne!(base, key.sign("msg_2", 100, b"{}"));
+        assert_ne!(base, key.sign("msg_1", 101, b"{}"));
+        assert_ne!(base, key.sign("msg_1", 100, b"{ }"));
+        assert_ne!(
+            base,
+            super::SigningKey::from_client_secret("0123456789abcdef0123456789abcdee")
+                .map(|other| other.sign("msg_1", 100, b"{}"))
+                .unwrap_or_default()
+        );
+    }
+
+    #[test]
+    fn message_ids_are_distinct_and_header_safe() {
+        let a = new_message_id();
+        let b = new_message_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert!(a.starts_with("msg_"));
+        assert!(a[4..].bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+}
