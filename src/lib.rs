@@ -6,6 +6,7 @@ pub mod controller;
 pub mod crownstone;
 pub mod delivery;
 pub mod forwarder;
+pub mod health;
 pub mod index;
 pub mod metrics;
 pub mod operator;

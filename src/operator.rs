@@ -2,7 +2,6 @@
 //! the status writer and the health server; and takes them down in order.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,17 +11,19 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use dashmap::DashMap;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::wait::{await_condition, conditions};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, CustomResourceExt};
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
+use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -32,8 +33,9 @@ use crate::config::OperatorArgs;
 use crate::controller::{
     run_listener_controller, run_webhook_user_controller, Context, StatusWriter,
 };
-use crate::delivery::{DeliveryEngine, DeliveryError};
+use crate::delivery::{ConfigError, DeliveryConfig, DeliveryEngine, DeliveryError};
 use crate::forwarder::{ForwarderRegistry, StreamSettings};
+use crate::health::WatchHealth;
 use crate::index::RoutingIndex;
 use crate::metrics::{ControllerMetrics, ForwarderMetrics};
 use crate::resources::{Listener, WebhookUser};
@@ -47,6 +49,8 @@ pub enum OperatorError {
     CrdMissing(String),
     #[error("could not set up the delivery engine: {0}")]
     Delivery(#[from] DeliveryError),
+    #[error("invalid delivery settings: {0}")]
+    DeliveryConfig(#[from] ConfigError),
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -54,25 +58,16 @@ pub enum OperatorError {
     },
 }
 
-/// Readiness: both caches synced and no watch currently failing.
+/// Readiness: both watches synced and not failing.
 #[derive(Default)]
 struct Health {
-    users_synced: AtomicBool,
-    listeners_synced: AtomicBool,
-    users_watch_ok: AtomicBool,
-    listeners_watch_ok: AtomicBool,
+    users: WatchHealth,
+    listeners: WatchHealth,
 }
 
 impl Health {
     fn ready(&self) -> bool {
-        [
-            &self.users_synced,
-            &self.listeners_synced,
-            &self.users_watch_ok,
-            &self.listeners_watch_ok,
-        ]
-        .iter()
-        .all(|flag| flag.load(Ordering::Relaxed))
+        self.users.is_healthy() && self.listeners.is_healthy()
     }
 }
 
@@ -139,7 +134,8 @@ pub async fn start(
 ) -> Result<RunningOperator, OperatorError> {
     wait_for_crds(&client).await?;
     let mut registry = Registry::with_prefix("crownstone_webhooks");
-    let engine = DeliveryEngine::new(args.delivery.clone().into(), &mut registry)?;
+    let delivery_config = DeliveryConfig::try_from(args.delivery.clone())?;
+    let engine = DeliveryEngine::with_clock(delivery_config, &mut registry, clock.clone())?;
     let forwarder_metrics = ForwarderMetrics::register(&mut registry);
     let controller_metrics = ControllerMetrics::register(&mut registry);
 
@@ -158,14 +154,19 @@ pub async fn start(
     );
 
     let namespace = args.watch_namespace.as_deref();
-    let users_controller = Controller::new(
+    let health = Arc::new(Health::default());
+    let (users, users_stream) = reflected(
         api_in::<WebhookUser>(&client, namespace),
-        watcher::Config::default(),
+        health.clone(),
+        |h| &h.users,
     );
-    let listeners_controller = Controller::new(
+    let (listeners, listeners_stream) = reflected(
         api_in::<Listener>(&client, namespace),
-        watcher::Config::default(),
+        health.clone(),
+        |h| &h.listeners,
     );
+    let users_controller = Controller::for_stream(users_stream, users.clone());
+    let listeners_controller = Controller::for_stream(listeners_stream, listeners.clone());
     let reporter = Reporter {
         controller: "crownstone-webhooks".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -180,11 +181,10 @@ pub async fn start(
         metrics: controller_metrics,
         default_daily_allowance: args.daily_allowance,
         suspensions: DashMap::new(),
-        listeners: listeners_controller.store(),
-        users: users_controller.store(),
+        listeners,
+        users,
     });
 
-    let health = Arc::new(Health::default());
     let registry = Arc::new(Mutex::new(registry));
     let listener = tokio::net::TcpListener::bind(args.health_listen)
         .await
@@ -203,24 +203,14 @@ pub async fn start(
     let controllers_stop = CancellationToken::new();
     let (triggers, trigger_stream) = mpsc::unbounded_channel();
 
-    let mut tasks = Vec::new();
-    {
-        let health = health.clone();
-        let flag = move |ok: bool| health.users_watch_ok.store(ok, Ordering::Relaxed);
-        flag(true);
-        tasks.push(tokio::spawn(run_webhook_user_controller(
+    let tasks = vec![
+        tokio::spawn(run_webhook_user_controller(
             users_controller,
             api_in::<Listener>(&client, namespace),
             ctx.clone(),
             controllers_stop.clone().cancelled_owned(),
-            flag,
-        )));
-    }
-    {
-        let health = health.clone();
-        let flag = move |ok: bool| health.listeners_watch_ok.store(ok, Ordering::Relaxed);
-        flag(true);
-        tasks.push(tokio::spawn(run_listener_controller(
+        )),
+        tokio::spawn(run_listener_controller(
             listeners_controller,
             api_in::<PartialObjectMeta<Secret>>(&client, namespace),
             api_in::<WebhookUser>(&client, namespace),
@@ -228,14 +218,8 @@ pub async fn start(
             notices,
             trigger_stream,
             controllers_stop.clone().cancelled_owned(),
-            flag,
-        )));
-    }
-    mark_when_synced(ctx.users.clone(), health.clone(), |h| &h.users_synced);
-    mark_when_synced(ctx.listeners.clone(), health.clone(), |h| {
-        &h.listeners_synced
-    });
-
+        )),
+    ];
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -285,16 +269,32 @@ pub async fn start(
     })
 }
 
-fn mark_when_synced<K>(store: Store<K>, health: Arc<Health>, flag: fn(&Health) -> &AtomicBool)
+/// A cache of `K` fed by a watch whose health (first full list, errors) is recorded in `watch`.
+fn reflected<K>(
+    api: Api<K>,
+    health: Arc<Health>,
+    watch: fn(&Health) -> &WatchHealth,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
 where
-    K: kube::Resource + Clone + Send + Sync + 'static,
-    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + std::hash::Hash + Eq + Clone + Send + Sync,
 {
-    tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            flag(&health).store(true, Ordering::Relaxed);
-        }
-    });
+    let (reader, writer) = reflector::store();
+    // Errors pass on to the controller, whose trigger backoff paces the retries.
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .reflect(writer)
+        .inspect(move |event| {
+            let health = watch(&health);
+            health.record(event.is_ok());
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                health.mark_synced();
+            }
+        })
+        .applied_objects();
+    (reader, stream)
 }
 
 async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {

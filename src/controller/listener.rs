@@ -51,7 +51,6 @@ pub async fn run_listener_controller(
     notices: mpsc::UnboundedReceiver<TokenNotice>,
     triggers: mpsc::UnboundedReceiver<ObjectRef<Listener>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-    on_result: impl Fn(bool) + Send + Sync + 'static,
 ) {
     let store = ctx.listeners.clone();
     let secret_store = store.clone();
@@ -61,7 +60,7 @@ pub async fn run_listener_controller(
     controller
         // Token Secrets: only their metadata is watched; a change re-reads the token.
         .watches_stream(
-            watcher(secrets, watcher::Config::default())
+            watcher(secrets, watcher::Config::default().any_semantic())
                 .default_backoff()
                 .touched_objects(),
             move |secret| {
@@ -76,27 +75,25 @@ pub async fn run_listener_controller(
             },
         )
         // Owners: enabling, disabling, creating or deleting one changes its Listeners' status.
-        .watches(users, watcher::Config::default(), move |user| {
-            let namespace = user.namespace();
-            let name = user.name_any();
-            user_store
-                .state()
-                .iter()
-                .filter(|l| l.namespace() == namespace && l.spec.owner == name)
-                .map(|l| ObjectRef::from_obj(l.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            users,
+            watcher::Config::default().any_semantic(),
+            move |user| {
+                let namespace = user.namespace();
+                let name = user.name_any();
+                user_store
+                    .state()
+                    .iter()
+                    .filter(|l| l.namespace() == namespace && l.spec.owner == name)
+                    .map(|l| ObjectRef::from_obj(l.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .reconcile_on(UnboundedReceiverStream::new(notice_triggers))
         .reconcile_on(UnboundedReceiverStream::new(triggers))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| {
-            on_result(!matches!(
-                result,
-                Err(kube::runtime::controller::Error::QueueError(_))
-            ));
-            async {}
-        })
+        .for_each(|_| async {})
         .await;
 }
 

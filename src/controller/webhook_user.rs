@@ -38,23 +38,20 @@ pub async fn run_webhook_user_controller(
     listeners: Api<Listener>,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-    on_result: impl Fn(bool) + Send + Sync + 'static,
 ) {
     controller
         // A Listener coming or going changes its owner's listener count.
-        .watches(listeners, watcher::Config::default(), |listener| {
-            let namespace = listener.namespace()?;
-            Some(ObjectRef::new(&listener.spec.owner).within(&namespace))
-        })
+        .watches(
+            listeners,
+            watcher::Config::default().any_semantic(),
+            |listener| {
+                let namespace = listener.namespace()?;
+                Some(ObjectRef::new(&listener.spec.owner).within(&namespace))
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| {
-            on_result(!matches!(
-                result,
-                Err(kube::runtime::controller::Error::QueueError(_))
-            ));
-            async {}
-        })
+        .for_each(|_| async {})
         .await;
 }
 

@@ -221,20 +221,7 @@ pub enum DeliveryError {
 
 /// The source of wall-clock time: `webhook-timestamp`, `lastDeliveryTime` and the
 /// `EndpointFailing` window. Tests substitute their own.
-pub trait Clock: Send + Sync + 'static {
-    /// The current time.
-    fn now(&self) -> DateTime<Utc>;
-}
-
-/// The system's clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-    }
-}
+pub use crate::clock::{Clock, SystemClock};
 
 /// Delivers events to webhooks. Cheap to clone: clones share one engine.
 #[derive(Clone)]

@@ -13,9 +13,9 @@ use kube::api::DeleteParams;
 use serde_json::Value;
 
 use crate::support::cluster::{control_plane, eventually, PrivatePlane, TestNamespace};
-use crate::support::sim;
 use crate::support::operator::{Harness, WAIT};
 use crate::support::receiver::{Receiver, Reply};
+use crate::support::sim;
 
 const SPHERE: &str = "sphere-1";
 
@@ -24,8 +24,15 @@ async fn one_listener(h: &Harness, receiver: &Receiver, types: &[&str]) -> Strin
     h.create_user("acme", true, None).await;
     let token = h.token("user-1", SPHERE).await;
     h.create_token_secret("acme-token", &token).await;
-    h.create_listener("hook", "acme", "acme-token", types, receiver.url().as_str(), None)
-        .await;
+    h.create_listener(
+        "hook",
+        "acme",
+        "acme-token",
+        types,
+        receiver.url().as_str(),
+        None,
+    )
+    .await;
     h.wait_ready("hook").await;
     token
 }
@@ -39,7 +46,10 @@ async fn a_listener_gets_matching_events_with_the_exact_body() {
 
     let command = samples::multi_switch(SPHERE);
     let ignored = samples::switch_state_update(SPHERE, 50);
-    assert_eq!(h.admin.publish(&[ignored, command.clone()]).await.unwrap(), [1, 1]);
+    assert_eq!(
+        h.admin.publish(&[ignored, command.clone()]).await.unwrap(),
+        [1, 1]
+    );
 
     let requests = receiver.wait_for_requests(1, WAIT).await;
     let expected = format!(
@@ -83,21 +93,33 @@ async fn listeners_on_one_token_share_one_stream() {
     h.wait_ready("b").await;
     h.wait_streams(1).await;
 
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     a.wait_for_requests(1, WAIT).await;
     b.wait_for_requests(1, WAIT).await;
 
     // Deleting one keeps the stream for the other.
     let listeners = h.ns.api::<Listener>();
-    listeners.delete("a", &DeleteParams::default()).await.unwrap();
+    listeners
+        .delete("a", &DeleteParams::default())
+        .await
+        .unwrap();
     h.wait_gone("a").await;
     h.wait_streams(1).await;
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     b.wait_for_requests(2, WAIT).await;
     assert_eq!(a.request_count(), 1);
 
     // Deleting the last one closes it.
-    listeners.delete("b", &DeleteParams::default()).await.unwrap();
+    listeners
+        .delete("b", &DeleteParams::default())
+        .await
+        .unwrap();
     h.wait_gone("b").await;
     h.wait_streams(0).await;
 }
@@ -111,7 +133,12 @@ async fn revoking_the_token_deletes_its_listeners_and_token_secrets() {
     h.wait_gone("hook").await;
     let secrets = h.ns.api::<Secret>();
     eventually("token Secret deleted", WAIT, || async {
-        secrets.get_opt("acme-token").await.ok()?.is_none().then_some(())
+        secrets
+            .get_opt("acme-token")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     h.wait_streams(0).await;
@@ -125,21 +152,42 @@ async fn a_passed_expiry_deletes_every_listener_on_the_token() {
     let token = h.token("user-1", SPHERE).await;
     h.create_token_secret("t1", &token).await;
     h.create_token_secret("t2", &token).await;
-    h.create_listener("live", "acme", "t1", &["command"], receiver.url().as_str(), None)
-        .await;
+    h.create_listener(
+        "live",
+        "acme",
+        "t1",
+        &["command"],
+        receiver.url().as_str(),
+        None,
+    )
+    .await;
     h.wait_ready("live").await;
     // Expires in a moment: the timer deletes it, and the other Listener on the token with it.
     let soon = (Utc::now() + chrono::Duration::seconds(3)).to_rfc3339();
-    h.create_listener("expiring", "acme", "t2", &["command"], receiver.url().as_str(), Some(&soon))
-        .await;
+    h.create_listener(
+        "expiring",
+        "acme",
+        "t2",
+        &["command"],
+        receiver.url().as_str(),
+        Some(&soon),
+    )
+    .await;
     h.wait_gone("expiring").await;
     h.wait_gone("live").await;
 
     // Already in the past at creation.
     let token = h.token("user-2", SPHERE).await;
     h.create_token_secret("t3", &token).await;
-    h.create_listener("past", "acme", "t3", &["command"], receiver.url().as_str(), Some("2020-01-01T00:00:00Z"))
-        .await;
+    h.create_listener(
+        "past",
+        "acme",
+        "t3",
+        &["command"],
+        receiver.url().as_str(),
+        Some("2020-01-01T00:00:00Z"),
+    )
+    .await;
     h.wait_gone("past").await;
 }
 
@@ -148,11 +196,21 @@ async fn an_invalid_token_is_reported_and_not_retried() {
     let h = Harness::start("op-invalid").await;
     let receiver = Receiver::start().await;
     h.create_user("acme", true, None).await;
-    h.create_token_secret("bad-token", "not-a-token-the-server-knows").await;
-    h.create_listener("hook", "acme", "bad-token", &["command"], receiver.url().as_str(), None)
+    h.create_token_secret("bad-token", "not-a-token-the-server-knows")
         .await;
-    h.wait_condition("hook", "TokenValid", "False", "InvalidToken").await;
-    h.wait_condition("hook", "Ready", "False", "InvalidToken").await;
+    h.create_listener(
+        "hook",
+        "acme",
+        "bad-token",
+        &["command"],
+        receiver.url().as_str(),
+        None,
+    )
+    .await;
+    h.wait_condition("hook", "TokenValid", "False", "InvalidToken")
+        .await;
+    h.wait_condition("hook", "Ready", "False", "InvalidToken")
+        .await;
     // Not retried: after the refusal no stream is open, and none is opened again.
     let opened = h.admin.stats().await.unwrap().streams_opened;
     h.wait_streams(0).await;
@@ -162,7 +220,10 @@ async fn an_invalid_token_is_reported_and_not_retried() {
     // A valid token in the Secret brings it to life.
     let token = h.token("user-1", SPHERE).await;
     let secrets = h.ns.api::<Secret>();
-    secrets.delete("bad-token", &DeleteParams::default()).await.unwrap();
+    secrets
+        .delete("bad-token", &DeleteParams::default())
+        .await
+        .unwrap();
     h.create_token_secret("bad-token", &token).await;
     h.wait_ready("hook").await;
 }
@@ -171,13 +232,23 @@ async fn an_invalid_token_is_reported_and_not_retried() {
 async fn a_missing_owner_or_token_secret_is_reported() {
     let h = Harness::start("op-missing").await;
     let receiver = Receiver::start().await;
-    h.create_listener("orphan", "nobody", "no-secret", &["command"], receiver.url().as_str(), None)
+    h.create_listener(
+        "orphan",
+        "nobody",
+        "no-secret",
+        &["command"],
+        receiver.url().as_str(),
+        None,
+    )
+    .await;
+    h.wait_condition("orphan", "Ready", "False", "OwnerNotFound")
         .await;
-    h.wait_condition("orphan", "Ready", "False", "OwnerNotFound").await;
-    h.wait_condition("orphan", "TokenValid", "Unknown", "TokenSecretMissing").await;
+    h.wait_condition("orphan", "TokenValid", "Unknown", "TokenSecretMissing")
+        .await;
     // The owner appears: the Listener is adopted and only the Secret is missing.
     h.create_user("nobody", true, None).await;
-    h.wait_condition("orphan", "Ready", "False", "TokenSecretMissing").await;
+    h.wait_condition("orphan", "Ready", "False", "TokenSecretMissing")
+        .await;
     let listener = h.ns.api::<Listener>().get("orphan").await.unwrap();
     let owners = listener.metadata.owner_references.unwrap_or_default();
     assert_eq!(owners.len(), 1);
@@ -194,8 +265,17 @@ async fn a_disabled_owner_gets_nothing_while_another_owner_on_the_token_does() {
     let token = h.token("user-1", SPHERE).await;
     h.create_token_secret("t-on", &token).await;
     h.create_token_secret("t-off", &token).await;
-    h.create_listener("l-on", "on", "t-on", &["command"], on.url().as_str(), None).await;
-    h.create_listener("l-off", "off", "t-off", &["command"], off.url().as_str(), None).await;
+    h.create_listener("l-on", "on", "t-on", &["command"], on.url().as_str(), None)
+        .await;
+    h.create_listener(
+        "l-off",
+        "off",
+        "t-off",
+        &["command"],
+        off.url().as_str(),
+        None,
+    )
+    .await;
     h.wait_ready("l-on").await;
     h.wait_ready("l-off").await;
 
@@ -205,10 +285,14 @@ async fn a_disabled_owner_gets_nothing_while_another_owner_on_the_token_does() {
         .patch("off", &Default::default(), &kube::api::Patch::Merge(&patch))
         .await
         .unwrap();
-    h.wait_condition("l-off", "Ready", "False", "OwnerDisabled").await;
+    h.wait_condition("l-off", "Ready", "False", "OwnerDisabled")
+        .await;
     h.wait_streams(1).await;
 
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     on.wait_for_requests(1, WAIT).await;
     // The enabled owner's delivery arrived; the disabled owner's would have been routed in the
     // same pass, so by now it would be there too.
@@ -224,8 +308,15 @@ async fn an_owner_past_its_allowance_gets_nothing_until_the_next_utc_day() {
     h.create_user("acme", true, Some(2)).await;
     let token = h.token("user-1", SPHERE).await;
     h.create_token_secret("acme-token", &token).await;
-    h.create_listener("hook", "acme", "acme-token", &["command"], receiver.url().as_str(), None)
-        .await;
+    h.create_listener(
+        "hook",
+        "acme",
+        "acme-token",
+        &["command"],
+        receiver.url().as_str(),
+        None,
+    )
+    .await;
     h.wait_ready("hook").await;
 
     let events: Vec<Value> = (0..3).map(|_| samples::multi_switch(SPHERE)).collect();
@@ -237,12 +328,18 @@ async fn an_owner_past_its_allowance_gets_nothing_until_the_next_utc_day() {
         (usage.day == "2026-11-23" && usage.deliveries == 2).then_some(())
     })
     .await;
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.request_count(), 2, "the allowance is used up");
 
     clock.advance(chrono::Duration::hours(1));
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     receiver.wait_for_requests(3, WAIT).await;
     eventually("usage of the new day", WAIT, || async {
         let usage = users.get("acme").await.ok()?.status?.usage?;
@@ -257,7 +354,10 @@ async fn deleting_a_webhook_user_removes_its_listeners() {
     let receiver = Receiver::start().await;
     one_listener(&h, &receiver, &["command"]).await;
     let users = h.ns.api::<WebhookUser>();
-    users.delete("acme", &DeleteParams::default()).await.unwrap();
+    users
+        .delete("acme", &DeleteParams::default())
+        .await
+        .unwrap();
     h.wait_gone("hook").await;
     eventually("user deleted", WAIT, || async {
         users.get_opt("acme").await.ok()?.is_none().then_some(())
@@ -283,7 +383,10 @@ async fn failed_deliveries_are_recorded_on_the_listener() {
     let h = Harness::start("op-failure").await;
     let receiver = Receiver::counting(Reply::status(400)).await;
     one_listener(&h, &receiver, &["command"]).await;
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     let listeners = h.ns.api::<Listener>();
     let status = eventually("failed=1 on the Listener", WAIT, || async {
         let status = listeners.get("hook").await.ok()?.status?;
@@ -310,18 +413,29 @@ async fn a_gone_receiver_makes_the_listener_not_ready_until_its_spec_changes() {
     let h = Harness::start("op-gone").await;
     let receiver = Receiver::counting(Reply::status(410)).await;
     one_listener(&h, &receiver, &["command"]).await;
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
-    h.wait_condition("hook", "Ready", "False", "EndpointGone").await;
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
+    h.wait_condition("hook", "Ready", "False", "EndpointGone")
+        .await;
 
     receiver.set_default(Reply::status(200));
     let listeners = h.ns.api::<Listener>();
     let patch = serde_json::json!({"spec": {"eventTypes": ["command", "presence"]}});
     listeners
-        .patch("hook", &Default::default(), &kube::api::Patch::Merge(&patch))
+        .patch(
+            "hook",
+            &Default::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
         .await
         .unwrap();
     h.wait_ready("hook").await;
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     receiver.wait_for_requests(2, WAIT).await;
 }
 
@@ -335,17 +449,24 @@ async fn streams_come_back_after_drops_and_outages() {
     h.admin.drop_streams().await.unwrap();
     h.wait_ready("hook").await;
     h.wait_streams(1).await;
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     receiver.wait_for_requests(1, WAIT).await;
 
     // The event server loses its upstream for a while.
     h.admin.set_outage(true).await.unwrap();
     h.admin.drop_streams().await.unwrap();
-    h.wait_condition("hook", "Streaming", "False", "Reconnecting").await;
+    h.wait_condition("hook", "Streaming", "False", "Reconnecting")
+        .await;
     h.admin.set_outage(false).await.unwrap();
     h.wait_ready("hook").await;
     h.wait_streams(1).await;
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     receiver.wait_for_requests(2, WAIT).await;
 }
 
@@ -354,18 +475,33 @@ async fn listeners_resume_after_an_operator_restart() {
     let mut h = Harness::start("op-restart").await;
     let receiver = Receiver::start().await;
     one_listener(&h, &receiver, &["command"]).await;
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     receiver.wait_for_requests(1, WAIT).await;
 
     h.stop_operator().await;
     h.wait_streams(0).await;
     // The counters were flushed on the way down.
     let listeners = h.ns.api::<Listener>();
-    assert_eq!(listeners.get("hook").await.unwrap().status.unwrap().delivered, 1);
+    assert_eq!(
+        listeners
+            .get("hook")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .delivered,
+        1
+    );
 
     h.restart_operator().await;
     h.wait_streams(1).await;
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     receiver.wait_for_requests(2, WAIT).await;
     eventually("delivered=2 after the restart", WAIT, || async {
         (listeners.get("hook").await.ok()?.status?.delivered == 2).then_some(())
@@ -373,31 +509,57 @@ async fn listeners_resume_after_an_operator_restart() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_recover_after_the_api_server_restarts() {
-    let plane = PrivatePlane::start();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("kube_runtime=debug,crownstone_webhooks=info")
+        .with_test_writer()
+        .try_init();
+    let plane = Arc::new(
+        tokio::task::spawn_blocking(PrivatePlane::start)
+            .await
+            .unwrap(),
+    );
     let ns = TestNamespace::on(&plane.kubeconfig(), "op-apiserver").await;
     let h = Harness::start_in(ns, Arc::new(SystemClock), &[]).await;
     let receiver = Receiver::start().await;
     let token = one_listener(&h, &receiver, &["command"]).await;
     let health = h.operator.as_ref().unwrap().health_addr();
-
-    plane.restart();
-
-    // Streams do not depend on the API server: events flow on.
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
-    receiver.wait_for_requests(1, WAIT).await;
-    // The watches come back: a Listener created after the restart is reconciled.
-    h.create_token_secret("second-token", &token).await;
-    h.create_listener("second", "acme", "second-token", &["command"], receiver.url().as_str(), None)
-        .await;
-    h.wait_ready("second").await;
     let readyz = format!("http://{health}/readyz");
-    eventually("/readyz answers 200", WAIT, || async {
+    let ready = || async {
         let response = reqwest::get(&readyz).await.ok()?;
         response.status().is_success().then_some(())
-    })
+    };
+    eventually("/readyz answers 200 before the restart", WAIT, ready).await;
+
+    let restarting = plane.clone();
+    tokio::task::spawn_blocking(move || restarting.restart())
+        .await
+        .unwrap();
+
+    // Streams do not depend on the API server: events flow on.
+    h.wait_streams(1).await;
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
+    receiver.wait_for_requests(1, WAIT).await;
+    // The watches come back, after their backoff (up to 30 s): a Listener created after the
+    // restart is reconciled.
+    h.create_token_secret("second-token", &token).await;
+    h.create_listener(
+        "second",
+        "acme",
+        "second-token",
+        &["command"],
+        receiver.url().as_str(),
+        None,
+    )
     .await;
+    h.wait_condition_within("second", "Ready", "True", "Forwarding", WAIT * 3)
+        .await;
+    // Readiness follows the watches: back once they deliver again or stop failing.
+    eventually("/readyz answers 200 after the restart", WAIT * 2, ready).await;
 }
 
 #[tokio::test]
@@ -447,13 +609,33 @@ async fn no_token_or_secret_reaches_the_logs_status_or_events() {
     let bad = "an-invalid-token-that-must-not-be-logged";
     h.create_token_secret("good", &good).await;
     h.create_token_secret("bad", bad).await;
-    h.create_listener("ok", "acme", "good", &["command"], ok.url().as_str(), None).await;
-    h.create_listener("failing", "acme", "good", &["command"], failing.url().as_str(), None)
+    h.create_listener("ok", "acme", "good", &["command"], ok.url().as_str(), None)
         .await;
-    h.create_listener("invalid", "acme", "bad", &["command"], ok.url().as_str(), None).await;
+    h.create_listener(
+        "failing",
+        "acme",
+        "good",
+        &["command"],
+        failing.url().as_str(),
+        None,
+    )
+    .await;
+    h.create_listener(
+        "invalid",
+        "acme",
+        "bad",
+        &["command"],
+        ok.url().as_str(),
+        None,
+    )
+    .await;
     h.wait_ready("ok").await;
-    h.wait_condition("invalid", "TokenValid", "False", "InvalidToken").await;
-    h.admin.publish(&[samples::multi_switch(SPHERE)]).await.unwrap();
+    h.wait_condition("invalid", "TokenValid", "False", "InvalidToken")
+        .await;
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
     ok.wait_for_requests(1, WAIT).await;
     let listeners = h.ns.api::<Listener>();
     eventually("the failure recorded", WAIT, || async {
@@ -474,12 +656,25 @@ async fn no_token_or_secret_reaches_the_logs_status_or_events() {
     let _ = tokio::task::spawn_blocking(move || operator.wait()).await;
 
     let logs = std::fs::read_to_string(log_path.path()).unwrap();
-    assert!(logs.contains("forwarder started"), "the operator logged its work:\n{logs}");
-    let statuses = serde_json::to_string(&listeners.list(&Default::default()).await.unwrap().items).unwrap();
+    assert!(
+        logs.contains("forwarder started"),
+        "the operator logged its work:\n{logs}"
+    );
+    let statuses =
+        serde_json::to_string(&listeners.list(&Default::default()).await.unwrap().items).unwrap();
     let events = h.ns.api::<k8s_openapi::api::events::v1::Event>();
-    let events = serde_json::to_string(&events.list(&Default::default()).await.unwrap().items).unwrap();
-    for (what, value) in [("token", good.as_str()), ("invalid token", bad), ("client secret", &secret), ("API key", &api_key)] {
-        assert!(!logs.contains(value), "the {what} is in the operator's logs");
+    let events =
+        serde_json::to_string(&events.list(&Default::default()).await.unwrap().items).unwrap();
+    for (what, value) in [
+        ("token", good.as_str()),
+        ("invalid token", bad),
+        ("client secret", &secret),
+        ("API key", &api_key),
+    ] {
+        assert!(
+            !logs.contains(value),
+            "the {what} is in the operator's logs"
+        );
         assert!(!statuses.contains(value), "the {what} is in a Listener");
         assert!(!events.contains(value), "the {what} is in an Event");
     }

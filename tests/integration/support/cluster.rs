@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
@@ -39,7 +39,9 @@ fn run(cmd: &mut Command) -> String {
 pub fn control_plane() -> &'static ControlPlane {
     static PLANE: OnceLock<ControlPlane> = OnceLock::new();
     PLANE.get_or_init(|| {
-        let bin = PathBuf::from(run(&mut Command::new(repo_root().join("hack/build-kube.sh"))));
+        let bin = PathBuf::from(run(&mut Command::new(
+            repo_root().join("hack/build-kube.sh"),
+        )));
         let kubectl = bin.join("kubectl");
         let kubeconfig = match std::env::var_os("KUBECONFIG") {
             Some(path) if !path.is_empty() => PathBuf::from(path),
@@ -194,13 +196,6 @@ impl TestNamespace {
             .output()
             .expect("kubectl runs")
     }
-
-    /// Deletes the namespace now (tests that check cascades call this themselves).
-    pub async fn delete(&self) {
-        let _ = Api::<Namespace>::all(self.client.clone())
-            .delete(&self.name, &DeleteParams::background())
-            .await;
-    }
 }
 
 impl Drop for TestNamespace {
@@ -209,7 +204,13 @@ impl Drop for TestNamespace {
         let _ = Command::new(&control_plane().kubectl)
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
-            .args(["delete", "namespace", &self.name, "--wait=false", "--timeout=5s"])
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--timeout=5s",
+            ])
             .output();
     }
 }

@@ -207,10 +207,23 @@ impl Harness {
 
     /// Waits until the Listener's condition has this status and reason.
     pub async fn wait_condition(&self, listener: &str, type_: &str, status: &str, reason: &str) {
+        self.wait_condition_within(listener, type_, status, reason, WAIT)
+            .await
+    }
+
+    /// Like `wait_condition`, with a deadline of its own.
+    pub async fn wait_condition_within(
+        &self,
+        listener: &str,
+        type_: &str,
+        status: &str,
+        reason: &str,
+        deadline: Duration,
+    ) {
         let api = self.ns.api::<Listener>();
         eventually(
             &format!("{listener}: {type_}={status} ({reason})"),
-            WAIT,
+            deadline,
             || async {
                 let l = api.get(listener).await.ok()?;
                 let c = l.condition(type_)?;
