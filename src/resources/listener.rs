@@ -9,6 +9,8 @@ use crate::crownstone::EventType;
 
 /// A webhook registration: the events of `eventTypes` seen on the stream of the token in
 /// `tokenSecretRef` are POSTed to `url` on behalf of the WebhookUser `owner`.
+// Each printcolumn(...) repeats the same keys, which clippy takes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "webhooks.crownstone.rocks",

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 
 /// A client of the webhook service (upstream "User"). Its name is the `clientId` / `ownerId`
 /// of the REST API; its API key and client secret live in the Secret named in its status.
+// Each printcolumn(...) repeats the same keys, which clippy takes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "webhooks.crownstone.rocks",
