@@ -7,12 +7,18 @@ pub use listener::{Listener, ListenerSpec, ListenerStatus, SecretKeyRef};
 pub use webhook_user::{Usage, WebhookUser, WebhookUserSpec, WebhookUserStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResourceExt;
 
 /// The API group of every resource of this project.
 pub const GROUP: &str = "webhooks.crownstone.rocks";
 /// The field manager under which the operator writes.
 pub const FIELD_MANAGER: &str = "crownstone-webhooks";
+
+/// The condition of the given type in a status's conditions, if set.
+pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
 
 /// Every CRD this project defines.
 pub fn crds() -> Vec<CustomResourceDefinition> {

@@ -97,11 +97,7 @@ pub struct Usage {
 impl WebhookUser {
     /// The condition of the given type, if set.
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
-        self.status
-            .as_ref()?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_)
+        super::find_condition(&self.status.as_ref()?.conditions, type_)
     }
 }
 

@@ -325,18 +325,7 @@ pub(super) async fn publish(
 
 /// `GET /admin/stats`
 pub(super) async fn stats(State(state): State<AppState>) -> Json<SimulatorStats> {
-    let s = state.registry.snapshot();
-    Json(SimulatorStats {
-        open_streams: s.open_streams,
-        streams_opened: s.streams_opened,
-        events_published: s.events_published,
-        events_dispatched: s.events_dispatched,
-        frames_delivered: s.frames_delivered,
-        slow_streams_closed: s.slow_streams_closed,
-        tokens: s.tokens,
-        logins: s.logins,
-        outage: state.registry.outage(),
-    })
+    Json(state.registry.snapshot())
 }
 
 /// `PUT /admin/outage`

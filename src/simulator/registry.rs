@@ -12,6 +12,7 @@ use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Notify};
 
+use super::admin::SimulatorStats;
 use super::scope::{EventFacts, Scope, ScopeFilter};
 use crate::crownstone::{StreamFrame, SystemCode};
 
@@ -119,27 +120,6 @@ struct Counters {
     slow_streams_closed: AtomicU64,
     streams_opened: AtomicU64,
     logins: AtomicU64,
-}
-
-/// A snapshot of the counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Streams open now.
-    pub open_streams: usize,
-    /// Streams opened since start (those that got `STREAM_START`).
-    pub streams_opened: u64,
-    /// Events posted to the admin API.
-    pub events_published: u64,
-    /// Posted events that reached at least one stream.
-    pub events_dispatched: u64,
-    /// Data frames queued to streams, summed over streams.
-    pub frames_delivered: u64,
-    /// Streams closed because they could not keep up.
-    pub slow_streams_closed: u64,
-    /// Tokens issued (including by login) and not yet removed.
-    pub tokens: usize,
-    /// Successful logins.
-    pub logins: u64,
 }
 
 /// All of the simulator's state.
@@ -400,8 +380,8 @@ impl Registry {
     }
 
     /// The current counters.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
+    pub fn snapshot(&self) -> SimulatorStats {
+        SimulatorStats {
             open_streams: self.streams.read().len(),
             streams_opened: self.counters.streams_opened.load(Ordering::Relaxed),
             events_published: self.counters.events_published.load(Ordering::Relaxed),
@@ -410,6 +390,7 @@ impl Registry {
             slow_streams_closed: self.counters.slow_streams_closed.load(Ordering::Relaxed),
             tokens: self.tokens.len(),
             logins: self.counters.logins.load(Ordering::Relaxed),
+            outage: self.outage(),
         }
     }
 }
