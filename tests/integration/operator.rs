@@ -13,7 +13,7 @@ use kube::api::DeleteParams;
 use serde_json::Value;
 
 use crate::support::cluster::{control_plane, eventually, PrivatePlane, TestNamespace};
-use crate::support::operator::{Harness, WAIT};
+use crate::support::operator::{Harness, ALLOW_LOOPBACK, WAIT};
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::sim;
 
@@ -303,7 +303,7 @@ async fn a_disabled_owner_gets_nothing_while_another_owner_on_the_token_does() {
 #[tokio::test]
 async fn an_owner_past_its_allowance_gets_nothing_until_the_next_utc_day() {
     let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 23, 23, 30, 0).unwrap());
-    let h = Harness::start_with("op-allowance", Arc::new(clock.clone()), &[]).await;
+    let h = Harness::start_with("op-allowance", Arc::new(clock.clone()), ALLOW_LOOPBACK).await;
     let receiver = Receiver::start().await;
     h.create_user("acme", true, Some(2)).await;
     let token = h.token("user-1", SPHERE).await;
@@ -521,7 +521,7 @@ async fn watches_recover_after_the_api_server_restarts() {
             .unwrap(),
     );
     let ns = TestNamespace::on(&plane.kubeconfig(), "op-apiserver").await;
-    let h = Harness::start_in(ns, Arc::new(SystemClock), &[]).await;
+    let h = Harness::start_in(ns, Arc::new(SystemClock), ALLOW_LOOPBACK).await;
     let receiver = Receiver::start().await;
     let token = one_listener(&h, &receiver, &["command"]).await;
     let health = h.operator.as_ref().unwrap().health_addr();
@@ -678,4 +678,24 @@ async fn no_token_or_secret_reaches_the_logs_status_or_events() {
         assert!(!statuses.contains(value), "the {what} is in a Listener");
         assert!(!events.contains(value), "the {what} is in an Event");
     }
+}
+
+#[tokio::test]
+async fn a_loopback_url_is_refused_by_default_and_recorded_as_failed() {
+    let h = Harness::start_with("op-url-policy", Arc::new(SystemClock), &[]).await;
+    let receiver = Receiver::start().await;
+    one_listener(&h, &receiver, &["command"]).await;
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
+    let listeners = h.ns.api::<Listener>();
+    let status = eventually("failed=1 on the Listener", WAIT, || async {
+        let status = listeners.get("hook").await.ok()?.status?;
+        (status.failed == 1).then_some(status)
+    })
+    .await;
+    let error = status.last_error.unwrap();
+    assert!(error.contains("not allowed"), "{error}");
+    assert_eq!(receiver.request_count(), 0, "nothing reached the receiver");
 }

@@ -29,7 +29,10 @@ struct Flags {
     operator: OperatorArgs,
 }
 
-/// Operator settings for tests: fast status writes, reconnects and retries, loopback receivers.
+/// Lets deliveries reach the tests' receivers on loopback.
+pub const ALLOW_LOOPBACK: &[&str] = &["--allow-private-destinations"];
+
+/// Operator settings for tests: fast status writes, reconnects and retries, plus `extra`.
 pub fn test_args(events_url: &str, namespace: &str, extra: &[&str]) -> OperatorArgs {
     let mut flags = vec![
         "operator",
@@ -53,7 +56,6 @@ pub fn test_args(events_url: &str, namespace: &str, extra: &[&str]) -> OperatorA
         "50ms",
         "--shutdown-grace",
         "2s",
-        "--allow-private-destinations",
     ];
     flags.extend_from_slice(extra);
     Flags::try_parse_from(flags)
@@ -71,7 +73,7 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start(prefix: &str) -> Harness {
-        Harness::start_with(prefix, Arc::new(SystemClock), &[]).await
+        Harness::start_with(prefix, Arc::new(SystemClock), ALLOW_LOOPBACK).await
     }
 
     pub async fn start_with(prefix: &str, clock: SharedClock, extra: &[&str]) -> Harness {
@@ -108,7 +110,7 @@ impl Harness {
         self.stop_operator().await;
         let operator = operator::start(
             self.ns.client.clone(),
-            test_args(&self.sim.base_url(), &self.ns.name, &[]),
+            test_args(&self.sim.base_url(), &self.ns.name, ALLOW_LOOPBACK),
             Arc::new(SystemClock),
         )
         .await
