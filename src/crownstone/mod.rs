@@ -5,7 +5,6 @@ pub mod samples;
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -180,9 +179,9 @@ pub enum StreamFrame {
         /// (`sphereTokensChanged`, types this code does not know).
         event_type: Option<EventType>,
         /// The event's `type` as sent.
-        type_name: String,
-        /// The event's JSON text, unchanged.
-        json: Arc<str>,
+        type_name: Cow<'static, str>,
+        /// The event's JSON text, unchanged; shared, not copied, by everything it is sent to.
+        json: Bytes,
     },
     /// A keep-alive with its counter (0 for the first ping of a stream).
     Ping {
@@ -234,7 +233,12 @@ struct FrameHead<'a> {
 impl StreamFrame {
     /// Parses one `data:` payload.
     pub fn parse(data: &str) -> Result<StreamFrame, FrameError> {
-        let head: FrameHead<'_> = serde_json::from_str(data)?;
+        StreamFrame::parse_owned(data.to_owned())
+    }
+
+    /// Parses one `data:` payload, keeping it without a copy: the forwarder's path, per event.
+    pub fn parse_owned(data: String) -> Result<StreamFrame, FrameError> {
+        let head: FrameHead<'_> = serde_json::from_str(&data)?;
         match head.kind.as_ref() {
             "ping" => Ok(StreamFrame::Ping {
                 counter: head.counter.ok_or(FrameError::MissingField {
@@ -250,11 +254,19 @@ impl StreamFrame {
                 })?,
                 message: head.message.map(Cow::into_owned).unwrap_or_default(),
             }),
-            other => Ok(StreamFrame::Data {
-                event_type: other.parse().ok(),
-                type_name: other.to_owned(),
-                json: Arc::from(data),
-            }),
+            other => {
+                let event_type: Option<EventType> = other.parse().ok();
+                let type_name = match event_type {
+                    Some(known) => Cow::Borrowed(known.as_str()),
+                    None => Cow::Owned(other.to_owned()),
+                };
+                drop(head);
+                Ok(StreamFrame::Data {
+                    event_type,
+                    type_name,
+                    json: Bytes::from(data),
+                })
+            }
         }
     }
 
@@ -270,7 +282,7 @@ impl StreamFrame {
     /// The frame's JSON payload, as the event server writes it.
     pub fn to_json(&self) -> String {
         match self {
-            StreamFrame::Data { json, .. } => json.to_string(),
+            StreamFrame::Data { json, .. } => String::from_utf8_lossy(json).into_owned(),
             StreamFrame::Ping { counter } => format!("{{\"type\":\"ping\",\"counter\":{counter}}}"),
             StreamFrame::System {
                 code,
@@ -420,7 +432,7 @@ mod tests {
             } => {
                 assert_eq!(event_type, Some(EventType::Presence));
                 assert_eq!(type_name, "presence");
-                assert_eq!(&*text, json);
+                assert_eq!(&text[..], json.as_bytes());
             }
             other => panic!("expected a data frame, got {other:?}"),
         }

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use eventsource_client::{Client, ClientBuilder, ReconnectOptions, SSE};
 use futures::StreamExt;
 use launchdarkly_sdk_transport::HyperTransport;
@@ -122,7 +121,7 @@ async fn connect_and_forward(
         let SSE::Event(event) = item else {
             continue;
         };
-        let frame = match StreamFrame::parse(&event.data) {
+        let frame = match StreamFrame::parse_owned(event.data) {
             Ok(frame) => frame,
             Err(error) => {
                 shared.metrics.malformed_frames.inc();
@@ -133,10 +132,10 @@ async fn connect_and_forward(
         match frame {
             StreamFrame::Data {
                 event_type: Some(event_type),
+                json,
                 ..
             } => {
                 shared.metrics.events.inc();
-                let json = Bytes::from(event.data);
                 shared.index.route(&hash, event_type, &mut targets, |skip| {
                     shared.metrics.skipped(skip);
                 });

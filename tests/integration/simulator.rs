@@ -786,7 +786,7 @@ async fn simulator_serves_eventsource_client() {
     while received.len() < sent.len() {
         let data = next_data().await;
         if let StreamFrame::Data { json, .. } = StreamFrame::parse(&data).unwrap() {
-            received.push(json.to_string());
+            received.push(String::from_utf8_lossy(&json).into_owned());
         }
     }
     let sent: Vec<String> = sent.iter().map(|e| e.to_string()).collect();

@@ -176,7 +176,7 @@ impl RawStream {
     /// Asserts the next frame is a data frame and returns its JSON.
     pub async fn expect_data(&mut self) -> serde_json::Value {
         match self.next_non_ping().await {
-            StreamFrame::Data { json, .. } => serde_json::from_str(&json).expect("event JSON"),
+            StreamFrame::Data { json, .. } => serde_json::from_slice(&json).expect("event JSON"),
             other => panic!("expected an event, got {other:?}"),
         }
     }
