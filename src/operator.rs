@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::SharedClock;
 use crate::config::OperatorArgs;
 use crate::controller::{
-    run_listener_controller, run_webhook_user_controller, Context, StatusWriter,
+    run_listener_controller, run_webhook_user_controller, Context, SecretCache, StatusWriter,
 };
 use crate::delivery::{ConfigError, DeliveryConfig, DeliveryEngine, DeliveryError};
 use crate::forwarder::{ForwarderRegistry, StreamSettings};
@@ -183,6 +183,7 @@ pub async fn start(
         suspensions: DashMap::new(),
         listeners,
         users,
+        secrets: SecretCache::default(),
     });
 
     let registry = Arc::new(Mutex::new(registry));

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams};
@@ -54,6 +54,10 @@ pub async fn run_listener_controller(
 ) {
     let store = ctx.listeners.clone();
     let secret_store = store.clone();
+    let secret_cache = ctx.clone();
+    let secret_cache = move |event: &watcher::Event<PartialObjectMeta<Secret>>| {
+        secret_cache.secrets.observe(event)
+    };
     let user_store = store.clone();
     let (notice_refs, notice_triggers) = mpsc::unbounded_channel();
     tokio::spawn(handle_notices(ctx.clone(), notices, notice_refs));
@@ -62,6 +66,7 @@ pub async fn run_listener_controller(
         .watches_stream(
             watcher(secrets, watcher::Config::default().any_semantic())
                 .default_backoff()
+                .inspect_ok(secret_cache)
                 .touched_objects(),
             move |secret| {
                 let namespace = secret.namespace();
@@ -180,11 +185,19 @@ fn error_policy(listener: Arc<Listener>, error: &Error, ctx: Arc<Context>) -> Ac
 /// Reads the token from the Secret the Listener names; `Err` says, without the value, why not.
 async fn read_token(
     listener: &Listener,
-    secrets: &Api<Secret>,
+    namespace: &str,
+    ctx: &Context,
 ) -> Result<Result<Token, String>, Error> {
     let reference = &listener.spec.token_secret_ref;
-    let Some(secret) = secrets.get_opt(&reference.name).await? else {
-        return Ok(Err(format!("Secret {} not found", reference.name)));
+    let secret = match ctx.secrets.get(namespace, &reference.name) {
+        Some(secret) => secret,
+        None => {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+            match secrets.get_opt(&reference.name).await? {
+                Some(secret) => ctx.secrets.put(secret),
+                None => return Ok(Err(format!("Secret {} not found", reference.name))),
+            }
+        }
     };
     Ok(secret_value(&secret, &reference.key)
         .map(Token::new)
@@ -215,8 +228,7 @@ async fn apply(
     let id = listener_id(namespace, &name);
     let generation = listener.meta().generation.unwrap_or(0);
     let now = ctx.clock.now();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let token = read_token(listener, &secrets).await?;
+    let token = read_token(listener, namespace, ctx).await?;
 
     if listener.spec.expires_at.is_some_and(|at| at <= now) {
         match &token {
@@ -379,6 +391,7 @@ async fn cleanup(listener: &Listener, namespace: &str, ctx: &Context) -> Result<
     });
     if !shared {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+        ctx.secrets.forget(namespace, secret);
         match secrets.delete(secret, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}

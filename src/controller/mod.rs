@@ -3,6 +3,7 @@
 mod conditions;
 mod credentials;
 mod listener;
+mod secret_cache;
 mod status;
 mod webhook_user;
 
@@ -16,6 +17,7 @@ use kube::Client;
 pub use conditions::{listener_conditions, ListenerObservation, OwnerState, TokenState};
 pub use credentials::{generate_credentials, Credentials, API_KEY, CLIENT_SECRET};
 pub use listener::{listener_id, run_listener_controller};
+pub use secret_cache::SecretCache;
 pub use status::StatusWriter;
 pub use webhook_user::run_webhook_user_controller;
 
@@ -46,6 +48,8 @@ pub struct Context {
     pub suspensions: DashMap<ListenerId, (i64, Suspension)>,
     pub listeners: Store<Listener>,
     pub users: Store<WebhookUser>,
+    /// Token Secrets as last read.
+    pub secrets: SecretCache,
 }
 
 /// What can go wrong while reconciling.
