@@ -2,9 +2,10 @@
 # Starts and stops a real Kubernetes control plane (etcd, kube-apiserver, optionally
 # kube-controller-manager) on 127.0.0.1, from the binaries hack/build-kube.sh caches.
 #
-#   hack/control-plane.sh start DIR [--controller-manager] [--watch-pid PID]
+#   hack/control-plane.sh start DIR [--controller-manager] [--watch-pid PID [--temporary]]
 #       Starts everything with state, certificates and logs under DIR, waits until the API server
-#       is ready, and writes DIR/kubeconfig. With --watch-pid the plane stops itself when PID exits.
+#       is ready, and writes DIR/kubeconfig. With --watch-pid the plane stops itself when PID exits,
+#       and with --temporary it then removes DIR too.
 #   hack/control-plane.sh stop DIR
 #       Stops what `start DIR` started.
 set -euo pipefail
@@ -12,7 +13,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=hack/lib.sh
 . "$here/lib.sh"
 
-usage() { sed -n '2,10p' "$0" >&2; exit 2; }
+usage() { sed -n '2,11p' "$0" >&2; exit 2; }
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -50,7 +51,7 @@ generate_pki() {
 }
 
 start_plane() {
-  local dir="$1" with_kcm="$2" watch_pid="$3"
+  local dir="$1" with_kcm="$2" watch_pid="$3" temporary="$4"
   local bin
   bin="$("$here/build-kube.sh")"
   mkdir -p "$dir"
@@ -151,8 +152,8 @@ KUBECONFIG
 
   if [ -n "$watch_pid" ]; then
     # Detached, with no inherited pipes, so the caller's output closes when the caller is done.
-    setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; "$2" stop "$3"' _ \
-      "$watch_pid" "$here/control-plane.sh" "$dir" </dev/null >/dev/null 2>&1 &
+    setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; "$2" stop "$3"; [ "$4" = 1 ] && rm -rf "$3"' _ \
+      "$watch_pid" "$here/control-plane.sh" "$dir" "$temporary" </dev/null >/dev/null 2>&1 &
   fi
   printf 'KUBECONFIG=%s\nKUBECTL=%s\n' "$dir/kubeconfig" "$bin/kubectl" >"$dir/env"
   log "control plane ready: https://127.0.0.1:$api_port (kubeconfig $dir/kubeconfig)"
@@ -160,17 +161,18 @@ KUBECONFIG
 
 [ $# -ge 2 ] || usage
 cmd="$1" dir="$2"; shift 2
-with_kcm=0 watch_pid=""
+with_kcm=0 watch_pid="" temporary=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --controller-manager) with_kcm=1 ;;
     --watch-pid) watch_pid="$2"; shift ;;
+    --temporary) temporary=1 ;;
     *) usage ;;
   esac
   shift
 done
 case "$cmd" in
-  start) start_plane "$dir" "$with_kcm" "$watch_pid" ;;
+  start) start_plane "$dir" "$with_kcm" "$watch_pid" "$temporary" ;;
   stop) stop_plane "$dir" ;;
   *) usage ;;
 esac

@@ -53,7 +53,8 @@ pub fn control_plane() -> &'static ControlPlane {
                     .arg(&dir)
                     .arg("--controller-manager")
                     .arg("--watch-pid")
-                    .arg(std::process::id().to_string()));
+                    .arg(std::process::id().to_string())
+                    .arg("--temporary"));
                 dir.join("kubeconfig")
             }
         };
