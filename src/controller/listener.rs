@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams};
+use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::ObjectRef;
@@ -23,11 +23,10 @@ use super::conditions::{
     TokenState,
 };
 use super::webhook_user::secret_value;
-use super::{Context, Error, FINALIZER};
+use super::{delete_if_present, Context, Error, FINALIZER};
 use crate::delivery::ListenerId;
 use crate::forwarder::{StreamState, Token, TokenHash, TokenNotice};
 use crate::index::{ListenerEntry, OwnerKey};
-use crate::metrics::ControllerLabel;
 use crate::resources::{Listener, WebhookUser, FIELD_MANAGER};
 
 /// How the routing index and the delivery engine name a Listener.
@@ -141,23 +140,15 @@ async fn delete_listeners_of_token(
             continue;
         };
         let api: Api<Listener> = Api::namespaced(ctx.client.clone(), namespace);
-        match api.delete(name, &DeleteParams::default()).await {
-            Ok(_) => tracing::info!(listener = %id, token = %hash, "deleted: token expired"),
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(error) => return Err(error.into()),
+        if delete_if_present(&api, name).await? {
+            tracing::info!(listener = %id, token = %hash, "deleted: token expired");
         }
     }
     Ok(())
 }
 
 async fn reconcile(listener: Arc<Listener>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics
-        .reconciliations
-        .get_or_create(&ControllerLabel {
-            controller: "listener",
-            error: "",
-        })
-        .inc();
+    ctx.count_reconcile("listener");
     let namespace = listener.namespace().ok_or(Error::MissingNamespace)?;
     let api: Api<Listener> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, listener, |event| async {
@@ -171,15 +162,7 @@ async fn reconcile(listener: Arc<Listener>, ctx: Arc<Context>) -> Result<Action,
 }
 
 fn error_policy(listener: Arc<Listener>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .failures
-        .get_or_create(&ControllerLabel {
-            controller: "listener",
-            error: error.metric_label(),
-        })
-        .inc();
-    tracing::warn!(listener = %listener.name_any(), %error, "reconciling Listener failed");
-    Action::requeue(Duration::from_secs(5))
+    ctx.retry_after_error("listener", &listener.name_any(), error)
 }
 
 /// Reads the token from the Secret the Listener names; `Err` says, without the value, why not.
@@ -234,7 +217,7 @@ async fn apply(
         match &token {
             Ok(token) => delete_listeners_of_token(ctx, token.hash(), Some(id)).await?,
             Err(_) => {
-                api.delete(&name, &DeleteParams::default()).await?;
+                delete_if_present(api, &name).await?;
             }
         }
         return Ok(Action::await_change());
@@ -392,11 +375,7 @@ async fn cleanup(listener: &Listener, namespace: &str, ctx: &Context) -> Result<
     if !shared {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
         ctx.secrets.forget(namespace, secret);
-        match secrets.delete(secret, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(error) => return Err(error.into()),
-        }
+        delete_if_present(&secrets, secret).await?;
     }
     tracing::info!(listener = %id, "Listener removed");
     Ok(Action::await_change())

@@ -8,11 +8,15 @@ mod status;
 mod webhook_user;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
+use kube::api::{Api, DeleteParams};
+use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 use kube::Client;
+use serde::de::DeserializeOwned;
 
 pub use conditions::{listener_conditions, ListenerObservation, OwnerState, TokenState};
 pub use credentials::{generate_credentials, Credentials, API_KEY, CLIENT_SECRET};
@@ -25,7 +29,7 @@ use crate::clock::SharedClock;
 use crate::delivery::{DeliveryEngine, ListenerId, Suspension};
 use crate::forwarder::ForwarderRegistry;
 use crate::index::RoutingIndex;
-use crate::metrics::ControllerMetrics;
+use crate::metrics::{ControllerLabel, ControllerMetrics};
 use crate::resources::{Listener, WebhookUser};
 
 /// The finalizer both resources carry.
@@ -74,6 +78,49 @@ impl Error {
             Error::MissingNamespace => "missing_namespace",
             Error::InvalidSpec(_) => "invalid_spec",
         }
+    }
+}
+
+impl Context {
+    /// Counts one reconciliation of `controller`.
+    fn count_reconcile(&self, controller: &'static str) {
+        self.metrics
+            .reconciliations
+            .get_or_create(&ControllerLabel {
+                controller,
+                error: "",
+            })
+            .inc();
+    }
+
+    /// The error policy of both controllers: count, log, retry soon.
+    fn retry_after_error(&self, controller: &'static str, object: &str, error: &Error) -> Action {
+        self.metrics
+            .failures
+            .get_or_create(&ControllerLabel {
+                controller,
+                error: error.metric_label(),
+            })
+            .inc();
+        tracing::warn!(controller, object, %error, "reconciling failed");
+        Action::requeue(Duration::from_secs(5))
+    }
+}
+
+/// Whether the API server answered 404.
+pub(crate) fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 404)
+}
+
+/// Deletes an object; one already gone counts as deleted. Returns whether it was there.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool, Error>
+where
+    K: Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(true),
+        Err(error) if is_not_found(&error) => Ok(false),
+        Err(error) => Err(error.into()),
     }
 }
 

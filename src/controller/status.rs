@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::Context;
+use super::{is_not_found, Context};
 use crate::delivery::{ListenerId, ListenerReport};
 use crate::resources::{Listener, WebhookUser};
 
@@ -215,8 +215,4 @@ impl StatusWriter {
         pending.count = 0;
         pending.last_event = Some(Instant::now());
     }
-}
-
-fn is_not_found(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.code == 404)
 }

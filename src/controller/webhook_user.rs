@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::ObjectRef;
@@ -18,10 +18,9 @@ use serde_json::json;
 
 use super::conditions::{same_conditions, to_conditions, DesiredCondition};
 use super::credentials::{generate_credentials, API_KEY, CLIENT_SECRET};
-use super::{Context, Error, FINALIZER, MANAGED_BY};
+use super::{delete_if_present, Context, Error, FINALIZER, MANAGED_BY};
 use crate::delivery::ClientSecret;
 use crate::index::{OwnerEntry, OwnerKey};
-use crate::metrics::ControllerLabel;
 use crate::resources::{Listener, WebhookUser, WebhookUserStatus, FIELD_MANAGER};
 
 /// Label on a credentials Secret naming its WebhookUser.
@@ -56,13 +55,7 @@ pub async fn run_webhook_user_controller(
 }
 
 async fn reconcile(user: Arc<WebhookUser>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics
-        .reconciliations
-        .get_or_create(&ControllerLabel {
-            controller: "webhookuser",
-            error: "",
-        })
-        .inc();
+    ctx.count_reconcile("webhookuser");
     let namespace = user.namespace().ok_or(Error::MissingNamespace)?;
     let api: Api<WebhookUser> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, user, |event| async {
@@ -76,15 +69,7 @@ async fn reconcile(user: Arc<WebhookUser>, ctx: Arc<Context>) -> Result<Action, 
 }
 
 fn error_policy(user: Arc<WebhookUser>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .failures
-        .get_or_create(&ControllerLabel {
-            controller: "webhookuser",
-            error: error.metric_label(),
-        })
-        .inc();
-    tracing::warn!(user = %user.name_any(), %error, "reconciling WebhookUser failed");
-    Action::requeue(Duration::from_secs(5))
+    ctx.retry_after_error("webhookuser", &user.name_any(), error)
 }
 
 /// Reads the client secret from the credentials Secret, creating the Secret when missing.
@@ -241,14 +226,7 @@ async fn cleanup(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<A
     let listeners: Api<Listener> = Api::namespaced(ctx.client.clone(), namespace);
     for listener in listeners.list(&ListParams::default()).await? {
         if listener.spec.owner == name {
-            match listeners
-                .delete(&listener.name_any(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(error) => return Err(error.into()),
-            }
+            delete_if_present(&listeners, &listener.name_any()).await?;
         }
     }
     ctx.index.remove_owner(&OwnerKey {
@@ -256,14 +234,7 @@ async fn cleanup(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<A
         name: name.clone(),
     });
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    match secrets
-        .delete(&credentials_secret_name(&name), &DeleteParams::default())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 404 => {}
-        Err(error) => return Err(error.into()),
-    }
+    delete_if_present(&secrets, &credentials_secret_name(&name)).await?;
     tracing::info!(user = %name, "WebhookUser deleted with its listeners and credentials");
     Ok(Action::await_change())
 }
