@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use parking_lot::Mutex;
 
 /// A source of the current time.
@@ -47,7 +47,14 @@ impl Clock for ManualClock {
 /// A shared clock.
 pub type SharedClock = Arc<dyn Clock>;
 
-/// The UTC day of `at`, as `YYYY-MM-DD`.
-pub fn utc_day(at: DateTime<Utc>) -> String {
-    at.format("%Y-%m-%d").to_string()
+/// A UTC day as status shows it, `YYYY-MM-DD`.
+pub fn format_day(day: NaiveDate) -> String {
+    day.format(DAY_FORMAT).to_string()
 }
+
+/// A `YYYY-MM-DD` day from status; `None` if it is not one.
+pub fn parse_day(day: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(day, DAY_FORMAT).ok()
+}
+
+const DAY_FORMAT: &str = "%Y-%m-%d";

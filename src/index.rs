@@ -5,11 +5,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use parking_lot::{Mutex, RwLock};
 use url::Url;
 
-use crate::clock::{utc_day, SharedClock};
+use crate::clock::{format_day, parse_day, SharedClock};
 use crate::crownstone::EventType;
 use crate::delivery::{ClientSecret, DeliveryTarget, ListenerId};
 use crate::forwarder::TokenHash;
@@ -75,7 +75,8 @@ struct Routes {
 /// Deliveries counted against an owner's allowance on one UTC day.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct DailyUsage {
-    day: String,
+    /// `None` until the first delivery or seed.
+    day: Option<NaiveDate>,
     deliveries: u64,
     /// Changed since the last `take_usage_changes`.
     dirty: bool,
@@ -191,7 +192,7 @@ impl RoutingIndex {
         mut skip: impl FnMut(Skip),
     ) {
         let now = self.clock.now();
-        let today = utc_day(now);
+        let today = now.date_naive();
         let routes = self.routes.read();
         let Some(ids) = routes.by_token.get(token) else {
             return;
@@ -221,10 +222,16 @@ impl RoutingIndex {
                 skip(Skip::OwnerDisabled);
                 continue;
             }
-            let used = usage.entry(listener.owner.clone()).or_default();
-            if used.day != today {
+            // Looked up before inserting: no key is cloned per delivery once an owner is known.
+            if !usage.contains_key(&listener.owner) {
+                usage.insert(listener.owner.clone(), DailyUsage::default());
+            }
+            let Some(used) = usage.get_mut(&listener.owner) else {
+                continue;
+            };
+            if used.day != Some(today) {
                 *used = DailyUsage {
-                    day: today.clone(),
+                    day: Some(today),
                     deliveries: 0,
                     dirty: true,
                 };
@@ -249,27 +256,28 @@ impl RoutingIndex {
     /// Takes over usage recorded on a WebhookUser's status (after a restart), unless the index
     /// already counts that owner today.
     pub fn seed_usage(&self, owner: &OwnerKey, recorded: &Usage) {
+        let Some(day) = parse_day(&recorded.day) else {
+            return;
+        };
         let mut usage = self.usage.lock();
         let current = usage.entry(owner.clone()).or_default();
-        let never_counted = current.day.is_empty();
-        if never_counted
-            || (current.day == recorded.day && current.deliveries < recorded.deliveries)
-        {
-            current.day = recorded.day.clone();
+        let never_counted = current.day.is_none();
+        if never_counted || (current.day == Some(day) && current.deliveries < recorded.deliveries) {
+            current.day = Some(day);
             current.deliveries = recorded.deliveries;
         }
     }
 
     /// Today's usage of an owner.
     pub fn usage(&self, owner: &OwnerKey) -> Usage {
-        let today = utc_day(self.clock.now());
+        let today = self.clock.now().date_naive();
         let usage = self.usage.lock();
         let deliveries = usage
             .get(owner)
-            .filter(|u| u.day == today)
+            .filter(|u| u.day == Some(today))
             .map_or(0, |u| u.deliveries);
         Usage {
-            day: today,
+            day: format_day(today),
             deliveries,
         }
     }
@@ -280,15 +288,13 @@ impl RoutingIndex {
         usage
             .iter_mut()
             .filter(|(_, u)| u.dirty)
-            .map(|(owner, u)| {
+            .filter_map(|(owner, u)| {
                 u.dirty = false;
-                (
-                    owner.clone(),
-                    Usage {
-                        day: u.day.clone(),
-                        deliveries: u.deliveries,
-                    },
-                )
+                let usage = Usage {
+                    day: format_day(u.day?),
+                    deliveries: u.deliveries,
+                };
+                Some((owner.clone(), usage))
             })
             .collect()
     }

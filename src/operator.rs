@@ -10,7 +10,6 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use dashmap::DashMap;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -33,7 +32,7 @@ use crate::config::OperatorArgs;
 use crate::controller::{
     run_listener_controller, run_webhook_user_controller, Context, SecretCache, StatusWriter,
 };
-use crate::delivery::{ConfigError, DeliveryConfig, DeliveryEngine, DeliveryError};
+use crate::delivery::{DeliveryConfig, DeliveryEngine, DeliveryError};
 use crate::forwarder::{ForwarderRegistry, StreamSettings};
 use crate::health::WatchHealth;
 use crate::index::RoutingIndex;
@@ -49,8 +48,6 @@ pub enum OperatorError {
     CrdMissing(String),
     #[error("could not set up the delivery engine: {0}")]
     Delivery(#[from] DeliveryError),
-    #[error("invalid delivery settings: {0}")]
-    DeliveryConfig(#[from] ConfigError),
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -134,7 +131,8 @@ pub async fn start(
 ) -> Result<RunningOperator, OperatorError> {
     wait_for_crds(&client).await?;
     let mut registry = Registry::with_prefix("crownstone_webhooks");
-    let delivery_config = DeliveryConfig::try_from(args.delivery.clone())?;
+    let delivery_config =
+        DeliveryConfig::try_from(args.delivery.clone()).map_err(DeliveryError::Config)?;
     let engine = DeliveryEngine::with_clock(delivery_config, &mut registry, clock.clone())?;
     let forwarder_metrics = ForwarderMetrics::register(&mut registry);
     let controller_metrics = ControllerMetrics::register(&mut registry);
@@ -180,7 +178,6 @@ pub async fn start(
         clock,
         metrics: controller_metrics,
         default_daily_allowance: args.daily_allowance,
-        suspensions: DashMap::new(),
         listeners,
         users,
         secrets: SecretCache::default(),

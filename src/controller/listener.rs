@@ -172,15 +172,8 @@ async fn read_token(
     ctx: &Context,
 ) -> Result<Result<Token, String>, Error> {
     let reference = &listener.spec.token_secret_ref;
-    let secret = match ctx.secrets.get(namespace, &reference.name) {
-        Some(secret) => secret,
-        None => {
-            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-            match secrets.get_opt(&reference.name).await? {
-                Some(secret) => ctx.secrets.put(secret),
-                None => return Ok(Err(format!("Secret {} not found", reference.name))),
-            }
-        }
+    let Some(secret) = ctx.read_secret(namespace, &reference.name).await? else {
+        return Ok(Err(format!("Secret {} not found", reference.name)));
     };
     Ok(secret_value(&secret, &reference.key)
         .map(Token::new)
@@ -275,11 +268,7 @@ async fn apply(
     let observation = ListenerObservation {
         owner: owner_state,
         token: token_state,
-        suspension: ctx
-            .suspensions
-            .get(&id)
-            .filter(|entry| entry.0 == generation)
-            .map(|entry| entry.1),
+        suspension: ctx.engine.suspension(&id, generation),
         token_was_valid: listener
             .condition("TokenValid")
             .is_some_and(|c| c.status == "True"),
@@ -362,7 +351,6 @@ async fn cleanup(listener: &Listener, namespace: &str, ctx: &Context) -> Result<
         ctx.forwarders.release_if_unused(hash);
     }
     ctx.engine.forget_listener(&id);
-    ctx.suspensions.remove(&id);
 
     // The token Secret goes with the Listener, unless another Listener still uses it.
     let secret = &listener.spec.token_secret_ref.name;

@@ -10,7 +10,7 @@ mod webhook_user;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
@@ -26,7 +26,7 @@ pub use status::StatusWriter;
 pub use webhook_user::run_webhook_user_controller;
 
 use crate::clock::SharedClock;
-use crate::delivery::{DeliveryEngine, ListenerId, Suspension};
+use crate::delivery::DeliveryEngine;
 use crate::forwarder::ForwarderRegistry;
 use crate::index::RoutingIndex;
 use crate::metrics::{ControllerLabel, ControllerMetrics};
@@ -48,8 +48,6 @@ pub struct Context {
     pub metrics: ControllerMetrics,
     /// Deliveries allowed per owner per UTC day when the WebhookUser does not say.
     pub default_daily_allowance: u64,
-    /// Listeners whose receiver was given up on, for the spec generation in the value.
-    pub suspensions: DashMap<ListenerId, (i64, Suspension)>,
     pub listeners: Store<Listener>,
     pub users: Store<WebhookUser>,
     /// Token Secrets as last read.
@@ -82,6 +80,15 @@ impl Error {
 }
 
 impl Context {
+    /// A Secret, from the cache while the Secret watch has seen no newer version of it.
+    async fn read_secret(&self, namespace: &str, name: &str) -> Result<Option<Arc<Secret>>, Error> {
+        if let Some(secret) = self.secrets.get(namespace, name) {
+            return Ok(Some(secret));
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        Ok(secrets.get_opt(name).await?.map(|s| self.secrets.put(s)))
+    }
+
     /// Counts one reconciliation of `controller`.
     fn count_reconcile(&self, controller: &'static str) {
         self.metrics

@@ -109,10 +109,8 @@ impl StatusWriter {
         };
         let reference = ObjectRef::<Listener>::new(name).within(namespace);
         let cached = self.ctx.listeners.get(&reference);
-        if let Some(suspension) = report.suspension {
-            self.ctx
-                .suspensions
-                .insert(report.listener.clone(), (report.generation, suspension));
+        // The Listener controller reads the suspension from the engine and reports it.
+        if report.suspension.is_some() {
             let _ = self.triggers.send(reference.clone());
         }
         let totals = self

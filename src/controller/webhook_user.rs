@@ -76,12 +76,14 @@ fn error_policy(user: Arc<WebhookUser>, error: &Error, ctx: Arc<Context>) -> Act
 /// `Ok(None)` when the Secret exists without a usable client secret.
 async fn ensure_credentials(
     user: &WebhookUser,
-    secrets: &Api<Secret>,
+    namespace: &str,
+    ctx: &Context,
 ) -> Result<Option<String>, Error> {
     let name = credentials_secret_name(&user.name_any());
-    if let Some(secret) = secrets.get_opt(&name).await? {
+    if let Some(secret) = ctx.read_secret(namespace, &name).await? {
         return Ok(secret_value(&secret, CLIENT_SECRET));
     }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let credentials = generate_credentials();
     let secret = Secret {
         metadata: ObjectMeta {
@@ -129,8 +131,7 @@ pub(super) fn secret_value(secret: &Secret, key: &str) -> Option<String> {
 
 async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Action, Error> {
     let name = user.name_any();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let client_secret = ensure_credentials(user, &secrets).await?;
+    let client_secret = ensure_credentials(user, namespace, ctx).await?;
     let key = OwnerKey {
         namespace: namespace.to_owned(),
         name: name.clone(),

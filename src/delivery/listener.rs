@@ -66,7 +66,7 @@ pub(crate) struct ListenerState {
     last_drop_reason: Option<DropReason>,
     /// Something changed since the last report.
     dirty: bool,
-    suspension: Option<(i64, Suspension)>,
+    pub(crate) suspension: Option<(i64, Suspension)>,
     failures: FailureWindow,
     /// The precomputed form of the listener's current target, and its destination queue.
     pub(crate) prepared: Option<PreparedSlot>,

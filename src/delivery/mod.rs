@@ -480,6 +480,16 @@ impl DeliveryEngine {
             .collect()
     }
 
+    /// Why deliveries to `generation` of a listener are suspended, if they are.
+    pub fn suspension(&self, listener: &ListenerId, generation: i64) -> Option<Suspension> {
+        let entry = self.shared.listeners.get(listener)?;
+        let state = entry.lock();
+        state
+            .suspension
+            .filter(|(suspended, _)| *suspended >= generation)
+            .map(|(_, kind)| kind)
+    }
+
     /// Forgets a deleted listener: its tallies and suspension go, and its deliveries still
     /// waiting are dropped.
     pub fn forget_listener(&self, listener: &ListenerId) {
