@@ -26,8 +26,9 @@ pub struct OperatorArgs {
     #[arg(long, env = "WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
 
-    /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "HEALTH_LISTEN", default_value = "127.0.0.1:8081")]
+    /// Address of /healthz, /readyz and /metrics; on every interface by default, so a kubelet's
+    /// probes and a Prometheus scrape reach it.
+    #[arg(long, env = "HEALTH_LISTEN", default_value = "0.0.0.0:8081")]
     pub health_listen: SocketAddr,
 
     /// How often delivery counters and usage are written to status.
@@ -37,6 +38,16 @@ pub struct OperatorArgs {
     /// A stream silent for this long is dead and reconnected.
     #[arg(long, env = "STREAM_SILENCE_TIMEOUT", default_value = "35s", value_parser = humantime::parse_duration)]
     pub silence_timeout: Duration,
+
+    /// A proxy to reach the event server through (http:// or https://). Without it streams
+    /// connect directly: HTTP_PROXY and HTTPS_PROXY from the environment are not used.
+    #[arg(long, env = "CROWNSTONE_EVENTS_PROXY")]
+    pub events_proxy: Option<Url>,
+
+    /// The longest line or event an event stream may send, in bytes; a longer one ends the
+    /// connection as broken.
+    #[arg(long, env = "STREAM_MAX_EVENT_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
+    pub stream_max_event_bytes: u64,
 
     /// First reconnect delay of a stream; doubles up to --reconnect-max.
     #[arg(long, env = "STREAM_RECONNECT_INITIAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -67,7 +78,11 @@ impl LogArgs {
     pub fn init(&self) {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        let builder = tracing_subscriber::fmt().with_env_filter(filter);
+        // Colour codes only for a person at a terminal, never into a file or a log collector.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(ansi);
         if self.log_format == "json" {
             builder.json().init();
         } else {

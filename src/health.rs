@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 /// A watch that keeps failing errs at least this often: the watcher's backoff is capped at 30 s.
 pub const WATCH_ERROR_WINDOW: Duration = Duration::from_secs(35);
 
+/// How long a watch may fail without a break before the process counts as unhealthy and is
+/// better restarted.
+pub const WATCH_LIVENESS_WINDOW: Duration = Duration::from_secs(300);
+
 /// The state of one watch, as its event stream shows it. A watch that recovered after an error
 /// emits nothing until an object changes, so recovery is also assumed once errors stop.
 pub struct WatchHealth {
@@ -14,6 +18,8 @@ pub struct WatchHealth {
     synced: AtomicBool,
     /// Milliseconds after `start` of the last error not followed by an event; 0 for none.
     last_error_ms: AtomicU64,
+    /// Milliseconds after `start` of the first error of the current run of errors; 0 for none.
+    failing_since_ms: AtomicU64,
 }
 
 impl Default for WatchHealth {
@@ -22,6 +28,7 @@ impl Default for WatchHealth {
             start: Instant::now(),
             synced: AtomicBool::new(false),
             last_error_ms: AtomicU64::new(0),
+            failing_since_ms: AtomicU64::new(0),
         }
     }
 }
@@ -35,6 +42,30 @@ impl WatchHealth {
             (self.start.elapsed().as_millis() as u64).max(1)
         };
         self.last_error_ms.store(value, Ordering::Relaxed);
+        if ok {
+            self.failing_since_ms.store(0, Ordering::Relaxed);
+        } else {
+            let _ = self.failing_since_ms.compare_exchange(
+                0,
+                value,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Alive unless the watch has been failing, with no success in between, for longer than
+    /// [`WATCH_LIVENESS_WINDOW`]; a watch whose errors stopped for a while counts as recovered.
+    pub fn is_alive(&self) -> bool {
+        self.alive_at(self.start.elapsed())
+    }
+
+    fn alive_at(&self, now: Duration) -> bool {
+        let since = self.failing_since_ms.load(Ordering::Relaxed);
+        let last = self.last_error_ms.load(Ordering::Relaxed);
+        since == 0
+            || now.saturating_sub(Duration::from_millis(last)) > WATCH_ERROR_WINDOW
+            || now.saturating_sub(Duration::from_millis(since)) <= WATCH_LIVENESS_WINDOW
     }
 
     /// The cache has seen its first full list.
@@ -75,5 +106,23 @@ mod tests {
         let error_at = Duration::from_millis(health.last_error_ms.load(Ordering::Relaxed));
         assert!(!health.healthy_at(error_at + WATCH_ERROR_WINDOW / 2));
         assert!(health.healthy_at(error_at + WATCH_ERROR_WINDOW + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_watch_failing_without_a_break_for_too_long_is_not_alive() {
+        let health = WatchHealth::default();
+        assert!(health.is_alive(), "alive before the first list");
+        health.record(false);
+        let first = Duration::from_millis(health.failing_since_ms.load(Ordering::Relaxed));
+        assert!(health.alive_at(first + WATCH_ERROR_WINDOW));
+        // Errors keep coming (the last one just now) for longer than the window.
+        let later = first + WATCH_LIVENESS_WINDOW + Duration::from_secs(1);
+        health
+            .last_error_ms
+            .store(later.as_millis() as u64, Ordering::Relaxed);
+        assert!(!health.alive_at(later));
+        // One good event and it is alive again.
+        health.record(true);
+        assert!(health.is_alive());
     }
 }

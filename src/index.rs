@@ -1,6 +1,7 @@
 //! The routing index: which listeners hang on which token, and who owns them. Fed by the
 //! controllers as they reconcile; read by the forwarders for every event, so routing needs
-//! no API call and no scan of unrelated listeners.
+//! no API call and no scan of unrelated listeners. Also counts each owner's deliveries against
+//! its daily allowance.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -9,18 +10,10 @@ use chrono::{DateTime, NaiveDate, Utc};
 use parking_lot::{Mutex, RwLock};
 use url::Url;
 
-use crate::clock::{format_day, parse_day, SharedClock};
+use crate::clock::SharedClock;
 use crate::crownstone::EventType;
-use crate::delivery::{ClientSecret, DeliveryTarget, ListenerId};
-use crate::forwarder::TokenHash;
-use crate::resources::Usage;
-
-/// A WebhookUser, by namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct OwnerKey {
-    pub namespace: String,
-    pub name: String,
-}
+use crate::delivery::DeliveryTarget;
+use crate::domain::{ClientSecret, ListenerId, OwnerKey, TokenHash};
 
 /// A set of event types, as a bitmask: checked for every event and every listener.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -65,16 +58,19 @@ pub struct ListenerEntry {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Default)]
-struct Routes {
-    owners: HashMap<OwnerKey, (Arc<str>, OwnerEntry)>,
-    listeners: HashMap<ListenerId, ListenerEntry>,
-    by_token: HashMap<TokenHash, BTreeSet<ListenerId>>,
+/// Deliveries of one owner on one UTC day.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DayUsage {
+    pub day: NaiveDate,
+    pub deliveries: u64,
 }
 
-/// Deliveries counted against an owner's allowance on one UTC day.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct DailyUsage {
+/// One owner's count of deliveries against its allowance.
+#[derive(Debug, Default)]
+pub struct UsageCounter(Mutex<CounterState>);
+
+#[derive(Debug, Default)]
+struct CounterState {
     /// `None` until the first delivery or seed.
     day: Option<NaiveDate>,
     deliveries: u64,
@@ -82,10 +78,81 @@ struct DailyUsage {
     dirty: bool,
 }
 
+impl CounterState {
+    /// Moves the count to `today`, starting from zero when the day changed.
+    fn roll_to(&mut self, today: NaiveDate) {
+        if self.day != Some(today) {
+            let had_usage = self.day.is_some() && self.deliveries > 0;
+            self.day = Some(today);
+            self.deliveries = 0;
+            self.dirty |= had_usage;
+        }
+    }
+}
+
+impl UsageCounter {
+    /// Counts one delivery on `today` if the allowance has room for it.
+    fn try_charge(&self, today: NaiveDate, allowance: u64) -> bool {
+        let mut state = self.0.lock();
+        state.roll_to(today);
+        if state.deliveries >= allowance {
+            return false;
+        }
+        state.deliveries += 1;
+        state.dirty = true;
+        true
+    }
+
+    /// Gives back one delivery counted on `day`, if that day is still being counted.
+    fn refund(&self, day: NaiveDate) {
+        let mut state = self.0.lock();
+        if state.day == Some(day) && state.deliveries > 0 {
+            state.deliveries -= 1;
+            state.dirty = true;
+        }
+    }
+}
+
+/// A delivery counted against its owner's allowance: given back with [`Charge::refund`] when the
+/// delivery is never attempted.
+#[derive(Debug)]
+pub struct Charge {
+    counter: Arc<UsageCounter>,
+    day: NaiveDate,
+}
+
+impl Charge {
+    pub fn refund(self) {
+        self.counter.refund(self.day);
+    }
+}
+
+/// A listener an event is to be delivered to, with the allowance it was counted against.
+#[derive(Debug)]
+pub struct Routed {
+    pub target: DeliveryTarget,
+    pub charge: Charge,
+}
+
+struct OwnerRoute {
+    /// The owner's name, shared by every delivery as `clientId`.
+    client_id: Arc<str>,
+    entry: OwnerEntry,
+    usage: Arc<UsageCounter>,
+}
+
+#[derive(Default)]
+struct Routes {
+    owners: HashMap<OwnerKey, OwnerRoute>,
+    listeners: HashMap<ListenerId, ListenerEntry>,
+    by_token: HashMap<TokenHash, BTreeSet<ListenerId>>,
+}
+
 /// The shared routing state.
 pub struct RoutingIndex {
     routes: RwLock<Routes>,
-    usage: Mutex<HashMap<OwnerKey, DailyUsage>>,
+    /// Kept apart from `owners`: usage is seeded before, and outlives changes of, the owner entry.
+    usage: Mutex<HashMap<OwnerKey, Arc<UsageCounter>>>,
     clock: SharedClock,
 }
 
@@ -94,9 +161,25 @@ pub struct RoutingIndex {
 pub enum Skip {
     NotSubscribed,
     OwnerMissing,
+    /// The owner has no usable client secret, so nothing could be signed.
+    OwnerWithoutCredentials,
     OwnerDisabled,
     AllowanceUsed,
     Expired,
+}
+
+impl Skip {
+    /// The metric label.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Skip::NotSubscribed => "not_subscribed",
+            Skip::OwnerMissing => "owner_missing",
+            Skip::OwnerWithoutCredentials => "owner_without_credentials",
+            Skip::OwnerDisabled => "owner_disabled",
+            Skip::AllowanceUsed => "allowance_used",
+            Skip::Expired => "expired",
+        }
+    }
 }
 
 impl RoutingIndex {
@@ -112,9 +195,21 @@ impl RoutingIndex {
         &self.clock
     }
 
+    fn usage_counter(&self, key: &OwnerKey) -> Arc<UsageCounter> {
+        self.usage.lock().entry(key.clone()).or_default().clone()
+    }
+
     pub fn upsert_owner(&self, key: OwnerKey, entry: OwnerEntry) {
-        let client_id: Arc<str> = Arc::from(key.name.as_str());
-        self.routes.write().owners.insert(key, (client_id, entry));
+        let usage = self.usage_counter(&key);
+        let client_id = key.shared_name();
+        self.routes.write().owners.insert(
+            key,
+            OwnerRoute {
+                client_id,
+                entry,
+                usage,
+            },
+        );
     }
 
     pub fn remove_owner(&self, key: &OwnerKey) {
@@ -123,10 +218,12 @@ impl RoutingIndex {
     }
 
     pub fn owner(&self, key: &OwnerKey) -> Option<OwnerEntry> {
-        self.routes.read().owners.get(key).map(|(_, e)| e.clone())
+        self.routes.read().owners.get(key).map(|o| o.entry.clone())
     }
 
     /// Adds or replaces a listener. Returns the token it was on before, if that changed.
+    /// Callers that run forwarders go through the forwarder registry, which decides under one
+    /// lock whether a token's stream is still needed.
     pub fn upsert_listener(&self, entry: ListenerEntry) -> Option<TokenHash> {
         let mut routes = self.routes.write();
         let previous = routes.listeners.insert(entry.id.clone(), entry.clone());
@@ -161,6 +258,11 @@ impl RoutingIndex {
         self.routes.read().listeners.get(id).cloned()
     }
 
+    /// Every listener in the index.
+    pub fn listener_ids(&self) -> Vec<ListenerId> {
+        self.routes.read().listeners.keys().cloned().collect()
+    }
+
     /// Every listener on a token.
     pub fn listeners_of_token(&self, token: &TokenHash) -> Vec<ListenerId> {
         self.routes
@@ -171,24 +273,18 @@ impl RoutingIndex {
             .unwrap_or_default()
     }
 
-    /// Every listener of an owner.
-    pub fn listeners_of_owner(&self, owner: &OwnerKey) -> Vec<ListenerId> {
-        self.routes
-            .read()
-            .listeners
-            .values()
-            .filter(|l| &l.owner == owner)
-            .map(|l| l.id.clone())
-            .collect()
+    /// Whether any listener is on a token.
+    pub fn has_token(&self, token: &TokenHash) -> bool {
+        self.routes.read().by_token.contains_key(token)
     }
 
-    /// The targets an event of `event_type` on `token` goes to, appended to `out`; each one is
+    /// The listeners an event of `event_type` on `token` goes to, appended to `out`; each one is
     /// counted against its owner's allowance for today. Skipped listeners are reported to `skip`.
     pub fn route(
         &self,
         token: &TokenHash,
         event_type: EventType,
-        out: &mut Vec<DeliveryTarget>,
+        out: &mut Vec<Routed>,
         mut skip: impl FnMut(Skip),
     ) {
         let now = self.clock.now();
@@ -197,7 +293,6 @@ impl RoutingIndex {
         let Some(ids) = routes.by_token.get(token) else {
             return;
         };
-        let mut usage = self.usage.lock();
         for id in ids {
             let Some(listener) = routes.listeners.get(id) else {
                 continue;
@@ -210,91 +305,96 @@ impl RoutingIndex {
                 skip(Skip::Expired);
                 continue;
             }
-            let Some((client_id, owner)) = routes.owners.get(&listener.owner) else {
+            let Some(owner) = routes.owners.get(&listener.owner) else {
                 skip(Skip::OwnerMissing);
                 continue;
             };
-            let Some(client_secret) = owner.client_secret.as_ref() else {
-                skip(Skip::OwnerMissing);
+            let Some(client_secret) = owner.entry.client_secret.as_ref() else {
+                skip(Skip::OwnerWithoutCredentials);
                 continue;
             };
-            if !owner.enabled {
+            if !owner.entry.enabled {
                 skip(Skip::OwnerDisabled);
                 continue;
             }
-            // Looked up before inserting: no key is cloned per delivery once an owner is known.
-            if !usage.contains_key(&listener.owner) {
-                usage.insert(listener.owner.clone(), DailyUsage::default());
-            }
-            let Some(used) = usage.get_mut(&listener.owner) else {
-                continue;
-            };
-            if used.day != Some(today) {
-                *used = DailyUsage {
-                    day: Some(today),
-                    deliveries: 0,
-                    dirty: true,
-                };
-            }
-            if used.deliveries >= owner.daily_allowance {
+            if !owner.usage.try_charge(today, owner.entry.daily_allowance) {
                 skip(Skip::AllowanceUsed);
                 continue;
             }
-            used.deliveries += 1;
-            used.dirty = true;
-            out.push(DeliveryTarget {
-                listener: listener.id.clone(),
-                generation: listener.generation,
-                url: listener.url.clone(),
-                client_id: client_id.clone(),
-                client_secret: client_secret.clone(),
-                user_id: listener.user_id.clone(),
+            out.push(Routed {
+                target: DeliveryTarget {
+                    listener: listener.id.clone(),
+                    generation: listener.generation,
+                    url: listener.url.clone(),
+                    client_id: owner.client_id.clone(),
+                    client_secret: client_secret.clone(),
+                    user_id: listener.user_id.clone(),
+                },
+                charge: Charge {
+                    counter: owner.usage.clone(),
+                    day: today,
+                },
             });
         }
     }
 
     /// Takes over usage recorded on a WebhookUser's status (after a restart), unless the index
-    /// already counts that owner today.
-    pub fn seed_usage(&self, owner: &OwnerKey, recorded: &Usage) {
-        let Some(day) = parse_day(&recorded.day) else {
-            return;
-        };
-        let mut usage = self.usage.lock();
-        let current = usage.entry(owner.clone()).or_default();
-        let never_counted = current.day.is_none();
-        if never_counted || (current.day == Some(day) && current.deliveries < recorded.deliveries) {
-            current.day = Some(day);
-            current.deliveries = recorded.deliveries;
+    /// already counts more for that owner on that day.
+    pub fn seed_usage(&self, owner: &OwnerKey, recorded: DayUsage) {
+        let counter = self.usage_counter(owner);
+        let mut state = counter.0.lock();
+        let never_counted = state.day.is_none();
+        if never_counted
+            || (state.day == Some(recorded.day) && state.deliveries < recorded.deliveries)
+        {
+            state.day = Some(recorded.day);
+            state.deliveries = recorded.deliveries;
         }
     }
 
     /// Today's usage of an owner.
-    pub fn usage(&self, owner: &OwnerKey) -> Usage {
+    pub fn usage(&self, owner: &OwnerKey) -> DayUsage {
         let today = self.clock.now().date_naive();
-        let usage = self.usage.lock();
-        let deliveries = usage
-            .get(owner)
-            .filter(|u| u.day == Some(today))
-            .map_or(0, |u| u.deliveries);
-        Usage {
-            day: format_day(today),
+        let counter = self.usage.lock().get(owner).cloned();
+        let deliveries = counter.map_or(0, |c| {
+            let state = c.0.lock();
+            if state.day == Some(today) {
+                state.deliveries
+            } else {
+                0
+            }
+        });
+        DayUsage {
+            day: today,
             deliveries,
         }
     }
 
-    /// Owners whose usage changed since the last call, with their usage now.
-    pub fn take_usage_changes(&self) -> Vec<(OwnerKey, Usage)> {
-        let mut usage = self.usage.lock();
+    /// Owners whose usage changed since the last call, with their usage now. A count of an
+    /// earlier day rolls over to today's zero here, so status shows the new day at UTC midnight
+    /// even when no delivery comes.
+    pub fn take_usage_changes(&self) -> Vec<(OwnerKey, DayUsage)> {
+        let today = self.clock.now().date_naive();
+        let usage = self.usage.lock();
         usage
-            .iter_mut()
-            .filter(|(_, u)| u.dirty)
-            .filter_map(|(owner, u)| {
-                u.dirty = false;
-                let usage = Usage {
-                    day: format_day(u.day?),
-                    deliveries: u.deliveries,
-                };
-                Some((owner.clone(), usage))
+            .iter()
+            .filter_map(|(owner, counter)| {
+                let mut state = counter.0.lock();
+                if state.day.is_some() {
+                    state.roll_to(today);
+                }
+                if !state.dirty {
+                    return None;
+                }
+                state.dirty = false;
+                let day = state.day?;
+                Some((
+                    owner.clone(),
+                    DayUsage {
+                        day,
+                        deliveries: state.deliveries,
+                    },
+                ))
             })
             .collect()
     }
@@ -307,10 +407,11 @@ mod tests {
     use chrono::TimeZone;
 
     fn owner(name: &str) -> OwnerKey {
-        OwnerKey {
-            namespace: "ns".into(),
-            name: name.into(),
-        }
+        OwnerKey::new("ns", name)
+    }
+
+    fn day(text: &str) -> NaiveDate {
+        crate::clock::parse_day(text).unwrap()
     }
 
     fn owner_entry(enabled: bool, allowance: u64) -> OwnerEntry {
@@ -323,7 +424,7 @@ mod tests {
 
     fn listener(name: &str, owner_name: &str, token: &str, types: &[EventType]) -> ListenerEntry {
         ListenerEntry {
-            id: ListenerId::new(format!("ns/{name}")),
+            id: ListenerId::new("ns", name),
             owner: owner(owner_name),
             token: TokenHash::of(token),
             generation: 1,
@@ -343,7 +444,10 @@ mod tests {
         let mut out = Vec::new();
         let mut skips = Vec::new();
         index.route(&TokenHash::of(token), t, &mut out, |s| skips.push(s));
-        (out.iter().map(|t| t.listener.to_string()).collect(), skips)
+        (
+            out.iter().map(|r| r.target.listener.to_string()).collect(),
+            skips,
+        )
     }
 
     #[test]
@@ -391,8 +495,8 @@ mod tests {
         assert_eq!(routed(&index, "t", EventType::Command).0.len(), 1);
         assert_eq!(
             index.usage(&owner("acme")),
-            Usage {
-                day: "2026-11-24".into(),
+            DayUsage {
+                day: day("2026-11-24"),
                 deliveries: 1
             }
         );
@@ -419,7 +523,7 @@ mod tests {
         assert!(index.listeners_of_token(&TokenHash::of("t1")).is_empty());
         assert_eq!(index.listeners_of_token(&TokenHash::of("t2")).len(), 1);
         assert_eq!(
-            index.remove_listener(&ListenerId::new("ns/a")),
+            index.remove_listener(&ListenerId::new("ns", "a")),
             Some(TokenHash::of("t2"))
         );
         assert!(index.listeners_of_token(&TokenHash::of("t2")).is_empty());
@@ -432,8 +536,8 @@ mod tests {
         index.upsert_listener(listener("a", "acme", "t", &[EventType::Command]));
         index.seed_usage(
             &owner("acme"),
-            &Usage {
-                day: "2026-11-23".into(),
+            DayUsage {
+                day: day("2026-11-23"),
                 deliveries: 3,
             },
         );
@@ -445,8 +549,8 @@ mod tests {
         let (index, _) = setup();
         index.seed_usage(
             &owner("acme"),
-            &Usage {
-                day: "2026-11-22".into(),
+            DayUsage {
+                day: day("2026-11-22"),
                 deliveries: 3,
             },
         );
@@ -461,5 +565,63 @@ mod tests {
         routed(&index, "t", EventType::Command);
         assert_eq!(index.take_usage_changes().len(), 1);
         assert!(index.take_usage_changes().is_empty());
+    }
+
+    #[test]
+    fn a_refunded_delivery_leaves_the_allowance_untouched() {
+        let (index, _) = setup();
+        index.upsert_owner(owner("acme"), owner_entry(true, 1));
+        index.upsert_listener(listener("a", "acme", "t", &[EventType::Command]));
+        let mut out = Vec::new();
+        index.route(&TokenHash::of("t"), EventType::Command, &mut out, |_| {});
+        assert_eq!(index.usage(&owner("acme")).deliveries, 1);
+        for routed in out.drain(..) {
+            routed.charge.refund();
+        }
+        assert_eq!(index.usage(&owner("acme")).deliveries, 0);
+        assert_eq!(routed(&index, "t", EventType::Command).0.len(), 1);
+    }
+
+    #[test]
+    fn usage_rolls_over_at_utc_midnight_without_a_delivery() {
+        let (index, clock) = setup();
+        index.upsert_owner(owner("acme"), owner_entry(true, 10));
+        index.upsert_listener(listener("a", "acme", "t", &[EventType::Command]));
+        routed(&index, "t", EventType::Command);
+        assert_eq!(
+            index.take_usage_changes(),
+            [(
+                owner("acme"),
+                DayUsage {
+                    day: day("2026-11-23"),
+                    deliveries: 1
+                }
+            )]
+        );
+        clock.advance(chrono::Duration::hours(2));
+        assert_eq!(
+            index.take_usage_changes(),
+            [(
+                owner("acme"),
+                DayUsage {
+                    day: day("2026-11-24"),
+                    deliveries: 0
+                }
+            )]
+        );
+        assert!(index.take_usage_changes().is_empty(), "reported once");
+    }
+
+    #[test]
+    fn owners_without_credentials_are_skipped_by_their_own_reason() {
+        let (index, _) = setup();
+        let mut entry = owner_entry(true, 10);
+        entry.client_secret = None;
+        index.upsert_owner(owner("acme"), entry);
+        index.upsert_listener(listener("a", "acme", "t", &[EventType::Command]));
+        assert_eq!(
+            routed(&index, "t", EventType::Command).1,
+            [Skip::OwnerWithoutCredentials]
+        );
     }
 }

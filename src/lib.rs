@@ -5,6 +5,7 @@ pub mod config;
 pub mod controller;
 pub mod crownstone;
 pub mod delivery;
+pub mod domain;
 pub mod forwarder;
 pub mod health;
 pub mod index;

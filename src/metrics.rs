@@ -63,14 +63,11 @@ impl ForwarderMetrics {
     }
 
     pub fn skipped(&self, skip: Skip) {
-        let reason = match skip {
-            Skip::NotSubscribed => "not_subscribed",
-            Skip::OwnerMissing => "owner_missing",
-            Skip::OwnerDisabled => "owner_disabled",
-            Skip::AllowanceUsed => "allowance_used",
-            Skip::Expired => "expired",
-        };
-        self.skipped.get_or_create(&ReasonLabel { reason }).inc();
+        self.skipped
+            .get_or_create(&ReasonLabel {
+                reason: skip.as_label(),
+            })
+            .inc();
     }
 }
 

@@ -30,9 +30,11 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::SharedClock;
 use crate::config::OperatorArgs;
 use crate::controller::{
-    run_listener_controller, run_webhook_user_controller, Context, SecretCache, StatusWriter,
+    run_listener_controller, run_secret_watch, run_webhook_user_controller, Context, SecretCache,
+    SecretRefs, StatusWriter, Triggers,
 };
 use crate::delivery::{DeliveryConfig, DeliveryEngine, DeliveryError};
+use crate::domain::ListenerId;
 use crate::forwarder::{ForwarderRegistry, StreamSettings};
 use crate::health::WatchHealth;
 use crate::index::RoutingIndex;
@@ -55,16 +57,27 @@ pub enum OperatorError {
     },
 }
 
-/// Readiness: both watches synced and not failing.
+/// The health of the operator's three watches.
 #[derive(Default)]
 struct Health {
     users: WatchHealth,
     listeners: WatchHealth,
+    secrets: Arc<WatchHealth>,
 }
 
 impl Health {
+    fn watches(&self) -> [&WatchHealth; 3] {
+        [&self.users, &self.listeners, &self.secrets]
+    }
+
+    /// Ready: every watch synced and none failing now.
     fn ready(&self) -> bool {
-        self.users.is_healthy() && self.listeners.is_healthy()
+        self.watches().iter().all(|w| w.is_healthy())
+    }
+
+    /// Alive: no watch has failed without a break for so long that a restart is the better cure.
+    fn alive(&self) -> bool {
+        self.watches().iter().all(|w| w.is_alive())
     }
 }
 
@@ -138,6 +151,7 @@ pub async fn start(
     let controller_metrics = ControllerMetrics::register(&mut registry);
 
     let index = Arc::new(RoutingIndex::new(clock.clone()));
+    let (triggers, trigger_streams) = Triggers::new();
     let (forwarders, notices) = ForwarderRegistry::new(
         index.clone(),
         engine.clone(),
@@ -147,6 +161,8 @@ pub async fn start(
             reconnect_initial: args.reconnect_initial,
             reconnect_max: args.reconnect_max,
             project_name: "crownstone-webhooks".into(),
+            proxy: args.events_proxy.clone(),
+            max_event_bytes: usize::try_from(args.stream_max_event_bytes).unwrap_or(usize::MAX),
         },
         forwarder_metrics,
     );
@@ -158,11 +174,19 @@ pub async fn start(
         health.clone(),
         |h| &h.users,
     );
+    let (listener_events, listener_event_stream) = mpsc::unbounded_channel();
     let (listeners, listeners_stream) = reflected(
         api_in::<Listener>(&client, namespace),
         health.clone(),
         |h| &h.listeners,
     );
+    let listeners_stream = listeners_stream.inspect(move |event| {
+        if let Ok(event) = event {
+            let _ = listener_events.send(ListenerWatchEvent::of(event));
+        }
+    });
+    let listeners_stream = listeners_stream.applied_objects();
+    let users_stream = users_stream.applied_objects();
     let users_controller = Controller::for_stream(users_stream, users.clone());
     let listeners_controller = Controller::for_stream(listeners_stream, listeners.clone());
     let reporter = Reporter {
@@ -181,6 +205,9 @@ pub async fn start(
         listeners,
         users,
         secrets: SecretCache::default(),
+        secret_refs: SecretRefs::default(),
+        failures_in_a_row: Default::default(),
+        triggers,
     });
 
     let registry = Arc::new(Mutex::new(registry));
@@ -199,27 +226,31 @@ pub async fn start(
 
     let stop = CancellationToken::new();
     let controllers_stop = CancellationToken::new();
-    let (triggers, trigger_stream) = mpsc::unbounded_channel();
 
     let tasks = vec![
         tokio::spawn(run_webhook_user_controller(
             users_controller,
-            api_in::<Listener>(&client, namespace),
             ctx.clone(),
+            trigger_streams.users,
             controllers_stop.clone().cancelled_owned(),
         )),
         tokio::spawn(run_listener_controller(
             listeners_controller,
-            api_in::<PartialObjectMeta<Secret>>(&client, namespace),
-            api_in::<WebhookUser>(&client, namespace),
             ctx.clone(),
             notices,
-            trigger_stream,
+            trigger_streams.listeners,
             controllers_stop.clone().cancelled_owned(),
         )),
+        tokio::spawn(run_secret_watch(
+            api_in::<PartialObjectMeta<Secret>>(&client, namespace),
+            ctx.clone(),
+            health.secrets.clone(),
+            controllers_stop.clone().cancelled_owned(),
+        )),
+        tokio::spawn(forget_deleted_listeners(ctx.clone(), listener_event_stream)),
     ];
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(HealthState { health, registry });
@@ -231,7 +262,7 @@ pub async fn start(
     });
 
     let writer_stop = CancellationToken::new();
-    let mut writer = StatusWriter::new(ctx.clone(), triggers);
+    let mut writer = StatusWriter::new(ctx.clone());
     let writer_task = {
         let writer_stop = writer_stop.clone();
         let interval = args.status_interval;
@@ -245,21 +276,31 @@ pub async fn start(
     let task_stop = stop.clone();
     let task = tokio::spawn(async move {
         task_stop.cancelled().await;
-        tracing::info!("shutting down: closing streams and draining deliveries");
+        tracing::info!("Shutting down: closing streams and draining deliveries.");
         forwarders.shutdown();
         engine.shutdown(grace).await;
         writer_stop.cancel();
-        if let Ok(mut writer) = writer_task.await {
-            writer.flush().await;
-        }
-        controllers_stop.cancel();
-        for task in tasks {
-            let _ = task.await;
+        // The last status write and the controllers' goodbye need the API server: bounded, so
+        // an unreachable one cannot hold the process past its grace period.
+        let last_writes = async {
+            if let Ok(mut writer) = writer_task.await {
+                writer.flush().await;
+            }
+            controllers_stop.cancel();
+            for task in tasks {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(grace, last_writes).await.is_err() {
+            tracing::warn!(
+                grace = %humantime::format_duration(grace),
+                "Gave up the last status writes: the API server did not answer in time."
+            );
         }
         let _ = server.await;
-        tracing::info!("stopped");
+        tracing::info!("Stopped.");
     });
-    tracing::info!(%health_addr, events_url = %args.events_url, "operator started");
+    tracing::info!(%health_addr, events_url = %args.events_url, "Operator started.");
     Ok(RunningOperator {
         health_addr,
         stop,
@@ -274,7 +315,7 @@ fn reflected<K>(
     watch: fn(&Health) -> &WatchHealth,
 ) -> (
     Store<K>,
-    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 )
 where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -290,9 +331,58 @@ where
             if matches!(event, Ok(watcher::Event::InitDone)) {
                 health.mark_synced();
             }
-        })
-        .applied_objects();
+        });
     (reader, stream)
+}
+
+/// What the Listener watch says about Listeners leaving.
+enum ListenerWatchEvent {
+    Deleted(ListenerId),
+    /// A (re-)list finished: Listeners not in it are gone.
+    Listed,
+    Other,
+}
+
+impl ListenerWatchEvent {
+    fn of(event: &watcher::Event<Listener>) -> Self {
+        use kube::ResourceExt;
+        match event {
+            watcher::Event::Delete(listener) => match listener.namespace() {
+                Some(namespace) => {
+                    ListenerWatchEvent::Deleted(ListenerId::new(namespace, listener.name_any()))
+                }
+                None => ListenerWatchEvent::Other,
+            },
+            watcher::Event::InitDone => ListenerWatchEvent::Listed,
+            _ => ListenerWatchEvent::Other,
+        }
+    }
+}
+
+/// Stops routing to Listeners that are gone even when their finalizer never ran (removed by
+/// hand, or deleted while the watch was down).
+async fn forget_deleted_listeners(
+    ctx: Arc<Context>,
+    mut events: mpsc::UnboundedReceiver<ListenerWatchEvent>,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            ListenerWatchEvent::Deleted(id) => ctx.forget_listener(&id),
+            ListenerWatchEvent::Listed => ctx.forget_vanished_listeners(),
+            ListenerWatchEvent::Other => {}
+        }
+    }
+}
+
+async fn healthz(State(state): State<HealthState>) -> impl IntoResponse {
+    if state.health.alive() {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy: a watch of the Kubernetes API has failed for too long",
+        )
+    }
 }
 
 async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {

@@ -4,8 +4,9 @@
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use super::cap_message;
 use crate::delivery::Suspension;
-use crate::forwarder::StreamState;
+use crate::forwarder::{InvalidTokenCause, StreamState};
 
 /// A condition before timestamps: type, status, reason, message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +38,8 @@ impl DesiredCondition {
 pub enum OwnerState {
     Missing,
     Disabled,
+    /// The owner exists but has no usable client secret, so no delivery could be signed.
+    WithoutCredentials,
     Enabled,
 }
 
@@ -114,15 +117,22 @@ pub fn listener_conditions(o: &ListenerObservation) -> [DesiredCondition; 3] {
                 "Streaming",
                 "False",
                 "Reconnecting",
-                format!("{reason}; reconnecting"),
+                cap_message(&format!("{reason}; reconnecting")),
             ),
         ),
-        TokenState::Stream(StreamState::InvalidToken) => (
+        TokenState::Stream(StreamState::InvalidToken(cause)) => (
             DesiredCondition::new(
                 "TokenValid",
                 "False",
                 "InvalidToken",
-                "The event server refused the token; update the token Secret",
+                match cause {
+                    InvalidTokenCause::RefusedByServer => {
+                        "The event server refused the token; update the token Secret"
+                    }
+                    InvalidTokenCause::NotAHeaderValue => {
+                        "The token holds characters an HTTP header cannot carry, so it was never sent; update the token Secret"
+                    }
+                },
             ),
             DesiredCondition::new(
                 "Streaming",
@@ -159,6 +169,13 @@ pub fn listener_conditions(o: &ListenerObservation) -> [DesiredCondition; 3] {
             "False",
             "OwnerDisabled",
             "The owning WebhookUser is disabled",
+        )
+    } else if o.owner == OwnerState::WithoutCredentials {
+        DesiredCondition::new(
+            "Ready",
+            "False",
+            "OwnerCredentialsMissing",
+            "The owning WebhookUser has no usable client secret; see its Ready condition",
         )
     } else if let Some(suspension) = o.suspension {
         let message = match suspension {
@@ -301,7 +318,18 @@ mod tests {
                 ],
             ),
             (
-                observe(Enabled, TokenState::Stream(InvalidToken)),
+                observe(WithoutCredentials, TokenState::Stream(Streaming)),
+                [
+                    ("TokenValid", "True", "StreamStarted"),
+                    ("Streaming", "True", "Streaming"),
+                    ("Ready", "False", "OwnerCredentialsMissing"),
+                ],
+            ),
+            (
+                observe(
+                    Enabled,
+                    TokenState::Stream(InvalidToken(InvalidTokenCause::NotAHeaderValue)),
+                ),
                 [
                     ("TokenValid", "False", "InvalidToken"),
                     ("Streaming", "False", "InvalidToken"),

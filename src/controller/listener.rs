@@ -1,98 +1,59 @@
 //! The Listener reconciler: token Secret, routing entry, forwarder, expiry, conditions, and the
-//! cleanup that detaches a deleted Listener and removes its token Secret.
+//! cleanup that detaches a deleted Listener and removes its token Secret when the operator
+//! manages it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use url::Url;
 
 use super::conditions::{
-    listener_conditions, same_conditions, to_conditions, ListenerObservation, OwnerState,
-    TokenState,
+    listener_conditions, same_conditions, to_conditions, DesiredCondition, ListenerObservation,
+    OwnerState, TokenState,
 };
+use super::secrets::{credentials_owner, is_managed};
 use super::webhook_user::secret_value;
-use super::{delete_if_present, Context, Error, FINALIZER};
-use crate::delivery::ListenerId;
-use crate::forwarder::{StreamState, Token, TokenHash, TokenNotice};
-use crate::index::{ListenerEntry, OwnerKey};
+use super::{apply_status, delete_if_present, Context, Error, FINALIZER};
+use crate::delivery::Suspension;
+use crate::domain::{ListenerId, OwnerKey, Token};
+use crate::forwarder::{StreamState, TokenNotice};
+use crate::index::ListenerEntry;
 use crate::resources::{Listener, WebhookUser, FIELD_MANAGER};
 
 /// How the routing index and the delivery engine name a Listener.
-pub fn listener_id(namespace: &str, name: &str) -> ListenerId {
-    ListenerId::new(format!("{namespace}/{name}"))
+pub fn listener_id(listener: &Listener) -> Option<ListenerId> {
+    Some(ListenerId::new(listener.namespace()?, listener.name_any()))
 }
 
-fn object_ref(id: &ListenerId) -> Option<ObjectRef<Listener>> {
-    let (namespace, name) = id.as_str().split_once('/')?;
-    Some(ObjectRef::new(name).within(namespace))
+fn object_ref(id: &ListenerId) -> ObjectRef<Listener> {
+    ObjectRef::new(id.name()).within(id.namespace())
 }
 
 /// Runs the Listener controller until `shutdown` resolves. `notices` come from the forwarders;
-/// `triggers` from anything else that needs a Listener reconciled (the status writer).
-#[allow(clippy::too_many_arguments)]
+/// `triggers` from anything else that needs a Listener reconciled (the Secret watch, the
+/// WebhookUser reconciler, the status writer).
 pub async fn run_listener_controller(
     controller: Controller<Listener>,
-    secrets: Api<PartialObjectMeta<Secret>>,
-    users: Api<WebhookUser>,
     ctx: Arc<Context>,
     notices: mpsc::UnboundedReceiver<TokenNotice>,
     triggers: mpsc::UnboundedReceiver<ObjectRef<Listener>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let store = ctx.listeners.clone();
-    let secret_store = store.clone();
-    let secret_cache = ctx.clone();
-    let secret_cache = move |event: &watcher::Event<PartialObjectMeta<Secret>>| {
-        secret_cache.secrets.observe(event)
-    };
-    let user_store = store.clone();
     let (notice_refs, notice_triggers) = mpsc::unbounded_channel();
     tokio::spawn(handle_notices(ctx.clone(), notices, notice_refs));
     controller
-        // Token Secrets: only their metadata is watched; a change re-reads the token.
-        .watches_stream(
-            watcher(secrets, watcher::Config::default().any_semantic())
-                .default_backoff()
-                .inspect_ok(secret_cache)
-                .touched_objects(),
-            move |secret| {
-                let namespace = secret.namespace();
-                let name = secret.name_any();
-                secret_store
-                    .state()
-                    .iter()
-                    .filter(|l| l.namespace() == namespace && l.spec.token_secret_ref.name == name)
-                    .map(|l| ObjectRef::from_obj(l.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        // Owners: enabling, disabling, creating or deleting one changes its Listeners' status.
-        .watches(
-            users,
-            watcher::Config::default().any_semantic(),
-            move |user| {
-                let namespace = user.namespace();
-                let name = user.name_any();
-                user_store
-                    .state()
-                    .iter()
-                    .filter(|l| l.namespace() == namespace && l.spec.owner == name)
-                    .map(|l| ObjectRef::from_obj(l.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
         .reconcile_on(UnboundedReceiverStream::new(notice_triggers))
         .reconcile_on(UnboundedReceiverStream::new(triggers))
         .graceful_shutdown_on(shutdown)
@@ -101,78 +62,53 @@ pub async fn run_listener_controller(
         .await;
 }
 
-/// Turns forwarder notices into reconciles (state changes) and deletions (expired tokens).
+/// Turns forwarder notices into reconciles of the token's listeners, which then report the
+/// stream's state, or delete themselves when the token expired.
 async fn handle_notices(
     ctx: Arc<Context>,
     mut notices: mpsc::UnboundedReceiver<TokenNotice>,
     triggers: mpsc::UnboundedSender<ObjectRef<Listener>>,
 ) {
-    while let Some(notice) = notices.recv().await {
-        match notice {
-            TokenNotice::StateChanged(hash) => {
-                for id in ctx.index.listeners_of_token(&hash) {
-                    if let Some(reference) = object_ref(&id) {
-                        let _ = triggers.send(reference);
-                    }
-                }
-            }
-            TokenNotice::Expired(hash) => {
-                if let Err(error) = delete_listeners_of_token(&ctx, hash, None).await {
-                    tracing::warn!(token = %hash, %error, "could not delete the listeners of an expired token");
-                }
-            }
+    while let Some(TokenNotice(hash)) = notices.recv().await {
+        for id in ctx.index.listeners_of_token(&hash) {
+            let _ = triggers.send(object_ref(&id));
         }
     }
-}
-
-/// Deletes every Listener on a token (and `also`, which may not be in the index yet).
-async fn delete_listeners_of_token(
-    ctx: &Context,
-    hash: TokenHash,
-    also: Option<ListenerId>,
-) -> Result<(), Error> {
-    let mut ids = ctx.index.listeners_of_token(&hash);
-    ids.extend(also);
-    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    ids.dedup_by(|a, b| a.as_str() == b.as_str());
-    for id in ids {
-        let Some((namespace, name)) = id.as_str().split_once('/') else {
-            continue;
-        };
-        let api: Api<Listener> = Api::namespaced(ctx.client.clone(), namespace);
-        if delete_if_present(&api, name).await? {
-            tracing::info!(listener = %id, token = %hash, "deleted: token expired");
-        }
-    }
-    Ok(())
 }
 
 async fn reconcile(listener: Arc<Listener>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.count_reconcile("listener");
-    let namespace = listener.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<Listener> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&api, FINALIZER, listener, |event| async {
+    let id = listener_id(&listener).ok_or(Error::MissingNamespace)?;
+    let api: Api<Listener> = Api::namespaced(ctx.client.clone(), id.namespace());
+    let action = finalizer(&api, FINALIZER, listener, |event| async {
         match event {
-            FinalizerEvent::Apply(listener) => apply(&listener, &namespace, &api, &ctx).await,
-            FinalizerEvent::Cleanup(listener) => cleanup(&listener, &namespace, &ctx).await,
+            FinalizerEvent::Apply(listener) => apply(&listener, &id, &api, &ctx).await,
+            FinalizerEvent::Cleanup(listener) => cleanup(&listener, &id, &ctx).await,
         }
     })
-    .await
-    .map_err(Error::from)
+    .await?;
+    ctx.reconciled(&format!("listener/{id}"));
+    Ok(action)
 }
 
 fn error_policy(listener: Arc<Listener>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.retry_after_error("listener", &listener.name_any(), error)
+    let object = format!(
+        "{}/{}",
+        listener.namespace().unwrap_or_default(),
+        listener.name_any()
+    );
+    ctx.retry_after_error("listener", &object, error)
 }
 
-/// Reads the token from the Secret the Listener names; `Err` says, without the value, why not.
+/// Reads the token from the Secret the Listener names, in the Listener's own namespace; `Err`
+/// says, without the value, why not.
 async fn read_token(
     listener: &Listener,
-    namespace: &str,
+    id: &ListenerId,
     ctx: &Context,
 ) -> Result<Result<Token, String>, Error> {
     let reference = &listener.spec.token_secret_ref;
-    let Some(secret) = ctx.read_secret(namespace, &reference.name).await? else {
+    let Some(secret) = ctx.read_secret(id.namespace(), &reference.name).await? else {
         return Ok(Err(format!("Secret {} not found", reference.name)));
     };
     Ok(secret_value(&secret, &reference.key)
@@ -194,73 +130,124 @@ fn url_host(url: &Url) -> String {
     }
 }
 
+/// The part of a Listener's status its reconciler owns.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct ListenerStatusApply<'a> {
+    conditions: &'a [Condition],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url_host: Option<&'a str>,
+    observed_generation: i64,
+}
+
+/// The suspension and failure window this generation's status recorded, to carry them over a
+/// restart of the operator.
+fn recorded_suspension(
+    listener: &Listener,
+    generation: i64,
+) -> (Option<Suspension>, Option<DateTime<Utc>>) {
+    let suspension = listener
+        .condition("Ready")
+        .filter(|c| c.status == "False" && c.observed_generation == Some(generation))
+        .and_then(|c| match c.reason.as_str() {
+            "EndpointGone" => Some(Suspension::EndpointGone),
+            "EndpointFailing" => Some(Suspension::EndpointFailing),
+            _ => None,
+        });
+    let failing_since = listener
+        .status
+        .as_ref()
+        .and_then(|s| s.failure_window.as_ref())
+        .filter(|w| w.generation == generation)
+        .map(|w| w.since);
+    (suspension, failing_since)
+}
+
 async fn apply(
     listener: &Listener,
-    namespace: &str,
+    id: &ListenerId,
     api: &Api<Listener>,
     ctx: &Context,
 ) -> Result<Action, Error> {
-    let name = listener.name_any();
-    let id = listener_id(namespace, &name);
     let generation = listener.meta().generation.unwrap_or(0);
     let now = ctx.clock.now();
-    let token = read_token(listener, namespace, ctx).await?;
+    if !ctx.engine.knows(id) {
+        let (suspension, failing_since) = recorded_suspension(listener, generation);
+        if suspension.is_some() || failing_since.is_some() {
+            ctx.engine
+                .restore(id, generation, suspension, failing_since);
+        }
+    }
 
+    // The client's own statement that this registration is over: only this Listener goes.
     if listener.spec.expires_at.is_some_and(|at| at <= now) {
-        match &token {
-            Ok(token) => delete_listeners_of_token(ctx, token.hash(), Some(id)).await?,
-            Err(_) => {
-                delete_if_present(api, &name).await?;
-            }
+        if delete_if_present(api, id.name()).await? {
+            tracing::info!(listener = %id, "Deleted the Listener: its spec.expiresAt has passed.");
         }
         return Ok(Action::await_change());
     }
 
+    ctx.secret_refs
+        .set(id, &listener.spec.token_secret_ref.name);
+    let token = read_token(listener, id, ctx).await?;
+
+    let owner_key = OwnerKey::new(id.namespace(), listener.spec.owner.as_str());
     let owner = ctx
         .users
-        .get(&ObjectRef::new(&listener.spec.owner).within(namespace));
-    if let Some(owner) = &owner {
-        adopt(listener, owner, api).await?;
-    }
+        .get(&ObjectRef::new(&listener.spec.owner).within(id.namespace()));
+    set_owner_reference(listener, owner.as_deref(), api, ctx).await?;
     let owner_state = match &owner {
         None => OwnerState::Missing,
         Some(user) if !user.spec.enabled => OwnerState::Disabled,
-        Some(_) => OwnerState::Enabled,
+        Some(_) => match ctx.index.owner(&owner_key) {
+            Some(entry) if entry.client_secret.is_some() => OwnerState::Enabled,
+            _ => OwnerState::WithoutCredentials,
+        },
     };
+    // Queued deliveries and retries of an owner that cannot take them stop.
+    ctx.engine
+        .set_paused(id, owner_state != OwnerState::Enabled);
 
-    let url = Url::parse(&listener.spec.url)
-        .map_err(|e| Error::InvalidSpec(format!("spec.url is not a url: {e}")))?;
-    let token_state = match token {
-        Err(why) => {
-            if let Some(previous) = ctx.index.remove_listener(&id) {
-                ctx.forwarders.release_if_unused(previous);
-            }
-            TokenState::SecretMissing(why)
-        }
-        Ok(token) => {
+    let url = Url::parse(&listener.spec.url);
+    let token_state = match (&token, &url) {
+        (Ok(token), Ok(url)) => {
             let hash = token.hash();
-            let moved_from = ctx.index.upsert_listener(ListenerEntry {
-                id: id.clone(),
-                owner: OwnerKey {
-                    namespace: namespace.to_owned(),
-                    name: listener.spec.owner.clone(),
+            ctx.forwarders.attach(
+                ListenerEntry {
+                    id: id.clone(),
+                    owner: owner_key,
+                    token: hash,
+                    generation,
+                    event_types: listener.spec.event_types.iter().copied().collect(),
+                    url: Arc::new(url.clone()),
+                    user_id: Arc::from(listener.spec.user_id.as_str()),
+                    expires_at: listener.spec.expires_at,
                 },
-                token: hash,
-                generation,
-                event_types: listener.spec.event_types.iter().copied().collect(),
-                url: Arc::new(url.clone()),
-                user_id: Arc::from(listener.spec.user_id.as_str()),
-                expires_at: listener.spec.expires_at,
-            });
-            if let Some(previous) = moved_from {
-                ctx.forwarders.release_if_unused(previous);
+                token,
+            );
+            let state = ctx
+                .forwarders
+                .state(&hash)
+                .unwrap_or(StreamState::Connecting);
+            if state == StreamState::Expired {
+                // The event server said TOKEN_EXPIRED: every Listener on the token goes. A failed
+                // delete is an error, retried by the error policy until it succeeds.
+                if delete_if_present(api, id.name()).await? {
+                    tracing::info!(listener = %id, token = %hash, "Deleted the Listener: the event server says its token expired.");
+                }
+                return Ok(Action::await_change());
             }
-            ctx.forwarders.ensure(&token);
-            TokenState::Stream(
-                ctx.forwarders
-                    .state(&hash)
-                    .unwrap_or(StreamState::Connecting),
-            )
+            TokenState::Stream(state)
+        }
+        (Err(why), _) => {
+            ctx.forwarders.detach(id);
+            TokenState::SecretMissing(why.clone())
+        }
+        (Ok(_), Err(_)) => {
+            ctx.forwarders.detach(id);
+            TokenState::Stream(StreamState::Connecting)
         }
     };
 
@@ -268,42 +255,43 @@ async fn apply(
     let observation = ListenerObservation {
         owner: owner_state,
         token: token_state,
-        suspension: ctx.engine.suspension(&id, generation),
+        suspension: ctx.engine.suspension(id, generation),
         token_was_valid: listener
             .condition("TokenValid")
             .is_some_and(|c| c.status == "True"),
     };
-    let conditions = to_conditions(
-        &listener_conditions(&observation),
-        &previous.conditions,
-        Some(generation),
-        now,
-    );
-    let host = Some(url_host(&url));
+    let mut desired = listener_conditions(&observation);
+    if let Err(error) = &url {
+        // The schema's rule and this parser disagree: say so instead of retrying forever.
+        desired[2] = DesiredCondition {
+            type_: "Ready",
+            status: "False",
+            reason: "InvalidSpec",
+            message: format!("spec.url cannot be used: {error}"),
+        };
+    }
+    let conditions = to_conditions(&desired, &previous.conditions, Some(generation), now);
+    let host = url.as_ref().ok().map(url_host);
     let unchanged = same_conditions(&conditions, &previous.conditions)
         && previous.expires_at == listener.spec.expires_at
         && previous.url_host == host
         && previous.observed_generation == Some(generation);
     if !unchanged {
-        let patch = json!({
-            "apiVersion": "webhooks.crownstone.rocks/v1alpha1",
-            "kind": "Listener",
-            "status": {
-                "conditions": conditions,
-                "expiresAt": listener.spec.expires_at,
-                "urlHost": host,
-                "observedGeneration": generation,
-            }
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let status = ListenerStatusApply {
+            conditions: &conditions,
+            expires_at: listener.spec.expires_at,
+            url_host: host.as_deref(),
+            observed_generation: generation,
+        };
+        apply_status(api, id.name(), FIELD_MANAGER, &status).await?;
+        if previous.observed_generation != Some(generation) {
+            // New, or its spec changed (perhaps its owner): the owner's count may have changed.
+            ctx.wake_user(id.namespace(), &listener.spec.owner);
+        }
     }
 
-    // Wake up when the token expires, so expiry needs no event; otherwise resync now and then.
+    // Wake up when the registration expires, so expiry needs no event; otherwise resync now
+    // and then.
     let resync = Duration::from_secs(600);
     let next = match listener.spec.expires_at {
         Some(at) => (at - now).to_std().unwrap_or(Duration::ZERO).min(resync),
@@ -312,27 +300,45 @@ async fn apply(
     Ok(Action::requeue(next))
 }
 
-/// Makes the owner the Listener's owner in Kubernetes terms too, for garbage collection.
-async fn adopt(listener: &Listener, owner: &WebhookUser, api: &Api<Listener>) -> Result<(), Error> {
-    let Some(uid) = owner.uid() else {
-        return Ok(());
-    };
-    let mut references: Vec<OwnerReference> = listener.owner_references().to_vec();
-    if references.iter().any(|r| r.uid == uid) {
+/// Makes `owner` the Listener's controlling owner in Kubernetes terms, for garbage collection,
+/// replacing any reference to another WebhookUser (the owner changed, or was recreated).
+async fn set_owner_reference(
+    listener: &Listener,
+    owner: Option<&WebhookUser>,
+    api: &Api<Listener>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let api_version = WebhookUser::api_version(&());
+    let kind = WebhookUser::kind(&());
+    let current = listener.owner_references();
+    let mut desired: Vec<OwnerReference> = current
+        .iter()
+        .filter(|r| !(r.kind == kind && r.api_version == api_version))
+        .cloned()
+        .collect();
+    if let Some(owner) = owner {
+        if let Some(uid) = owner.uid() {
+            desired.push(OwnerReference {
+                api_version: api_version.into_owned(),
+                kind: kind.into_owned(),
+                name: owner.name_any(),
+                uid,
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            });
+        }
+    }
+    if desired == current {
         return Ok(());
     }
-    // An owner of the same name but another uid was deleted and recreated: replace it.
-    references.retain(|r| !(r.kind == "WebhookUser" && r.name == owner.name_any()));
-    references.push(OwnerReference {
-        api_version: WebhookUser::api_version(&()).into_owned(),
-        kind: WebhookUser::kind(&()).into_owned(),
-        name: owner.name_any(),
-        uid,
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    });
-    let patch = json!({"metadata": {
-        "ownerReferences": references,
+    for dropped in current.iter().filter(|r| !desired.contains(r)) {
+        if let Some(namespace) = listener.namespace() {
+            ctx.wake_user(&namespace, &dropped.name);
+        }
+    }
+    // The resourceVersion makes this a compare-and-swap: a concurrent change is a conflict.
+    let patch = serde_json::json!({"metadata": {
+        "ownerReferences": desired,
         "resourceVersion": listener.resource_version(),
     }});
     api.patch(
@@ -344,27 +350,30 @@ async fn adopt(listener: &Listener, owner: &WebhookUser, api: &Api<Listener>) ->
     Ok(())
 }
 
-async fn cleanup(listener: &Listener, namespace: &str, ctx: &Context) -> Result<Action, Error> {
-    let name = listener.name_any();
-    let id = listener_id(namespace, &name);
-    if let Some(hash) = ctx.index.remove_listener(&id) {
-        ctx.forwarders.release_if_unused(hash);
-    }
-    ctx.engine.forget_listener(&id);
-
-    // The token Secret goes with the Listener, unless another Listener still uses it.
-    let secret = &listener.spec.token_secret_ref.name;
+async fn cleanup(listener: &Listener, id: &ListenerId, ctx: &Context) -> Result<Action, Error> {
+    ctx.forget_listener(id);
+    let namespace = id.namespace();
+    let secret_name = &listener.spec.token_secret_ref.name;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    // Only a token Secret the operator manages goes with the Listener, and only when no other
+    // Listener still reads it; a Secret a user created is never deleted.
     let shared = ctx.listeners.state().iter().any(|other| {
         other.namespace().as_deref() == Some(namespace)
-            && other.name_any() != name
+            && other.name_any() != id.name()
             && other.meta().deletion_timestamp.is_none()
-            && &other.spec.token_secret_ref.name == secret
+            && &other.spec.token_secret_ref.name == secret_name
     });
     if !shared {
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-        ctx.secrets.forget(namespace, secret);
-        delete_if_present(&secrets, secret).await?;
+        if let Some(secret) = secrets.get_opt(secret_name).await? {
+            let deletable =
+                is_managed(&secret.metadata) && credentials_owner(&secret.metadata).is_none();
+            if deletable {
+                ctx.secrets.forget(namespace, secret_name);
+                delete_if_present(&secrets, secret_name).await?;
+            }
+        }
     }
-    tracing::info!(listener = %id, "Listener removed");
+    ctx.wake_user(namespace, &listener.spec.owner);
+    tracing::info!(listener = %id, "Removed the Listener.");
     Ok(Action::await_change())
 }

@@ -4,29 +4,37 @@ mod conditions;
 mod credentials;
 mod listener;
 mod secret_cache;
+mod secrets;
 mod status;
 mod webhook_user;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::Store;
-use kube::Client;
+use kube::runtime::finalizer;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
 
 pub use conditions::{listener_conditions, ListenerObservation, OwnerState, TokenState};
 pub use credentials::{generate_credentials, Credentials, API_KEY, CLIENT_SECRET};
-pub use listener::{listener_id, run_listener_controller};
+pub use listener::run_listener_controller;
 pub use secret_cache::SecretCache;
+pub use secret_cache::SecretKey;
+pub use secrets::{is_managed, run_secret_watch, SecretRefs, MANAGED_BY, USER_LABEL};
 pub use status::StatusWriter;
-pub use webhook_user::run_webhook_user_controller;
+pub use webhook_user::{credentials_secret_name, run_webhook_user_controller};
 
 use crate::clock::SharedClock;
 use crate::delivery::DeliveryEngine;
+use crate::domain::ListenerId;
 use crate::forwarder::ForwarderRegistry;
 use crate::index::RoutingIndex;
 use crate::metrics::{ControllerLabel, ControllerMetrics};
@@ -34,8 +42,10 @@ use crate::resources::{Listener, WebhookUser};
 
 /// The finalizer both resources carry.
 pub const FINALIZER: &str = "webhooks.crownstone.rocks/cleanup";
-/// Label on every object the operator creates.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "crownstone-webhooks");
+
+/// The longest message the operator copies into a condition, `lastError` or an Event: text that
+/// comes from outside (an event server, a receiver) never grows status without bound.
+pub const MAX_MESSAGE_CHARS: usize = 256;
 
 /// What the reconcilers share.
 pub struct Context {
@@ -50,33 +60,165 @@ pub struct Context {
     pub default_daily_allowance: u64,
     pub listeners: Store<Listener>,
     pub users: Store<WebhookUser>,
-    /// Token Secrets as last read.
+    /// Secrets as last read.
     pub secrets: SecretCache,
+    /// Which Listeners name which token Secret, so a Secret event finds them without a scan.
+    pub secret_refs: SecretRefs,
+    /// Failed reconciles in a row, per object, for the backoff of transient errors.
+    pub failures_in_a_row: DashMap<String, u32>,
+    pub triggers: Triggers,
+}
+
+/// Where to ask for a reconcile outside the controllers' own watches.
+pub struct Triggers {
+    pub listeners: mpsc::UnboundedSender<ObjectRef<Listener>>,
+    pub users: mpsc::UnboundedSender<ObjectRef<WebhookUser>>,
+}
+
+/// The receiving ends of [`Triggers`], one per controller.
+pub struct TriggerStreams {
+    pub listeners: mpsc::UnboundedReceiver<ObjectRef<Listener>>,
+    pub users: mpsc::UnboundedReceiver<ObjectRef<WebhookUser>>,
+}
+
+impl Triggers {
+    pub fn new() -> (Triggers, TriggerStreams) {
+        let (listeners, listener_stream) = mpsc::unbounded_channel();
+        let (users, user_stream) = mpsc::unbounded_channel();
+        (
+            Triggers { listeners, users },
+            TriggerStreams {
+                listeners: listener_stream,
+                users: user_stream,
+            },
+        )
+    }
 }
 
 /// What can go wrong while reconciling.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API request failed: {0}")]
+    #[error("{}", describe_kube_error(.0))]
     Kube(#[from] kube::Error),
-    #[error("finalizer failed: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    #[error("object has no namespace")]
+    #[error("{}", describe_finalizer_error(.0))]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+    #[error("the object has no namespace")]
     MissingNamespace,
-    #[error("invalid spec: {0}")]
-    InvalidSpec(String),
+}
+
+/// How an error is handled: by what it says about the next attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Someone else wrote the object first (409, or a failed patch precondition): retry at once.
+    Conflict,
+    /// The API server could not answer now: retry with a growing backoff.
+    Transient,
+    /// Retrying cannot help until the object changes.
+    Permanent,
 }
 
 impl Error {
     /// A label for metrics: the kind of failure, never its details.
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "kube",
-            Error::Finalizer(_) => "finalizer",
-            Error::MissingNamespace => "missing_namespace",
-            Error::InvalidSpec(_) => "invalid_spec",
+        match self.kind() {
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Transient => "transient",
+            ErrorKind::Permanent => "permanent",
         }
     }
+
+    /// The Kubernetes API error underneath, if there is one.
+    fn kube_error(&self) -> Option<&kube::Error> {
+        match self {
+            Error::Kube(error) => Some(error),
+            Error::Finalizer(error) => match error.as_ref() {
+                finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
+                    inner.kube_error()
+                }
+                finalizer::Error::AddFinalizer(error)
+                | finalizer::Error::RemoveFinalizer(error) => Some(error),
+                finalizer::Error::UnnamedObject | finalizer::Error::InvalidFinalizer => None,
+            },
+            Error::MissingNamespace => None,
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self.kube_error() {
+            // 422 comes from the finalizer helper's JSON patch test: the list changed meanwhile.
+            Some(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => {
+                ErrorKind::Conflict
+            }
+            Some(kube::Error::Api(status)) if matches!(status.code, 400 | 403 | 404) => {
+                ErrorKind::Permanent
+            }
+            Some(_) => ErrorKind::Transient,
+            None => ErrorKind::Permanent,
+        }
+    }
+}
+
+/// One readable sentence for a Kubernetes API error: what the server said, not a struct dump.
+pub fn describe_kube_error(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            let message = if status.message.is_empty() {
+                "no message"
+            } else {
+                &status.message
+            };
+            format!(
+                "the API server answered {} ({}): {}",
+                status.code,
+                if status.reason.is_empty() {
+                    "no reason"
+                } else {
+                    &status.reason
+                },
+                cap_message(message)
+            )
+        }
+        other => cap_message(&other.to_string()),
+    }
+}
+
+fn describe_finalizer_error(error: &finalizer::Error<Error>) -> String {
+    match error {
+        finalizer::Error::ApplyFailed(inner) => inner.to_string(),
+        finalizer::Error::CleanupFailed(inner) => format!("cleanup failed: {inner}"),
+        finalizer::Error::AddFinalizer(error) => {
+            format!(
+                "could not add the finalizer: {}",
+                describe_kube_error(error)
+            )
+        }
+        finalizer::Error::RemoveFinalizer(error) => format!(
+            "could not remove the finalizer: {}",
+            describe_kube_error(error)
+        ),
+        finalizer::Error::UnnamedObject => "the object has no name".into(),
+        finalizer::Error::InvalidFinalizer => "the finalizer name is invalid".into(),
+    }
+}
+
+impl From<finalizer::Error<Error>> for Error {
+    fn from(error: finalizer::Error<Error>) -> Self {
+        Error::Finalizer(Box::new(error))
+    }
+}
+
+/// Text from outside, cut to [`MAX_MESSAGE_CHARS`] characters on a character boundary.
+pub fn cap_message(text: &str) -> String {
+    match text.char_indices().nth(MAX_MESSAGE_CHARS) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}…", &text[..end]),
+    }
+}
+
+/// Backoff after `failures` transient failures in a row: 1 s doubling to 5 min.
+fn transient_backoff(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(9);
+    Duration::from_secs(1u64 << exponent).min(Duration::from_secs(300))
 }
 
 impl Context {
@@ -87,6 +229,55 @@ impl Context {
         }
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         Ok(secrets.get_opt(name).await?.map(|s| self.secrets.put(s)))
+    }
+
+    /// Asks for a reconcile of a Listener.
+    pub fn wake_listener(&self, id: &ListenerId) {
+        let _ = self
+            .triggers
+            .listeners
+            .send(ObjectRef::new(id.name()).within(id.namespace()));
+    }
+
+    /// Asks for a reconcile of a WebhookUser (its listener count changed).
+    pub fn wake_user(&self, namespace: &str, name: &str) {
+        let _ = self
+            .triggers
+            .users
+            .send(ObjectRef::new(name).within(namespace));
+    }
+
+    /// Asks for a reconcile of every Listener of an owner: its existence, spec or credentials
+    /// changed. Rare, so a pass over the cache is fine here.
+    pub fn wake_listeners_of_owner(&self, namespace: &str, owner: &str) {
+        for listener in self.listeners.state() {
+            if listener.namespace().as_deref() == Some(namespace) && listener.spec.owner == owner {
+                let _ = self
+                    .triggers
+                    .listeners
+                    .send(ObjectRef::from_obj(listener.as_ref()));
+            }
+        }
+    }
+
+    /// Stops routing to a Listener that is gone (or going): its routing entry, its stream when
+    /// no other Listener uses the token, its delivery state and its Secret reference.
+    pub fn forget_listener(&self, id: &ListenerId) {
+        self.forwarders.detach(id);
+        self.engine.forget_listener(id);
+        self.secret_refs.remove(id);
+    }
+
+    /// Forgets every Listener of the index that the cache no longer has: deleted while a watch
+    /// was down, or deleted without its finalizer running.
+    pub fn forget_vanished_listeners(&self) {
+        for id in self.index.listener_ids() {
+            let reference = ObjectRef::<Listener>::new(id.name()).within(id.namespace());
+            if self.listeners.get(&reference).is_none() {
+                tracing::info!(listener = %id, "Forgot a Listener that is gone.");
+                self.forget_listener(&id);
+            }
+        }
     }
 
     /// Counts one reconciliation of `controller`.
@@ -100,7 +291,12 @@ impl Context {
             .inc();
     }
 
-    /// The error policy of both controllers: count, log, retry soon.
+    /// Forgets the failures of an object that reconciled.
+    fn reconciled(&self, object: &str) {
+        self.failures_in_a_row.remove(object);
+    }
+
+    /// The error policy of both controllers: count, log by kind, and retry as the kind says.
     fn retry_after_error(&self, controller: &'static str, object: &str, error: &Error) -> Action {
         self.metrics
             .failures
@@ -109,8 +305,29 @@ impl Context {
                 error: error.metric_label(),
             })
             .inc();
-        tracing::warn!(controller, object, %error, "reconciling failed");
-        Action::requeue(Duration::from_secs(5))
+        match error.kind() {
+            ErrorKind::Conflict => {
+                tracing::debug!(controller, object, %error, "Reconcile met a conflict; retrying at once.");
+                Action::requeue(Duration::from_millis(50))
+            }
+            ErrorKind::Transient => {
+                let failures = {
+                    let mut count = self
+                        .failures_in_a_row
+                        .entry(format!("{controller}/{object}"))
+                        .or_insert(0);
+                    *count += 1;
+                    *count
+                };
+                let delay = transient_backoff(failures);
+                tracing::warn!(controller, object, %error, failures, retry_in = ?delay, "Reconcile failed; retrying after a backoff.");
+                Action::requeue(delay)
+            }
+            ErrorKind::Permanent => {
+                tracing::warn!(controller, object, %error, "Reconcile failed in a way a retry cannot fix; waiting for a change.");
+                Action::requeue(Duration::from_secs(600))
+            }
+        }
     }
 }
 
@@ -131,8 +348,88 @@ where
     }
 }
 
-impl From<kube::runtime::finalizer::Error<Error>> for Error {
-    fn from(error: kube::runtime::finalizer::Error<Error>) -> Self {
-        Error::Finalizer(Box::new(error))
+/// A server-side apply of part of a resource's status, typed: `S` holds exactly the fields the
+/// field manager owns.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct StatusApply<'a, S> {
+    api_version: &'a str,
+    kind: &'a str,
+    status: &'a S,
+}
+
+/// Applies `status` (the fields `manager` owns) to the status of `K` named `name`.
+pub(crate) async fn apply_status<K, S>(
+    api: &Api<K>,
+    name: &str,
+    manager: &str,
+    status: &S,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize + std::fmt::Debug,
+{
+    let patch = StatusApply {
+        api_version: &K::api_version(&()),
+        kind: &K::kind(&()),
+        status,
+    };
+    api.patch_status(
+        name,
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+
+    fn api_error(code: u16) -> Error {
+        Error::Kube(kube::Error::Api(Box::new(
+            Status::failure("the object has been modified", "Conflict").with_code(code),
+        )))
+    }
+
+    #[test]
+    fn errors_are_handled_by_kind() {
+        assert_eq!(api_error(409).kind(), ErrorKind::Conflict);
+        let finalizer_conflict: Error = finalizer::Error::AddFinalizer(kube::Error::Api(Box::new(
+            Status::failure("test failed", "Invalid").with_code(422),
+        )))
+        .into();
+        assert_eq!(finalizer_conflict.kind(), ErrorKind::Conflict);
+        assert_eq!(api_error(500).kind(), ErrorKind::Transient);
+        assert_eq!(api_error(403).kind(), ErrorKind::Permanent);
+        assert_eq!(Error::MissingNamespace.kind(), ErrorKind::Permanent);
+    }
+
+    #[test]
+    fn api_errors_read_as_one_sentence_without_a_struct_dump() {
+        let text = api_error(409).to_string();
+        assert_eq!(
+            text,
+            "the API server answered 409 (Conflict): the object has been modified"
+        );
+        assert!(!text.contains("Status {"));
+    }
+
+    #[test]
+    fn transient_backoff_grows_and_is_capped() {
+        assert_eq!(transient_backoff(1), Duration::from_secs(1));
+        assert_eq!(transient_backoff(2), Duration::from_secs(2));
+        assert_eq!(transient_backoff(5), Duration::from_secs(16));
+        assert_eq!(transient_backoff(50), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn messages_from_outside_are_capped() {
+        assert_eq!(cap_message("short"), "short");
+        let long = "é".repeat(1000);
+        let capped = cap_message(&long);
+        assert_eq!(capped.chars().count(), MAX_MESSAGE_CHARS + 1);
     }
 }

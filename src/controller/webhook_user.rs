@@ -8,46 +8,48 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::conditions::{same_conditions, to_conditions, DesiredCondition};
 use super::credentials::{generate_credentials, API_KEY, CLIENT_SECRET};
-use super::{delete_if_present, Context, Error, FINALIZER, MANAGED_BY};
-use crate::delivery::ClientSecret;
-use crate::index::{OwnerEntry, OwnerKey};
-use crate::resources::{Listener, WebhookUser, WebhookUserStatus, FIELD_MANAGER};
+use super::secrets::{credentials_owner, is_managed, MANAGED_BY, USER_LABEL};
+use super::{apply_status, delete_if_present, Context, Error, FINALIZER};
+use crate::domain::{ClientSecret, OwnerKey};
+use crate::index::{OwnerEntry, RoutingIndex};
+use crate::resources::{Listener, WebhookUser, FIELD_MANAGER};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
-/// Label on a credentials Secret naming its WebhookUser.
-pub const USER_LABEL: &str = "webhooks.crownstone.rocks/webhookuser";
+const CREDENTIALS_SUFFIX: &str = "-credentials";
 
 /// The name of a WebhookUser's credentials Secret.
 pub fn credentials_secret_name(user: &str) -> String {
-    format!("{user}-credentials")
+    format!("{user}{CREDENTIALS_SUFFIX}")
 }
 
-/// Runs the WebhookUser controller until `shutdown` resolves.
+/// The WebhookUser whose credentials Secret this could be, by its name.
+pub(super) fn user_of_credentials_secret(secret: &str) -> Option<&str> {
+    secret
+        .strip_suffix(CREDENTIALS_SUFFIX)
+        .filter(|user| !user.is_empty())
+}
+
+/// Runs the WebhookUser controller until `shutdown` resolves. `triggers` come from the Secret
+/// watch (a credentials Secret changed) and the Listener reconciler (a Listener came or went).
 pub async fn run_webhook_user_controller(
     controller: Controller<WebhookUser>,
-    listeners: Api<Listener>,
     ctx: Arc<Context>,
+    triggers: mpsc::UnboundedReceiver<ObjectRef<WebhookUser>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     controller
-        // A Listener coming or going changes its owner's listener count.
-        .watches(
-            listeners,
-            watcher::Config::default().any_semantic(),
-            |listener| {
-                let namespace = listener.namespace()?;
-                Some(ObjectRef::new(&listener.spec.owner).within(&namespace))
-            },
-        )
+        .reconcile_on(UnboundedReceiverStream::new(triggers))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
@@ -57,48 +59,109 @@ pub async fn run_webhook_user_controller(
 async fn reconcile(user: Arc<WebhookUser>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.count_reconcile("webhookuser");
     let namespace = user.namespace().ok_or(Error::MissingNamespace)?;
+    let object = format!("webhookuser/{namespace}/{}", user.name_any());
     let api: Api<WebhookUser> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&api, FINALIZER, user, |event| async {
+    let action = finalizer(&api, FINALIZER, user, |event| async {
         match event {
             FinalizerEvent::Apply(user) => apply(&user, &namespace, &ctx).await,
             FinalizerEvent::Cleanup(user) => cleanup(&user, &namespace, &ctx).await,
         }
     })
-    .await
-    .map_err(Error::from)
+    .await?;
+    ctx.reconciled(&object);
+    Ok(action)
 }
 
 fn error_policy(user: Arc<WebhookUser>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.retry_after_error("webhookuser", &user.name_any(), error)
+    let object = format!(
+        "{}/{}",
+        user.namespace().unwrap_or_default(),
+        user.name_any()
+    );
+    ctx.retry_after_error("webhookuser", &object, error)
 }
 
-/// Reads the client secret from the credentials Secret, creating the Secret when missing.
-/// `Ok(None)` when the Secret exists without a usable client secret.
+/// What the user's credentials Secret holds, as far as delivery is concerned.
+enum CredentialsState {
+    Ready(ClientSecret),
+    /// No delivery can be signed; the condition says why and what to do.
+    Unusable {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Reads the client secret from the credentials Secret, creating the Secret when missing. A
+/// Secret of that name that the operator did not create is never adopted.
 async fn ensure_credentials(
     user: &WebhookUser,
     namespace: &str,
     ctx: &Context,
-) -> Result<Option<String>, Error> {
-    let name = credentials_secret_name(&user.name_any());
-    if let Some(secret) = ctx.read_secret(namespace, &name).await? {
-        return Ok(secret_value(&secret, CLIENT_SECRET));
+) -> Result<CredentialsState, Error> {
+    let user_name = user.name_any();
+    let name = credentials_secret_name(&user_name);
+    let existing = match ctx.read_secret(namespace, &name).await? {
+        Some(secret) => secret,
+        None => {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+            let credentials = generate_credentials();
+            let secret = credentials_secret(user, &name, &credentials);
+            match secrets.create(&PostParams::default(), &secret).await {
+                Ok(created) => {
+                    ctx.secrets.put(created);
+                    tracing::info!(namespace, user = %user_name, secret = %name, "Created the user's credentials.");
+                    return Ok(CredentialsState::Ready(ClientSecret::new(
+                        credentials.client_secret,
+                    )));
+                }
+                // Created meanwhile by someone else: judge what is stored.
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    match secrets.get_opt(&name).await? {
+                        Some(secret) => ctx.secrets.put(secret),
+                        None => return Err(kube::Error::Api(status).into()),
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    };
+    if !is_managed(&existing.metadata) || credentials_owner(&existing.metadata) != Some(&user_name)
+    {
+        return Ok(CredentialsState::Unusable {
+            reason: "CredentialsSecretConflict",
+            message: format!(
+                "Secret {name} exists but was not created by the operator for this user; \
+                 delete or rename it and the operator creates the credentials"
+            ),
+        });
     }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let credentials = generate_credentials();
-    let secret = Secret {
+    Ok(match secret_value(&existing, CLIENT_SECRET) {
+        Some(secret) => CredentialsState::Ready(ClientSecret::new(secret)),
+        None => CredentialsState::Unusable {
+            reason: "CredentialsInvalid",
+            message: format!(
+                "Secret {name} has no {CLIENT_SECRET}; delete it to have new credentials made"
+            ),
+        },
+    })
+}
+
+fn credentials_secret(user: &WebhookUser, name: &str, credentials: &super::Credentials) -> Secret {
+    Secret {
         metadata: ObjectMeta {
-            name: Some(name.clone()),
-            labels: Some(BTreeMap::from([
-                (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
-                (USER_LABEL.to_owned(), user.name_any()),
-            ])),
+            name: Some(name.to_owned()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY.0.to_owned(),
+                MANAGED_BY.1.to_owned(),
+            )])),
+            annotations: Some(BTreeMap::from([(USER_LABEL.to_owned(), user.name_any())])),
             owner_references: user.controller_owner_ref(&()).map(|r| vec![r]),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([
             (
                 API_KEY.to_owned(),
-                ByteString(credentials.api_key.into_bytes()),
+                ByteString(credentials.api_key.clone().into_bytes()),
             ),
             (
                 CLIENT_SECRET.to_owned(),
@@ -107,18 +170,6 @@ async fn ensure_credentials(
         ])),
         type_: Some("Opaque".to_owned()),
         ..Secret::default()
-    };
-    match secrets.create(&PostParams::default(), &secret).await {
-        Ok(_) => {
-            tracing::info!(user = %user.name_any(), secret = %name, "created credentials");
-            Ok(Some(credentials.client_secret))
-        }
-        // Created meanwhile by an earlier reconcile: use what is stored.
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(secrets
-            .get_opt(&name)
-            .await?
-            .and_then(|s| secret_value(&s, CLIENT_SECRET))),
-        Err(error) => Err(error.into()),
     }
 }
 
@@ -129,26 +180,61 @@ pub(super) fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
 }
 
+/// The part of a WebhookUser's status its reconciler owns.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct UserStatusApply<'a> {
+    conditions: &'a [Condition],
+    credentials_secret: &'a str,
+    listeners: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    observed_generation: Option<i64>,
+}
+
+/// Whether routing sees a different owner than before: then its Listeners are to be reconciled.
+fn routing_changed(index: &RoutingIndex, key: &OwnerKey, entry: &OwnerEntry) -> bool {
+    match index.owner(key) {
+        None => true,
+        Some(previous) => {
+            previous.enabled != entry.enabled
+                || previous.daily_allowance != entry.daily_allowance
+                || previous.client_secret != entry.client_secret
+        }
+    }
+}
+
 async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Action, Error> {
     let name = user.name_any();
-    let client_secret = ensure_credentials(user, namespace, ctx).await?;
-    let key = OwnerKey {
-        namespace: namespace.to_owned(),
-        name: name.clone(),
-    };
-    ctx.index.upsert_owner(
-        key.clone(),
-        OwnerEntry {
-            enabled: user.spec.enabled,
-            daily_allowance: user
-                .spec
-                .daily_allowance
-                .unwrap_or(ctx.default_daily_allowance),
-            client_secret: client_secret.as_deref().map(ClientSecret::new),
+    let credentials = ensure_credentials(user, namespace, ctx).await?;
+    let key = OwnerKey::new(namespace, name.as_str());
+    let entry = OwnerEntry {
+        enabled: user.spec.enabled,
+        daily_allowance: user
+            .spec
+            .daily_allowance
+            .unwrap_or(ctx.default_daily_allowance),
+        client_secret: match &credentials {
+            CredentialsState::Ready(secret) => Some(secret.clone()),
+            CredentialsState::Unusable { .. } => None,
         },
-    );
+    };
     if let Some(usage) = user.status.as_ref().and_then(|s| s.usage.as_ref()) {
-        ctx.index.seed_usage(&key, usage);
+        if let Some(day) = crate::clock::parse_day(&usage.day) {
+            ctx.index.seed_usage(
+                &key,
+                crate::index::DayUsage {
+                    day,
+                    deliveries: usage.deliveries,
+                },
+            );
+        }
+    }
+    let changed = routing_changed(&ctx.index, &key, &entry);
+    ctx.index.upsert_owner(key, entry);
+    if changed {
+        // Only what Listeners depend on wakes them: existence, spec and credentials, never
+        // this user's own status.
+        ctx.wake_listeners_of_owner(namespace, &name);
     }
 
     let listeners = ctx
@@ -157,66 +243,47 @@ async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Act
         .iter()
         .filter(|l| l.namespace().as_deref() == Some(namespace) && l.spec.owner == name)
         .count() as u32;
-    let ready = if client_secret.is_none() {
-        DesiredCondition {
+    let ready = match &credentials {
+        CredentialsState::Unusable { reason, message } => DesiredCondition {
             type_: "Ready",
             status: "False",
-            reason: "CredentialsInvalid",
-            message: format!(
-                "Secret {} has no {CLIENT_SECRET}; delete it to have new credentials made",
-                credentials_secret_name(&name)
-            ),
-        }
-    } else if !user.spec.enabled {
-        DesiredCondition {
+            reason,
+            message: message.clone(),
+        },
+        CredentialsState::Ready(_) if !user.spec.enabled => DesiredCondition {
             type_: "Ready",
             status: "False",
             reason: "Disabled",
             message: "The user is disabled: its listeners receive nothing".into(),
-        }
-    } else {
-        DesiredCondition {
+        },
+        CredentialsState::Ready(_) => DesiredCondition {
             type_: "Ready",
             status: "True",
             reason: "CredentialsReady",
             message: "Credentials are in place; listeners receive events".into(),
-        }
+        },
     };
     let previous = user.status.clone().unwrap_or_default();
-    let status = WebhookUserStatus {
-        conditions: to_conditions(
-            &[ready],
-            &previous.conditions,
-            user.meta().generation,
-            ctx.clock.now(),
-        ),
-        credentials_secret: Some(credentials_secret_name(&name)),
-        listeners,
-        usage: None,
-        observed_generation: user.meta().generation,
-    };
-    let unchanged = same_conditions(&status.conditions, &previous.conditions)
-        && status.credentials_secret == previous.credentials_secret
-        && status.listeners == previous.listeners
-        && status.observed_generation == previous.observed_generation;
+    let conditions = to_conditions(
+        &[ready],
+        &previous.conditions,
+        user.meta().generation,
+        ctx.clock.now(),
+    );
+    let credentials_secret = credentials_secret_name(&name);
+    let unchanged = same_conditions(&conditions, &previous.conditions)
+        && previous.credentials_secret.as_deref() == Some(credentials_secret.as_str())
+        && previous.listeners == listeners
+        && previous.observed_generation == user.meta().generation;
     if !unchanged {
         let api: Api<WebhookUser> = Api::namespaced(ctx.client.clone(), namespace);
-        let patch = json!({
-            "apiVersion": "webhooks.crownstone.rocks/v1alpha1",
-            "kind": "WebhookUser",
-            "status": {
-                "conditions": status.conditions,
-                "credentialsSecret": status.credentials_secret,
-                "listeners": status.listeners,
-                "observedGeneration": status.observed_generation,
-            }
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let status = UserStatusApply {
+            conditions: &conditions,
+            credentials_secret: &credentials_secret,
+            listeners,
+            observed_generation: user.meta().generation,
+        };
+        apply_status(&api, &name, FIELD_MANAGER, &status).await?;
     }
     Ok(Action::requeue(Duration::from_secs(600)))
 }
@@ -230,12 +297,31 @@ async fn cleanup(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<A
             delete_if_present(&listeners, &listener.name_any()).await?;
         }
     }
-    ctx.index.remove_owner(&OwnerKey {
-        namespace: namespace.to_owned(),
-        name: name.clone(),
-    });
+    ctx.index
+        .remove_owner(&OwnerKey::new(namespace, name.as_str()));
+    ctx.wake_listeners_of_owner(namespace, &name);
+    // Only a credentials Secret the operator made for this user goes with it.
+    let secret_name = credentials_secret_name(&name);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    delete_if_present(&secrets, &credentials_secret_name(&name)).await?;
-    tracing::info!(user = %name, "WebhookUser deleted with its listeners and credentials");
+    if let Some(secret) = secrets.get_opt(&secret_name).await? {
+        if is_managed(&secret.metadata) && credentials_owner(&secret.metadata) == Some(&name) {
+            ctx.secrets.forget(namespace, &secret_name);
+            delete_if_present(&secrets, &secret_name).await?;
+        }
+    }
+    tracing::info!(namespace, user = %name, "Deleted the WebhookUser with its listeners and credentials.");
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_secrets_name_their_user() {
+        assert_eq!(credentials_secret_name("acme"), "acme-credentials");
+        assert_eq!(user_of_credentials_secret("acme-credentials"), Some("acme"));
+        assert_eq!(user_of_credentials_secret("-credentials"), None);
+        assert_eq!(user_of_credentials_secret("acme-token"), None);
+    }
 }

@@ -440,6 +440,10 @@ fn ready_for_attempt(mut delivery: Delivery, shared: &Shared) -> Option<Delivery
         delivery.settle(Settlement::Dropped(DropReason::Suspended), shared);
         return None;
     }
+    if delivery.listener.is_paused() {
+        delivery.settle(Settlement::Dropped(DropReason::Paused), shared);
+        return None;
+    }
     if Instant::now() >= delivery.deadline {
         let reason = delivery.expiry_reason(shared.config.max_delivery_age);
         delivery.settle(Settlement::Failed(reason, FailureEffect::Counted), shared);

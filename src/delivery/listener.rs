@@ -36,6 +36,16 @@ impl FailureWindow {
 
     /// A delivery failed at `at`. True once every delivery has failed for at least `window`
     /// since the first failure after the last success.
+    /// When the current run of failures started, if one is running.
+    pub(crate) fn since(&self) -> Option<DateTime<Utc>> {
+        self.first_failure
+    }
+
+    /// Continues a run of failures that started at `since` (before a restart).
+    pub(crate) fn restore(&mut self, since: DateTime<Utc>) {
+        self.first_failure = Some(since);
+    }
+
     pub(crate) fn failure(&mut self, at: DateTime<Utc>, window: Duration) -> bool {
         let first = *self.first_failure.get_or_insert(at);
         let window = TimeDelta::from_std(window).unwrap_or(TimeDelta::MAX);
@@ -51,6 +61,9 @@ pub(crate) struct ListenerEntry {
     suspended_through: AtomicI64,
     /// The listener was forgotten: its queued deliveries are dropped.
     removed: AtomicBool,
+    /// The listener's owner cannot take deliveries now (disabled, gone, no credentials): its
+    /// queued deliveries and retries are dropped instead of attempted.
+    paused: AtomicBool,
     state: Mutex<ListenerState>,
 }
 
@@ -86,6 +99,9 @@ impl ListenerState {
             self.dirty = true;
         }
         self.generation = generation;
+        if self.failures.since().is_some() {
+            self.dirty = true;
+        }
         self.failures = FailureWindow::default();
     }
 
@@ -102,6 +118,7 @@ impl ListenerEntry {
             id,
             suspended_through: AtomicI64::new(i64::MIN),
             removed: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             state: Mutex::new(ListenerState {
                 generation: i64::MIN,
                 delivered: 0,
@@ -130,6 +147,38 @@ impl ListenerEntry {
 
     pub(crate) fn mark_removed(&self) {
         self.removed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+    }
+
+    /// Takes over what a status recorded before a restart: a suspension of `generation` and
+    /// the start of a run of failures. Only a listener the engine has not seen at all yet is
+    /// restored; what the engine observed itself is newer.
+    pub(crate) fn restore(
+        &self,
+        generation: i64,
+        suspension: Option<Suspension>,
+        failing_since: Option<DateTime<Utc>>,
+    ) {
+        let mut state = self.state.lock();
+        if state.generation != i64::MIN {
+            return;
+        }
+        state.generation = generation;
+        if let Some(since) = failing_since {
+            state.failures.restore(since);
+        }
+        if let Some(kind) = suspension {
+            state.suspension = Some((generation, kind));
+            self.suspended_through
+                .fetch_max(generation, Ordering::AcqRel);
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, ListenerState> {
@@ -205,6 +254,7 @@ impl ListenerEntry {
             last_error: state.last_error.take(),
             last_drop_reason: state.last_drop_reason.take(),
             suspension: state.current_suspension(),
+            failing_since: state.failures.since(),
         })
     }
 }
@@ -271,7 +321,7 @@ mod tests {
 
     #[test]
     fn suspension_is_scoped_to_its_generation() {
-        let entry = ListenerEntry::new(ListenerId::from("ns/one"));
+        let entry = ListenerEntry::new(ListenerId::new("ns", "one"));
         let gone = entry.record_failed(3, "HTTP 410 Gone".into(), at(0), DAY, FailureEffect::Gone);
         assert_eq!(gone, Some(Suspension::EndpointGone));
         assert!(entry.is_suspended(3));
@@ -298,7 +348,7 @@ mod tests {
 
     #[test]
     fn shutdown_failures_do_not_suspend() {
-        let entry = ListenerEntry::new(ListenerId::from("ns/one"));
+        let entry = ListenerEntry::new(ListenerId::new("ns", "one"));
         let effect = FailureEffect::NotCounted;
         for hour in [0, 30, 60] {
             let suspension = entry.record_failed(1, "x".into(), at(hour), DAY, effect);
@@ -309,7 +359,7 @@ mod tests {
 
     #[test]
     fn reports_are_deltas() {
-        let entry = ListenerEntry::new(ListenerId::from("ns/one"));
+        let entry = ListenerEntry::new(ListenerId::new("ns", "one"));
         entry.record_delivered(1, at(1));
         entry.record_delivered(1, at(2));
         entry.record_dropped(1, DropReason::QueueFull);
@@ -343,5 +393,28 @@ mod tests {
             second.and_then(|r| r.last_error).as_deref(),
             Some("HTTP 500 Internal Server Error")
         );
+    }
+
+    #[test]
+    fn a_restored_suspension_and_failure_window_hold() {
+        let entry = ListenerEntry::new(ListenerId::new("ns", "one"));
+        entry.restore(3, Some(Suspension::EndpointGone), Some(at(0)));
+        assert!(entry.is_suspended(3));
+        assert!(!entry.is_suspended(4));
+        let report = entry.take_report();
+        assert!(report.is_none(), "restoring is not news");
+        // The restored window goes on: a failure a day after its start suspends.
+        let entry = ListenerEntry::new(ListenerId::new("ns", "two"));
+        entry.restore(1, None, Some(at(0)));
+        let suspension =
+            entry.record_failed(1, "HTTP 500".into(), at(24), DAY, FailureEffect::Counted);
+        assert_eq!(suspension, Some(Suspension::EndpointFailing));
+        assert_eq!(
+            entry.take_report().and_then(|r| r.failing_since),
+            Some(at(0))
+        );
+        // What the engine saw itself is not overwritten by a later restore.
+        entry.restore(1, None, None);
+        assert!(entry.is_suspended(1));
     }
 }

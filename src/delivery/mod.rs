@@ -27,6 +27,8 @@ use std::{
 };
 
 use bytes::Bytes;
+
+pub use crate::domain::{ClientSecret, ListenerId};
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use http::HeaderValue;
@@ -48,68 +50,6 @@ pub use url_policy::{AddressClass, DestinationRefused, UrlPolicy, UrlRefused};
 use destination::{Delivery, DestinationKey, DestinationQueue, Rejected, Settlement};
 use listener::{FailureEffect, ListenerEntry};
 use metrics::DeliveryMetrics;
-
-/// Identifies a listener, as `namespace/name`; opaque to the engine.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ListenerId(Arc<str>);
-
-impl ListenerId {
-    /// A listener id, such as `"default/my-listener"`.
-    pub fn new(id: impl Into<Arc<str>>) -> Self {
-        Self(id.into())
-    }
-
-    /// The id as given.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<&str> for ListenerId {
-    fn from(id: &str) -> Self {
-        Self::new(id)
-    }
-}
-
-impl From<String> for ListenerId {
-    fn from(id: String) -> Self {
-        Self::new(id)
-    }
-}
-
-impl fmt::Debug for ListenerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-impl fmt::Display for ListenerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// An owner's client secret. `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ClientSecret(Arc<str>);
-
-impl ClientSecret {
-    /// Wraps a secret.
-    pub fn new(secret: impl Into<Arc<str>>) -> Self {
-        Self(secret.into())
-    }
-
-    /// The secret itself, for the body and the signing key.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ClientSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
 
 /// Where and as whom to deliver an event. Cheap to clone; keep one per listener and reuse it
 /// (the engine then reuses the body prefix, signing key and queue it prepared for it).
@@ -159,15 +99,18 @@ pub enum DropReason {
     Suspended,
     /// The listener was forgotten while the delivery waited.
     ListenerRemoved,
+    /// The listener's owner was disabled or removed while the delivery waited.
+    Paused,
 }
 
 impl DropReason {
     /// Every reason, for registering metrics up front.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::QueueFull,
         Self::ShuttingDown,
         Self::Suspended,
         Self::ListenerRemoved,
+        Self::Paused,
     ];
 
     /// The metric label: `queue_full`, `shutting_down`, `suspended`, `listener_removed`.
@@ -177,7 +120,37 @@ impl DropReason {
             Self::ShuttingDown => "shutting_down",
             Self::Suspended => "suspended",
             Self::ListenerRemoved => "listener_removed",
+            Self::Paused => "paused",
         }
+    }
+
+    /// What a drop means, for a Listener's `lastError`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::QueueFull => "dropped: the receiver's queue was full",
+            Self::ShuttingDown => "dropped: the operator was shutting down",
+            Self::Suspended => "dropped: deliveries to this listener are suspended",
+            Self::ListenerRemoved => "dropped: the listener was removed",
+            Self::Paused => "dropped: the owner was disabled or removed",
+        }
+    }
+}
+
+/// What became of a submitted delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submission {
+    /// Queued for its destination: it will be attempted.
+    Queued,
+    /// Dropped before any attempt.
+    Dropped(DropReason),
+    /// Refused before any attempt: the url can never be delivered to.
+    Refused,
+}
+
+impl Submission {
+    /// Whether the delivery will be attempted.
+    pub fn is_queued(self) -> bool {
+        self == Submission::Queued
     }
 }
 
@@ -203,6 +176,9 @@ pub struct ListenerReport {
     pub last_drop_reason: Option<DropReason>,
     /// The listener's suspension for `generation`, reported whenever it starts or is lifted.
     pub suspension: Option<Suspension>,
+    /// When the current run of failed deliveries of `generation` began (no success since), if
+    /// one is running; the start of the `EndpointFailing` window.
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 /// The engine could not start.
@@ -291,7 +267,8 @@ impl PreparedTarget {
             && same(&self.url, &target.url)
             && same(&self.client_id, &target.client_id)
             && same(&self.user_id, &target.user_id)
-            && same(&self.client_secret.0, &target.client_secret.0)
+            && (self.client_secret.ptr_eq(&target.client_secret)
+                || self.client_secret == target.client_secret)
     }
 }
 
@@ -410,34 +387,34 @@ impl DeliveryEngine {
     /// Never blocks: when the destination's queue is full, the engine is shutting down, or the
     /// listener is suspended for this generation, the delivery is dropped and counted with its
     /// reason. A url that can never be delivered to (scheme, refused IP literal) fails at once.
-    pub fn submit(&self, event: Bytes, target: DeliveryTarget) {
+    pub fn submit(&self, event: Bytes, target: DeliveryTarget) -> Submission {
         let shared = &self.shared;
         let listener = shared.listener(&target.listener);
         let generation = target.generation;
         if shared.shutting_down.load(Ordering::Acquire) {
-            shared.dropped(&listener, generation, DropReason::ShuttingDown);
-            return;
+            return shared.dropped(&listener, generation, DropReason::ShuttingDown);
         }
         if listener.is_suspended(generation) {
-            shared.dropped(&listener, generation, DropReason::Suspended);
-            return;
+            return shared.dropped(&listener, generation, DropReason::Suspended);
+        }
+        if listener.is_paused() {
+            return shared.dropped(&listener, generation, DropReason::Paused);
         }
         let (prepared, mut queue) = match shared.prepare(&listener, &target, None) {
             Ok(pair) => pair,
             Err(Unavailable::Refused(reason)) => {
                 shared.failed(&listener, generation, reason);
-                return;
+                return Submission::Refused;
             }
             Err(Unavailable::ShuttingDown) => {
-                shared.dropped(&listener, generation, DropReason::ShuttingDown);
-                return;
+                return shared.dropped(&listener, generation, DropReason::ShuttingDown);
             }
         };
         let message_id = match HeaderValue::try_from(signature::new_message_id()) {
             Ok(id) => id,
             Err(_) => {
                 shared.failed(&listener, generation, "could not make a message id".into());
-                return;
+                return Submission::Refused;
             }
         };
         let deadline = Instant::now() + shared.config.max_delivery_age;
@@ -450,10 +427,10 @@ impl DeliveryEngine {
         );
         loop {
             match queue.push(delivery) {
-                Ok(()) => return,
+                Ok(()) => return Submission::Queued,
                 Err(Rejected::Full(refused)) => {
                     refused.settle(Settlement::Dropped(DropReason::QueueFull), shared);
-                    return;
+                    return Submission::Dropped(DropReason::QueueFull);
                 }
                 // The queue went idle and was released just now: take its successor.
                 Err(Rejected::Closed(refused)) => {
@@ -461,7 +438,7 @@ impl DeliveryEngine {
                         Ok((_, successor)) => queue = successor,
                         Err(_) => {
                             refused.settle(Settlement::Dropped(DropReason::ShuttingDown), shared);
-                            return;
+                            return Submission::Dropped(DropReason::ShuttingDown);
                         }
                     }
                     delivery = refused;
@@ -488,6 +465,37 @@ impl DeliveryEngine {
             .suspension
             .filter(|(suspended, _)| *suspended >= generation)
             .map(|(_, kind)| kind)
+    }
+
+    /// Pauses or resumes a listener: while paused (its owner disabled or gone), new and queued
+    /// deliveries, retries included, are dropped instead of attempted.
+    pub fn set_paused(&self, listener: &ListenerId, paused: bool) {
+        let entry = match self.shared.listeners.get(listener) {
+            Some(entry) => Arc::clone(entry.value()),
+            None if !paused => return,
+            None => self.shared.listener(listener),
+        };
+        entry.set_paused(paused);
+    }
+
+    /// Takes over a listener's suspension and failure window as its status recorded them before
+    /// a restart, so `EndpointGone` and `EndpointFailing` hold across restarts. Ignored for a
+    /// listener the engine has already seen.
+    pub fn restore(
+        &self,
+        listener: &ListenerId,
+        generation: i64,
+        suspension: Option<Suspension>,
+        failing_since: Option<DateTime<Utc>>,
+    ) {
+        self.shared
+            .listener(listener)
+            .restore(generation, suspension, failing_since);
+    }
+
+    /// Whether the engine keeps state for a listener.
+    pub fn knows(&self, listener: &ListenerId) -> bool {
+        self.shared.listeners.contains_key(listener)
     }
 
     /// Forgets a deleted listener: its tallies and suspension go, and its deliveries still
@@ -640,9 +648,10 @@ impl Shared {
         }
     }
 
-    fn dropped(&self, listener: &ListenerEntry, generation: i64, reason: DropReason) {
+    fn dropped(&self, listener: &ListenerEntry, generation: i64, reason: DropReason) -> Submission {
         listener.record_dropped(generation, reason);
         self.metrics.dropped(reason);
+        Submission::Dropped(reason)
     }
 
     fn failed(&self, listener: &ListenerEntry, generation: i64, reason: String) {

@@ -3,7 +3,6 @@
 
 mod backoff;
 mod stream;
-mod token;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,11 +13,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+pub use crate::domain::{Token, TokenHash};
 pub use backoff::Backoff;
-pub use token::{Token, TokenHash};
 
 use crate::delivery::DeliveryEngine;
-use crate::index::RoutingIndex;
+use crate::domain::ListenerId;
+use crate::index::{ListenerEntry, RoutingIndex};
 use crate::metrics::ForwarderMetrics;
 
 /// Where a token's stream stands; the Listener controller turns it into conditions.
@@ -30,20 +30,25 @@ pub enum StreamState {
     Streaming,
     /// The stream ended or could not be opened; retrying after a backoff.
     Reconnecting { reason: String },
-    /// The event server refused the token; not retried until the token changes.
-    InvalidToken,
-    /// The token's lifetime is over; its listeners are being deleted.
+    /// The token cannot be used; not retried until the token changes.
+    InvalidToken(InvalidTokenCause),
+    /// The event server said `TOKEN_EXPIRED`; its listeners are being deleted.
     Expired,
 }
 
-/// What a forwarder tells the controllers.
+/// Why a token is invalid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TokenNotice {
-    /// The token's stream state changed: its listeners' status should be refreshed.
-    StateChanged(TokenHash),
-    /// The event server said `TOKEN_EXPIRED`: every listener on the token is to be deleted.
-    Expired(TokenHash),
+pub enum InvalidTokenCause {
+    /// The event server answered `INVALID_ACCESS_TOKEN` (or `NO_ACCESS_TOKEN`).
+    RefusedByServer,
+    /// The token holds characters that cannot travel in an HTTP header, so it was never sent.
+    NotAHeaderValue,
 }
+
+/// What a forwarder tells the controllers: the stream state of this token changed, so its
+/// listeners are to be reconciled (and deleted, when the token expired).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenNotice(pub TokenHash);
 
 /// How forwarders connect.
 #[derive(Clone, Debug)]
@@ -56,6 +61,12 @@ pub struct StreamSettings {
     pub reconnect_max: Duration,
     /// Named to the event server as `projectName`.
     pub project_name: String,
+    /// The proxy to reach the event server through; none unless configured (the environment's
+    /// `HTTP(S)_PROXY` is ignored: the token must go only where it is configured to go).
+    pub proxy: Option<Url>,
+    /// The longest line, and the largest event, a stream may send; more ends the connection,
+    /// so a hostile event server cannot make the operator buffer without limit.
+    pub max_event_bytes: usize,
 }
 
 struct Forwarder {
@@ -102,11 +113,36 @@ impl ForwarderRegistry {
         (registry, receiver)
     }
 
-    /// Makes sure a forwarder runs for `token`. A forwarder that gave up on an invalid token is
-    /// left alone: only a different token (a changed Secret) starts a new one.
-    pub fn ensure(&self, token: &Token) {
-        let hash = token.hash();
+    /// Puts a listener into the routing index on `token` and makes sure a forwarder streams
+    /// that token; a forwarder left without listeners by the move is stopped. Decided under the
+    /// registry's lock, so a concurrent detach cannot stop a stream this listener needs.
+    pub fn attach(&self, entry: ListenerEntry, token: &Token) {
         let mut forwarders = self.forwarders.lock();
+        let moved_from = self.shared.index.upsert_listener(entry);
+        if let Some(previous) = moved_from {
+            self.stop_if_unused(&mut forwarders, previous);
+        }
+        self.ensure(&mut forwarders, token);
+    }
+
+    /// Takes a listener out of the routing index and stops its token's forwarder if no other
+    /// listener is on it. Returns whether the listener was in the index.
+    pub fn detach(&self, id: &ListenerId) -> bool {
+        let mut forwarders = self.forwarders.lock();
+        match self.shared.index.remove_listener(id) {
+            Some(token) => {
+                self.stop_if_unused(&mut forwarders, token);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts a forwarder for `token` unless one runs. A forwarder that gave up on an invalid
+    /// or expired token stays, so it is not retried: only a different token (a changed Secret)
+    /// starts a new one.
+    fn ensure(&self, forwarders: &mut HashMap<TokenHash, Forwarder>, token: &Token) {
+        let hash = token.hash();
         if forwarders.contains_key(&hash) || self.shutdown.is_cancelled() {
             return;
         }
@@ -123,12 +159,10 @@ impl ForwarderRegistry {
         tracing::info!(token = %hash, "forwarder started");
     }
 
-    /// Stops the forwarder of `hash` when no listener in the index is on it any more.
-    pub fn release_if_unused(&self, hash: TokenHash) {
-        if !self.shared.index.listeners_of_token(&hash).is_empty() {
+    fn stop_if_unused(&self, forwarders: &mut HashMap<TokenHash, Forwarder>, hash: TokenHash) {
+        if self.shared.index.has_token(&hash) {
             return;
         }
-        let mut forwarders = self.forwarders.lock();
         if let Some(forwarder) = forwarders.remove(&hash) {
             forwarder.cancel.cancel();
             tracing::info!(token = %hash, "forwarder stopped: no listener left");

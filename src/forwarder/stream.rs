@@ -9,7 +9,7 @@ use launchdarkly_sdk_transport::HyperTransport;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backoff, Shared, StreamState, Token, TokenHash, TokenNotice};
+use super::{Backoff, InvalidTokenCause, Shared, StreamState, Token, TokenHash, TokenNotice};
 use crate::crownstone::{StreamFrame, SystemCode};
 
 /// How one connection ended.
@@ -45,12 +45,16 @@ pub(super) async fn run(
             StreamEnd::Expired => {
                 tracing::info!(token = %hash, "token expired");
                 set_state(&shared, hash, &state, StreamState::Expired);
-                let _ = shared.notices.send(TokenNotice::Expired(hash));
                 return;
             }
             StreamEnd::InvalidToken => {
                 tracing::warn!(token = %hash, "event server refused the token; not retrying until it changes");
-                set_state(&shared, hash, &state, StreamState::InvalidToken);
+                set_state(
+                    &shared,
+                    hash,
+                    &state,
+                    StreamState::InvalidToken(InvalidTokenCause::RefusedByServer),
+                );
                 return;
             }
             StreamEnd::Retry {
@@ -81,7 +85,7 @@ fn set_state(shared: &Shared, hash: TokenHash, state: &Mutex<StreamState>, new: 
         changed
     };
     if changed {
-        let _ = shared.notices.send(TokenNotice::StateChanged(hash));
+        let _ = shared.notices.send(TokenNotice(hash));
     }
 }
 
@@ -139,8 +143,15 @@ async fn connect_and_forward(
                 shared.index.route(&hash, event_type, &mut targets, |skip| {
                     shared.metrics.skipped(skip);
                 });
-                for target in targets.drain(..) {
-                    shared.engine.submit(json.clone(), target);
+                for routed in targets.drain(..) {
+                    // A delivery never attempted does not use the owner's allowance.
+                    if !shared
+                        .engine
+                        .submit(json.clone(), routed.target)
+                        .is_queued()
+                    {
+                        routed.charge.refund();
+                    }
                 }
             }
             StreamFrame::Data {

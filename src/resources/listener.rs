@@ -67,7 +67,8 @@ pub struct ListenerSpec {
     /// The Secret key that holds the Crownstone OAuth token. The token never appears in the spec.
     pub token_secret_ref: SecretKeyRef,
 
-    /// When the token expires, if known; the Listener is deleted at that moment.
+    /// When this registration ends, if the client knows (usually its token's expiry): the
+    /// Listener is deleted at that moment. Other Listeners on the same token are not affected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
 }
@@ -107,12 +108,28 @@ pub struct ListenerStatus {
     /// When the last event was delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_delivery_time: Option<DateTime<Utc>>,
-    /// Why the last failed delivery failed.
+    /// Why the last failed or dropped delivery did not arrive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Since when every delivery has failed (no success since), if they do: the start of the
+    /// window after which the Listener is suspended as `EndpointFailing`. Kept here so the
+    /// window survives a restart of the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_window: Option<FailureWindow>,
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// A run of failed deliveries to one generation of a Listener's spec.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureWindow {
+    /// When the first failure after the last success happened.
+    pub since: DateTime<Utc>,
+    /// The spec generation the failures were deliveries of.
+    #[schemars(extend("format" = "int64"))]
+    pub generation: i64,
 }
 
 impl Listener {

@@ -3,7 +3,7 @@
 mod listener;
 mod webhook_user;
 
-pub use listener::{Listener, ListenerSpec, ListenerStatus, SecretKeyRef};
+pub use listener::{FailureWindow, Listener, ListenerSpec, ListenerStatus, SecretKeyRef};
 pub use webhook_user::{Usage, WebhookUser, WebhookUserSpec, WebhookUserStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -43,7 +43,7 @@ fn start(config: DeliveryConfig) -> (DeliveryEngine, Registry) {
 
 fn target(listener: &str, generation: i64, url: Url) -> DeliveryTarget {
     DeliveryTarget {
-        listener: ListenerId::from(listener),
+        listener: ListenerId::new("ns", listener),
         generation,
         url: Arc::new(url),
         client_id: Arc::from("owner-1"),
@@ -112,7 +112,7 @@ impl Tally {
     fn get(&mut self, engine: &DeliveryEngine, listener: &str) -> Totals {
         self.absorb(engine.take_reports());
         self.totals
-            .get(&ListenerId::from(listener))
+            .get(&ListenerId::new("ns", listener))
             .cloned()
             .unwrap_or_default()
     }
@@ -152,7 +152,7 @@ async fn delivers_the_exact_body_and_headers() {
     // Odd field order, unknown fields, whitespace and escapes: all must arrive untouched.
     let raw = r#"{"zeta":true, "type":"command","subType":"multiSwitch","unknownField":{"nested":[1,2.50,"\u00e9"]},"sphere":{"id":"s1","name":"Home","uid":1}}"#;
     let url = receiver.url_with_path("/hooks/a?tag=x");
-    engine.submit(Bytes::from(raw), target("ns/exact", 1, url));
+    engine.submit(Bytes::from(raw), target("exact", 1, url));
 
     let requests = receiver.wait_for_requests(1, WAIT).await;
     let request = &requests[0];
@@ -189,7 +189,7 @@ async fn delivers_the_exact_body_and_headers() {
     );
 
     let mut tally = Tally::default();
-    let totals = tally.wait(&engine, "ns/exact", |t| t.delivered == 1).await;
+    let totals = tally.wait(&engine, "exact", |t| t.delivered == 1).await;
     assert_eq!((totals.failed, totals.dropped), (0, 0));
     assert!(totals.last_delivery_time.is_some());
     assert_eq!(totals.last_error, None);
@@ -203,10 +203,10 @@ async fn transient_failures_are_retried_under_one_message_id() {
     )
     .await;
     let (engine, registry) = start(test_config());
-    engine.submit(event(1), target("ns/retry", 1, receiver.url()));
+    engine.submit(event(1), target("retry", 1, receiver.url()));
 
     let mut tally = Tally::default();
-    let totals = tally.wait(&engine, "ns/retry", |t| t.delivered == 1).await;
+    let totals = tally.wait(&engine, "retry", |t| t.delivered == 1).await;
     assert_eq!((totals.failed, totals.dropped), (0, 0));
 
     let requests = receiver.requests();
@@ -239,12 +239,10 @@ async fn too_many_requests_and_timeouts_are_retried() {
         ..test_config()
     };
     let (engine, registry) = start(config);
-    engine.submit(event(1), target("ns/transient", 1, receiver.url()));
+    engine.submit(event(1), target("transient", 1, receiver.url()));
 
     let mut tally = Tally::default();
-    let totals = tally
-        .wait(&engine, "ns/transient", |t| t.delivered == 1)
-        .await;
+    let totals = tally.wait(&engine, "transient", |t| t.delivered == 1).await;
     assert_eq!(totals.failed, 0);
     assert_eq!(receiver.request_count(), 4);
     let text = metrics_text(&registry);
@@ -258,12 +256,10 @@ async fn too_many_requests_and_timeouts_are_retried() {
 async fn a_client_error_fails_at_once_with_its_reason() {
     let receiver = Receiver::scripted([], Reply::status(400)).await;
     let (engine, _registry) = start(test_config());
-    engine.submit(event(1), target("ns/bad-request", 1, receiver.url()));
+    engine.submit(event(1), target("bad-request", 1, receiver.url()));
 
     let mut tally = Tally::default();
-    let totals = tally
-        .wait(&engine, "ns/bad-request", |t| t.failed == 1)
-        .await;
+    let totals = tally.wait(&engine, "bad-request", |t| t.failed == 1).await;
     assert_eq!(totals.last_error.as_deref(), Some("HTTP 400 Bad Request"));
     assert_eq!(totals.delivered, 0);
     assert_eq!(totals.suspension, None);
@@ -284,10 +280,10 @@ async fn a_refused_connection_is_retried_then_fails_with_its_reason() {
     };
     let (engine, registry) = start(test_config());
     let url = parse_url(&format!("http://{address}/webhook?token=abc"));
-    engine.submit(event(1), target("ns/refused", 1, url));
+    engine.submit(event(1), target("refused", 1, url));
 
     let mut tally = Tally::default();
-    let totals = tally.wait(&engine, "ns/refused", |t| t.failed == 1).await;
+    let totals = tally.wait(&engine, "refused", |t| t.failed == 1).await;
     assert_eq!(totals.last_error.as_deref(), Some("connection refused"));
     let text = metrics_text(&registry);
     assert!(
@@ -313,10 +309,10 @@ async fn a_redirect_is_a_failure_and_is_not_followed() {
     )
     .await;
     let (engine, _registry) = start(test_config());
-    engine.submit(event(1), target("ns/redirect", 1, redirect.url()));
+    engine.submit(event(1), target("redirect", 1, redirect.url()));
 
     let mut tally = Tally::default();
-    let totals = tally.wait(&engine, "ns/redirect", |t| t.failed == 1).await;
+    let totals = tally.wait(&engine, "redirect", |t| t.failed == 1).await;
     assert_eq!(
         totals.last_error.as_deref(),
         Some("HTTP 302 Found (redirects are not followed)")
@@ -332,21 +328,21 @@ async fn gone_suspends_the_generation_until_it_changes() {
     let (engine, registry) = start(test_config());
     let mut tally = Tally::default();
 
-    engine.submit(event(1), target("ns/gone", 1, receiver.url()));
-    let totals = tally.wait(&engine, "ns/gone", |t| t.failed == 1).await;
+    engine.submit(event(1), target("gone", 1, receiver.url()));
+    let totals = tally.wait(&engine, "gone", |t| t.failed == 1).await;
     assert_eq!(totals.suspension, Some(Suspension::EndpointGone));
     assert_eq!(totals.last_error.as_deref(), Some("HTTP 410 Gone"));
 
     // Same generation: dropped without a request.
-    engine.submit(event(2), target("ns/gone", 1, receiver.url()));
-    let totals = tally.get(&engine, "ns/gone");
+    engine.submit(event(2), target("gone", 1, receiver.url()));
+    let totals = tally.get(&engine, "gone");
     assert_eq!(totals.dropped, 1);
     assert_eq!(totals.last_drop_reason, Some(DropReason::Suspended));
     assert_eq!(totals.suspension, Some(Suspension::EndpointGone));
 
     // A new generation is delivered again, and the suspension is reported lifted.
-    engine.submit(event(3), target("ns/gone", 2, receiver.url()));
-    let totals = tally.wait(&engine, "ns/gone", |t| t.delivered == 1).await;
+    engine.submit(event(3), target("gone", 2, receiver.url()));
+    let totals = tally.wait(&engine, "gone", |t| t.delivered == 1).await;
     assert_eq!(totals.generation, 2);
     assert_eq!(totals.suspension, None);
     assert_eq!(receiver.request_count(), 2);
@@ -396,34 +392,32 @@ async fn an_endpoint_failing_for_the_window_is_suspended() {
     };
     let mut tally = Tally::default();
 
-    engine.submit(event(1), target("ns/failing", 7, receiver.url()));
-    let totals = tally.wait(&engine, "ns/failing", |t| t.failed == 1).await;
+    engine.submit(event(1), target("failing", 7, receiver.url()));
+    let totals = tally.wait(&engine, "failing", |t| t.failed == 1).await;
     assert_eq!(totals.suspension, None);
 
     clock.advance(TimeDelta::hours(23));
-    engine.submit(event(2), target("ns/failing", 7, receiver.url()));
-    let totals = tally.wait(&engine, "ns/failing", |t| t.failed == 2).await;
+    engine.submit(event(2), target("failing", 7, receiver.url()));
+    let totals = tally.wait(&engine, "failing", |t| t.failed == 2).await;
     assert_eq!(totals.suspension, None);
 
     clock.advance(TimeDelta::hours(1));
-    engine.submit(event(3), target("ns/failing", 7, receiver.url()));
-    let totals = tally.wait(&engine, "ns/failing", |t| t.failed == 3).await;
+    engine.submit(event(3), target("failing", 7, receiver.url()));
+    let totals = tally.wait(&engine, "failing", |t| t.failed == 3).await;
     assert_eq!(totals.suspension, Some(Suspension::EndpointFailing));
     assert_eq!(
         totals.last_error.as_deref(),
         Some("HTTP 500 Internal Server Error")
     );
 
-    engine.submit(event(4), target("ns/failing", 7, receiver.url()));
-    assert_eq!(tally.get(&engine, "ns/failing").dropped, 1);
+    engine.submit(event(4), target("failing", 7, receiver.url()));
+    assert_eq!(tally.get(&engine, "failing").dropped, 1);
     assert_eq!(receiver.request_count(), 3);
 
     // The next generation starts afresh.
     receiver.set_default(Reply::status(200));
-    engine.submit(event(5), target("ns/failing", 8, receiver.url()));
-    let totals = tally
-        .wait(&engine, "ns/failing", |t| t.delivered == 1)
-        .await;
+    engine.submit(event(5), target("failing", 8, receiver.url()));
+    let totals = tally.wait(&engine, "failing", |t| t.delivered == 1).await;
     assert_eq!(totals.suspension, None);
 }
 
@@ -439,19 +433,19 @@ async fn a_hanging_receiver_does_not_delay_another() {
     let (engine, _registry) = start(config);
 
     for n in 0..5 {
-        engine.submit(event(n), target("ns/slow", 1, slow.url()));
+        engine.submit(event(n), target("slow", 1, slow.url()));
     }
     slow.wait_for_requests(1, WAIT).await;
     for n in 0..200 {
-        engine.submit(event(n), target("ns/fast", 1, fast.url()));
+        engine.submit(event(n), target("fast", 1, fast.url()));
     }
     fast.wait_for_requests(200, WAIT).await;
 
     let mut tally = Tally::default();
-    let totals = tally.wait(&engine, "ns/fast", |t| t.delivered == 200).await;
+    let totals = tally.wait(&engine, "fast", |t| t.delivered == 200).await;
     assert_eq!(totals.failed + totals.dropped, 0);
     // Meanwhile the slow receiver still holds its first requests, unanswered.
-    let slow_totals = tally.get(&engine, "ns/slow");
+    let slow_totals = tally.get(&engine, "slow");
     assert_eq!(slow_totals.delivered + slow_totals.failed, 0);
     assert!(slow.request_count() <= 2);
 }
@@ -467,11 +461,11 @@ async fn a_full_queue_drops_and_counts_without_blocking() {
     };
     let (engine, registry) = start(config);
     for n in 0..5 {
-        engine.submit(event(n), target("ns/full", 1, receiver.url()));
+        engine.submit(event(n), target("full", 1, receiver.url()));
     }
     // Drops are counted by `submit` itself, before it returns.
     let mut tally = Tally::default();
-    let totals = tally.get(&engine, "ns/full");
+    let totals = tally.get(&engine, "full");
     assert_eq!(totals.dropped, 3);
     assert_eq!(totals.last_drop_reason, Some(DropReason::QueueFull));
     let text = metrics_text(&registry);
@@ -504,23 +498,23 @@ async fn private_destinations_are_refused_unless_allowed() {
     let cases = [
         // An IP literal: checked before any connection.
         (
-            "ns/literal",
+            "literal",
             format!("http://127.0.0.1:{port}/webhook"),
             "destination 127.0.0.1 is not allowed (loopback)",
         ),
         (
-            "ns/mapped",
+            "mapped",
             format!("http://[::ffff:127.0.0.1]:{port}/webhook"),
             "destination ::ffff:127.0.0.1 is not allowed (loopback)",
         ),
         // A name: refused by the resolver, on the address it resolves to.
         (
-            "ns/name",
+            "name",
             format!("http://localhost:{port}/webhook"),
             "is not allowed (loopback)",
         ),
         (
-            "ns/scheme",
+            "scheme",
             format!("ftp://127.0.0.1:{port}/webhook"),
             "url scheme ftp is not allowed",
         ),
@@ -555,11 +549,11 @@ async fn deliveries_fail_after_the_age_limit() {
         ..test_config()
     };
     let (engine, _registry) = start(config);
-    engine.submit(event(1), target("ns/aged", 1, receiver.url()));
-    engine.submit(event(2), target("ns/aged", 1, receiver.url()));
+    engine.submit(event(1), target("aged", 1, receiver.url()));
+    engine.submit(event(2), target("aged", 1, receiver.url()));
 
     let mut tally = Tally::default();
-    let totals = tally.wait(&engine, "ns/aged", |t| t.failed == 2).await;
+    let totals = tally.wait(&engine, "aged", |t| t.failed == 2).await;
     // The second never got a slot: it expired in the queue, after the first timed out.
     assert_eq!(
         totals.last_error.as_deref(),
@@ -594,11 +588,11 @@ async fn forgetting_a_listener_drops_what_it_has_waiting() {
     };
     let (engine, registry) = start(config);
     for n in 0..3 {
-        engine.submit(event(n), target("ns/deleted", 1, receiver.url()));
+        engine.submit(event(n), target("deleted", 1, receiver.url()));
     }
     // The first request is held; the other two wait for the slot.
     receiver.wait_for_requests(1, WAIT).await;
-    engine.forget_listener(&ListenerId::from("ns/deleted"));
+    engine.forget_listener(&ListenerId::new("ns", "deleted"));
 
     wait_for_metric(
         &registry,
@@ -607,13 +601,11 @@ async fn forgetting_a_listener_drops_what_it_has_waiting() {
     .await;
     assert_eq!(receiver.request_count(), 1);
     let mut tally = Tally::default();
-    assert_eq!(tally.get(&engine, "ns/deleted").reports, 0);
+    assert_eq!(tally.get(&engine, "deleted").reports, 0);
 
     // A listener made again under the same name starts afresh.
-    engine.submit(event(4), target("ns/deleted", 1, receiver.url()));
-    let totals = tally
-        .wait(&engine, "ns/deleted", |t| t.delivered == 1)
-        .await;
+    engine.submit(event(4), target("deleted", 1, receiver.url()));
+    let totals = tally.wait(&engine, "deleted", |t| t.delivered == 1).await;
     assert_eq!((totals.failed, totals.dropped), (0, 0));
 }
 
@@ -631,9 +623,9 @@ async fn idle_destinations_are_released_and_made_again() {
     );
     let mut tally = Tally::default();
     for round in 1..=3 {
-        engine.submit(event(round), target("ns/idle", 1, receiver.url()));
+        engine.submit(event(round), target("idle", 1, receiver.url()));
         tally
-            .wait(&engine, "ns/idle", |t| t.delivered == round as u64)
+            .wait(&engine, "idle", |t| t.delivered == round as u64)
             .await;
         // Released: its gauge is gone with it.
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -657,16 +649,16 @@ async fn shutdown_finishes_queued_deliveries() {
     };
     let (engine, _registry) = start(config);
     for n in 0..30 {
-        engine.submit(event(n), target("ns/drain", 1, receiver.url()));
+        engine.submit(event(n), target("drain", 1, receiver.url()));
     }
     engine.shutdown(WAIT).await;
     assert_eq!(receiver.request_count(), 30);
     let mut tally = Tally::default();
-    let totals = tally.get(&engine, "ns/drain");
+    let totals = tally.get(&engine, "drain");
     assert_eq!((totals.delivered, totals.failed), (30, 0));
 
-    engine.submit(event(31), target("ns/drain", 1, receiver.url()));
-    let totals = tally.get(&engine, "ns/drain");
+    engine.submit(event(31), target("drain", 1, receiver.url()));
+    let totals = tally.get(&engine, "drain");
     assert_eq!(totals.dropped, 1);
     assert_eq!(totals.last_drop_reason, Some(DropReason::ShuttingDown));
     assert_eq!(receiver.request_count(), 30);
@@ -682,12 +674,12 @@ async fn shutdown_gives_up_what_the_grace_period_cannot_finish() {
     };
     let (engine, _registry) = start(config);
     for n in 0..3 {
-        engine.submit(event(n), target("ns/abandoned", 1, receiver.url()));
+        engine.submit(event(n), target("abandoned", 1, receiver.url()));
     }
     receiver.wait_for_requests(1, WAIT).await;
     engine.shutdown(Duration::from_millis(100)).await;
     let mut tally = Tally::default();
-    let totals = tally.get(&engine, "ns/abandoned");
+    let totals = tally.get(&engine, "abandoned");
     assert_eq!((totals.delivered, totals.failed), (0, 3));
     assert_eq!(
         totals.last_error.as_deref(),
@@ -704,11 +696,9 @@ async fn metrics_name_destinations_without_paths_or_secrets() {
         "http://user:hunter2@{}/private/path?token=query-token",
         receiver.address()
     ));
-    engine.submit(event(1), target("ns/metrics", 1, url));
+    engine.submit(event(1), target("metrics", 1, url));
     let mut tally = Tally::default();
-    tally
-        .wait(&engine, "ns/metrics", |t| t.delivered == 1)
-        .await;
+    tally.wait(&engine, "metrics", |t| t.delivered == 1).await;
 
     let text = metrics_text(&registry);
     assert!(
@@ -810,8 +800,8 @@ async fn the_standard_webhooks_library_verifies_what_we_send() {
     let unicode = Bytes::from(
         r#"{"type":"dataChange","subType":"users","operation":"update","changedItem":{"id":"1","name":"Zoë ☃"},"sphere":{"id":"s","name":"Thuis","uid":1}}"#,
     );
-    engine.submit(event(1), target("ns/verified", 1, receiver.url()));
-    engine.submit(unicode, target("ns/verified", 1, receiver.url()));
+    engine.submit(event(1), target("verified", 1, receiver.url()));
+    engine.submit(unicode, target("verified", 1, receiver.url()));
     let requests = receiver.wait_for_requests(2, WAIT).await;
 
     let mut cases: Vec<(HashMap<String, String>, Vec<u8>)> =
@@ -859,7 +849,7 @@ async fn the_standard_webhooks_library_refuses_an_old_timestamp() {
         Ok(engine) => engine,
         Err(error) => panic!("{error}"),
     };
-    engine.submit(event(1), target("ns/old", 1, receiver.url()));
+    engine.submit(event(1), target("old", 1, receiver.url()));
     let requests = receiver.wait_for_requests(1, WAIT).await;
 
     let (headers, body) = signed_parts(&requests[0]);

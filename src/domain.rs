@@ -1,0 +1,199 @@
+//! The identities and secrets every part of the operator passes around: which Listener, which
+//! WebhookUser, which token. Knows no Kubernetes type and imports nothing of this crate, so the
+//! routing index, the forwarders and the delivery engine share these without depending on
+//! each other. Secrets here cannot print themselves.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+/// A Listener, by namespace and name.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerId {
+    namespace: Arc<str>,
+    name: Arc<str>,
+}
+
+impl ListenerId {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
+        ListenerId {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for ListenerId {
+    /// `namespace/name`, for logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Debug for ListenerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ListenerId({self})")
+    }
+}
+
+/// A WebhookUser, by namespace and name.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerKey {
+    namespace: Arc<str>,
+    name: Arc<str>,
+}
+
+impl OwnerKey {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
+        OwnerKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name as shared text: the `clientId` of every delivery, without a copy per delivery.
+    pub fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
+    }
+}
+
+impl fmt::Display for OwnerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Debug for OwnerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OwnerKey({self})")
+    }
+}
+
+/// An owner's client secret: sent in every delivery's body and the key of its signature.
+/// `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientSecret(Arc<str>);
+
+impl ClientSecret {
+    pub fn new(secret: impl Into<Arc<str>>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The secret itself, for the body and the signing key.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether two handles share one allocation: a cheap first test of equality.
+    pub fn ptr_eq(&self, other: &ClientSecret) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl fmt::Debug for ClientSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientSecret(<redacted>)")
+    }
+}
+
+/// A Crownstone OAuth token. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(Arc<str>);
+
+impl Token {
+    pub fn new(token: impl Into<Arc<str>>) -> Self {
+        Token(token.into())
+    }
+
+    /// The token itself, for the one place that sends it: the stream request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn hash(&self) -> TokenHash {
+        TokenHash::of(&self.0)
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({})", self.hash())
+    }
+}
+
+/// SHA-256 of a token: the key of its forwarder, and how logs and metrics name it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenHash([u8; 32]);
+
+impl TokenHash {
+    pub fn of(token: &str) -> Self {
+        TokenHash(Sha256::digest(token.as_bytes()).into())
+    }
+}
+
+impl fmt::Display for TokenHash {
+    /// The first 12 hex digits: enough to tell tokens apart in logs, useless to an attacker.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in &self.0[..6] {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenHash({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatting_never_shows_a_secret() {
+        let token = Token::new("super-secret-token-value");
+        let secret = ClientSecret::new("super-secret-client-secret");
+        for shown in [
+            format!("{token:?}"),
+            format!("{}", token.hash()),
+            format!("{secret:?}"),
+        ] {
+            assert!(!shown.contains("super-secret"), "{shown}");
+        }
+        assert_eq!(token.hash().to_string().len(), 12);
+    }
+
+    #[test]
+    fn equal_tokens_hash_equal() {
+        assert_eq!(Token::new("a").hash(), Token::new("a").hash());
+        assert_ne!(Token::new("a").hash(), Token::new("b").hash());
+    }
+
+    #[test]
+    fn ids_keep_namespace_and_name_apart() {
+        let id = ListenerId::new("ns", "a/b");
+        assert_eq!((id.namespace(), id.name()), ("ns", "a/b"));
+        assert_ne!(ListenerId::new("a", "b/c"), ListenerId::new("a/b", "c"));
+        assert_eq!(id.to_string(), "ns/a/b");
+        assert_eq!(OwnerKey::new("ns", "acme").to_string(), "ns/acme");
+    }
+}
