@@ -8,3 +8,4 @@ mod delivery;
 mod operator;
 mod simulator;
 mod simulator_python;
+mod trust;

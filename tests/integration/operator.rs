@@ -18,23 +18,14 @@ use crate::support::receiver::{Receiver, Reply};
 use crate::support::sim;
 
 const SPHERE: &str = "sphere-1";
+const SKIPPED_OWNER_DISABLED: &str =
+    r#"crownstone_webhooks_forwarder_skipped_total{reason="owner_disabled"}"#;
+const SKIPPED_ALLOWANCE_USED: &str =
+    r#"crownstone_webhooks_forwarder_skipped_total{reason="allowance_used"}"#;
 
-/// A user, a token Secret and a Listener on it, streaming; returns the token.
+/// User `acme` with Listener `hook` on a fresh token, streaming to `receiver`; returns the token.
 async fn one_listener(h: &Harness, receiver: &Receiver, types: &[&str]) -> String {
-    h.create_user("acme", true, None).await;
-    let token = h.token("user-1", SPHERE).await;
-    h.create_token_secret("acme-token", &token).await;
-    h.create_listener(
-        "hook",
-        "acme",
-        "acme-token",
-        types,
-        receiver.url().as_str(),
-        None,
-    )
-    .await;
-    h.wait_ready("hook").await;
-    token
+    h.ready_listener("hook", "acme", types, &receiver.url()).await
 }
 
 #[tokio::test]
@@ -130,44 +121,40 @@ async fn listeners_on_one_token_share_one_stream() {
 }
 
 #[tokio::test]
-async fn revoking_the_token_deletes_its_listeners_and_token_secrets() {
+async fn revoking_the_token_deletes_its_listeners_and_only_managed_token_secrets() {
     let h = Harness::start("op-revoke").await;
-    let receiver = Receiver::start().await;
-    let token = one_listener(&h, &receiver, &["command"]).await;
-    h.admin.revoke_token(&token).await.unwrap();
-    h.wait_gone("hook").await;
-    let secrets = h.ns.api::<Secret>();
-    eventually("token Secret deleted", WAIT, || async {
-        secrets
-            .get_opt("acme-token")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
-    h.wait_streams(0).await;
-}
-
-#[tokio::test]
-async fn a_passed_expiry_deletes_every_listener_on_the_token() {
-    let h = Harness::start("op-expiry").await;
     let receiver = Receiver::start().await;
     h.create_user("acme", true, None).await;
     let token = h.token("user-1", SPHERE).await;
-    h.create_token_secret("t1", &token).await;
+    h.create_managed_token_secret("managed", &token).await;
+    h.create_token_secret("users-own", &token).await;
+    let url = receiver.url();
+    h.create_listener("a", "acme", "managed", &["command"], url.as_str(), None)
+        .await;
+    h.create_listener("b", "acme", "users-own", &["command"], url.as_str(), None)
+        .await;
+    h.wait_ready("a").await;
+    h.wait_ready("b").await;
+
+    h.admin.revoke_token(&token).await.unwrap();
+    h.wait_gone("a").await;
+    h.wait_gone("b").await;
+    h.wait_streams(0).await;
+    h.wait_secret_gone("managed").await;
+    // A Secret the user made is read, never deleted.
+    let kept = h.ns.api::<Secret>().get_opt("users-own").await.unwrap();
+    assert!(kept.is_some(), "the user's own token Secret was deleted");
+}
+
+#[tokio::test]
+async fn a_passed_expiry_deletes_only_its_own_listener() {
+    let h = Harness::start("op-expiry").await;
+    let receiver = Receiver::start().await;
+    let token = h
+        .ready_listener("live", "acme", &["command"], &receiver.url())
+        .await;
+    // Expires in a moment, on the same token: the timer deletes it, and only it.
     h.create_token_secret("t2", &token).await;
-    h.create_listener(
-        "live",
-        "acme",
-        "t1",
-        &["command"],
-        receiver.url().as_str(),
-        None,
-    )
-    .await;
-    h.wait_ready("live").await;
-    // Expires in a moment: the timer deletes it, and the other Listener on the token with it.
     let soon = (Utc::now() + chrono::Duration::seconds(3)).to_rfc3339();
     h.create_listener(
         "expiring",
@@ -179,7 +166,12 @@ async fn a_passed_expiry_deletes_every_listener_on_the_token() {
     )
     .await;
     h.wait_gone("expiring").await;
-    h.wait_gone("live").await;
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
+    receiver.wait_for_requests(1, WAIT).await;
+    h.wait_ready("live").await;
 
     // Already in the past at creation.
     let token = h.token("user-2", SPHERE).await;
@@ -194,6 +186,7 @@ async fn a_passed_expiry_deletes_every_listener_on_the_token() {
     )
     .await;
     h.wait_gone("past").await;
+    assert!(h.ns.api::<Listener>().get_opt("live").await.unwrap().is_some());
 }
 
 #[tokio::test]
@@ -299,9 +292,8 @@ async fn a_disabled_owner_gets_nothing_while_another_owner_on_the_token_does() {
         .await
         .unwrap();
     on.wait_for_requests(1, WAIT).await;
-    // The enabled owner's delivery arrived; the disabled owner's would have been routed in the
-    // same pass, so by now it would be there too.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Routing skipped the disabled owner's Listener in the same pass.
+    h.wait_metric(SKIPPED_OWNER_DISABLED, 1.0).await;
     assert_eq!(off.request_count(), 0);
 }
 
@@ -333,11 +325,12 @@ async fn an_owner_past_its_allowance_gets_nothing_until_the_next_utc_day() {
         (usage.day == "2026-11-23" && usage.deliveries == 2).then_some(())
     })
     .await;
+    let skipped = h.metric(SKIPPED_ALLOWANCE_USED).await;
     h.admin
         .publish(&[samples::multi_switch(SPHERE)])
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.wait_metric(SKIPPED_ALLOWANCE_USED, skipped + 1.0).await;
     assert_eq!(receiver.request_count(), 2, "the allowance is used up");
 
     clock.advance(chrono::Duration::hours(1));
@@ -368,19 +361,11 @@ async fn deleting_a_webhook_user_removes_its_listeners() {
         users.get_opt("acme").await.ok()?.is_none().then_some(())
     })
     .await;
-    let secrets = h.ns.api::<Secret>();
-    eventually("credentials and token Secrets deleted", WAIT, || async {
-        let left = secrets.list(&Default::default()).await.ok()?;
-        left.items
-            .iter()
-            .all(|s| {
-                let name = s.metadata.name.as_deref().unwrap_or("");
-                name != "acme-credentials" && name != "acme-token"
-            })
-            .then_some(())
-    })
-    .await;
+    h.wait_secret_gone("acme-credentials").await;
     h.wait_streams(0).await;
+    // The token Secret was the user's own: read, never deleted.
+    let kept = h.ns.api::<Secret>().get_opt("hook-token").await.unwrap();
+    assert!(kept.is_some(), "the user's own token Secret was deleted");
 }
 
 #[tokio::test]
@@ -603,7 +588,7 @@ async fn no_token_or_secret_reaches_the_logs_status_or_events() {
 
     let h = Harness {
         ns,
-        sim,
+        sim: Arc::new(sim),
         admin,
         operator: None,
     };

@@ -8,14 +8,15 @@ use std::time::Duration;
 use clap::Parser;
 use crownstone_webhooks::clock::{SharedClock, SystemClock};
 use crownstone_webhooks::config::OperatorArgs;
-use crownstone_webhooks::controller::CLIENT_SECRET;
+use crownstone_webhooks::controller::{CLIENT_SECRET, MANAGED_BY};
 use crownstone_webhooks::operator::{self, RunningOperator};
-use crownstone_webhooks::resources::{Listener, WebhookUser};
+use crownstone_webhooks::resources::{Listener, ListenerStatus, WebhookUser};
 use crownstone_webhooks::simulator::{RunningSimulator, Scope, SimulatorClient};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
 use kube::api::{ObjectMeta, PostParams};
 use serde_json::json;
+use url::Url;
 
 use super::cluster::{eventually, TestNamespace};
 use super::sim;
@@ -32,14 +33,20 @@ struct Flags {
 /// Lets deliveries reach the tests' receivers on loopback.
 pub const ALLOW_LOOPBACK: &[&str] = &["--allow-private-destinations"];
 
-/// Operator settings for tests: fast status writes, reconnects and retries, plus `extra`.
+/// Operator settings for tests, watching one namespace: fast status writes, reconnects and
+/// retries, plus `extra`.
 pub fn test_args(events_url: &str, namespace: &str, extra: &[&str]) -> OperatorArgs {
+    let mut flags = vec!["--watch-namespace", namespace];
+    flags.extend_from_slice(extra);
+    all_namespaces_args(events_url, &flags)
+}
+
+/// Operator settings for tests, watching every namespace.
+pub fn all_namespaces_args(events_url: &str, extra: &[&str]) -> OperatorArgs {
     let mut flags = vec![
         "operator",
         "--events-url",
         events_url,
-        "--watch-namespace",
-        namespace,
         "--health-listen",
         "127.0.0.1:0",
         "--status-interval",
@@ -66,7 +73,8 @@ pub fn test_args(events_url: &str, namespace: &str, extra: &[&str]) -> OperatorA
 /// A namespace, a simulator and an operator watching that namespace.
 pub struct Harness {
     pub ns: TestNamespace,
-    pub sim: RunningSimulator,
+    /// Shared, so a second namespace's harness can use the same simulator.
+    pub sim: Arc<RunningSimulator>,
     pub admin: SimulatorClient,
     pub operator: Option<RunningOperator>,
 }
@@ -92,9 +100,39 @@ impl Harness {
         .expect("operator starts");
         Harness {
             ns,
-            sim,
+            sim: Arc::new(sim),
             admin,
             operator: Some(operator),
+        }
+    }
+
+    /// An operator watching every namespace of the control plane `ns` lives on; give it a plane
+    /// of the test's own, or it would reconcile other tests' objects.
+    pub async fn start_all_namespaces(ns: TestNamespace, extra: &[&str]) -> Harness {
+        let (sim, admin) = sim::start(Duration::from_millis(500)).await;
+        let operator = operator::start(
+            ns.client.clone(),
+            all_namespaces_args(&sim.base_url(), extra),
+            Arc::new(SystemClock),
+        )
+        .await
+        .expect("operator starts");
+        Harness {
+            ns,
+            sim: Arc::new(sim),
+            admin,
+            operator: Some(operator),
+        }
+    }
+
+    /// A harness for another namespace that shares this one's simulator, without an operator
+    /// of its own (an all-namespaces operator, or none, watches it).
+    pub fn beside(&self, ns: TestNamespace) -> Harness {
+        Harness {
+            ns,
+            sim: self.sim.clone(),
+            admin: self.admin.clone(),
+            operator: None,
         }
     }
 
@@ -171,6 +209,110 @@ impl Harness {
             .create(&PostParams::default(), &secret)
             .await
             .expect("create token Secret");
+    }
+
+    /// A token Secret marked as managed by the operator, as the REST facade makes them: it is
+    /// deleted with the last Listener that names it.
+    pub async fn create_managed_token_secret(&self, name: &str, token: &str) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                labels: Some(BTreeMap::from([(
+                    MANAGED_BY.0.to_owned(),
+                    MANAGED_BY.1.to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(
+                "token".to_owned(),
+                ByteString(token.as_bytes().to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        self.ns
+            .api::<Secret>()
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("create managed token Secret");
+    }
+
+    /// The fixture most tests start from: WebhookUser `owner` (made if missing), a fresh token of
+    /// `user-1` on `sphere-1` in Secret `<name>-token`, and Listener `name` on it posting `types`
+    /// to `url`, waited for until it is Ready. Returns the token.
+    pub async fn ready_listener(&self, name: &str, owner: &str, types: &[&str], url: &Url) -> String {
+        if self
+            .ns
+            .api::<WebhookUser>()
+            .get_opt(owner)
+            .await
+            .expect("read WebhookUser")
+            .is_none()
+        {
+            self.create_user(owner, true, None).await;
+        }
+        let token = self.token("user-1", "sphere-1").await;
+        let secret = format!("{name}-token");
+        self.create_token_secret(&secret, &token).await;
+        self.create_listener(name, owner, &secret, types, url.as_str(), None)
+            .await;
+        self.wait_ready(name).await;
+        token
+    }
+
+    /// The value of one series of the in-process operator's metrics, such as
+    /// `crownstone_webhooks_forwarder_skipped_total{reason="owner_disabled"}`; 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let operator = self.operator.as_ref().expect("the operator runs in this process");
+        let text = reqwest::get(format!("http://{}/metrics", operator.health_addr()))
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until a metric series reaches at least `at_least`.
+    pub async fn wait_metric(&self, series: &str, at_least: f64) {
+        eventually(&format!("{series} >= {at_least}"), WAIT, || async {
+            (self.metric(series).await >= at_least).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until a Listener's status satisfies `check`, and returns that status.
+    pub async fn wait_status<F>(&self, listener: &str, what: &str, check: F) -> ListenerStatus
+    where
+        F: Fn(&ListenerStatus) -> bool,
+    {
+        let api = self.ns.api::<Listener>();
+        eventually(&format!("{listener}: {what}"), WAIT, || async {
+            let status = api.get(listener).await.ok()?.status?;
+            check(&status).then_some(status)
+        })
+        .await
+    }
+
+    /// Waits until a WebhookUser's Ready condition has this reason.
+    pub async fn wait_user_reason(&self, user: &str, status: &str, reason: &str) {
+        let api = self.ns.api::<WebhookUser>();
+        eventually(&format!("{user}: Ready={status} ({reason})"), WAIT, || async {
+            let c = api.get(user).await.ok()?.condition("Ready")?.clone();
+            (c.status == status && c.reason == reason).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until a Secret is gone.
+    pub async fn wait_secret_gone(&self, name: &str) {
+        let secrets = self.ns.api::<Secret>();
+        eventually(&format!("Secret {name} deleted"), WAIT, || async {
+            secrets.get_opt(name).await.ok()?.is_none().then_some(())
+        })
+        .await
     }
 
     /// A Listener for `owner` on the token in Secret `secret`, posting `types` to `url`.
