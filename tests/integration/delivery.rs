@@ -959,3 +959,38 @@ async fn throughput_against_local_receivers() {
         percentile(1.0)
     );
 }
+
+#[tokio::test]
+async fn a_paused_listener_stops_retrying_and_takes_nothing_new() {
+    let receiver = Receiver::counting(Reply::status(503)).await;
+    let config = DeliveryConfig {
+        max_attempts: 100,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(100),
+        ..test_config()
+    };
+    let (engine, _registry) = start(config);
+    let submitted = engine.submit(event(1), target("paused", 1, receiver.url()));
+    assert!(submitted.is_queued());
+    receiver.wait_for_requests(2, WAIT).await;
+
+    // The owner is disabled: the waiting retry is dropped instead of attempted.
+    engine.set_paused(&ListenerId::new("ns", "paused"), true);
+    let mut tally = Tally::default();
+    let totals = tally.wait(&engine, "paused", |t| t.dropped == 1).await;
+    assert_eq!(totals.last_drop_reason, Some(DropReason::Paused));
+    let attempts = receiver.request_count();
+    assert_eq!(
+        engine.submit(event(2), target("paused", 1, receiver.url())),
+        crownstone_webhooks::delivery::Submission::Dropped(DropReason::Paused)
+    );
+    assert_eq!(receiver.request_count(), attempts);
+
+    // Enabled again: deliveries flow.
+    receiver.set_default(Reply::status(200));
+    engine.set_paused(&ListenerId::new("ns", "paused"), false);
+    assert!(engine
+        .submit(event(3), target("paused", 1, receiver.url()))
+        .is_queued());
+    tally.wait(&engine, "paused", |t| t.delivered == 1).await;
+}

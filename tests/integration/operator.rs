@@ -12,8 +12,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::DeleteParams;
 use serde_json::Value;
 
-use crate::support::cluster::{control_plane, eventually, PrivatePlane, TestNamespace};
-use crate::support::operator::{Harness, ALLOW_LOOPBACK, WAIT};
+use crate::support::cluster::{eventually, PrivatePlane, TestNamespace};
+use crate::support::operator::{Harness, OperatorProcess, ALLOW_LOOPBACK, WAIT};
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::sim;
 
@@ -556,36 +556,7 @@ async fn watches_recover_after_the_api_server_restarts() {
 async fn no_token_or_secret_reaches_the_logs_status_or_events() {
     let ns = TestNamespace::new("op-logs").await;
     let (sim, admin) = sim::start(Duration::from_millis(500)).await;
-    let log_path = tempfile::NamedTempFile::new().unwrap();
-    let log = std::fs::File::create(log_path.path()).unwrap();
-    let mut operator = std::process::Command::new(env!("CARGO_BIN_EXE_crownstone-webhooks"))
-        .args([
-            "controller",
-            "--events-url",
-            &sim.base_url(),
-            "--watch-namespace",
-            &ns.name,
-            "--health-listen",
-            "127.0.0.1:0",
-            "--status-interval",
-            "200ms",
-            "--delivery-retry-initial",
-            "10ms",
-            "--delivery-retry-max",
-            "20ms",
-            "--delivery-max-attempts",
-            "2",
-            "--allow-private-destinations",
-            "--log-format",
-            "json",
-        ])
-        .env("KUBECONFIG", &control_plane().kubeconfig)
-        .env("RUST_LOG", "debug")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("operator binary starts");
-
+    let operator = OperatorProcess::spawn(&sim.base_url(), &ns.name, "json", "debug", &[]);
     let h = Harness {
         ns,
         sim: Arc::new(sim),
@@ -639,13 +610,7 @@ async fn no_token_or_secret_reaches_the_logs_status_or_events() {
     let credentials = h.ns.api::<Secret>().get("acme-credentials").await.unwrap();
     let api_key = String::from_utf8(credentials.data.unwrap()["apiKey"].0.clone()).unwrap();
 
-    // SIGTERM, as Kubernetes stops a pod.
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &operator.id().to_string()])
-        .status();
-    let _ = tokio::task::spawn_blocking(move || operator.wait()).await;
-
-    let logs = std::fs::read_to_string(log_path.path()).unwrap();
+    let logs = operator.stop().await;
     assert!(
         logs.contains("forwarder started"),
         "the operator logged its work:\n{logs}"
@@ -688,4 +653,71 @@ async fn a_loopback_url_is_refused_by_default_and_recorded_as_failed() {
     let error = status.last_error.unwrap();
     assert!(error.contains("not allowed"), "{error}");
     assert_eq!(receiver.request_count(), 0, "nothing reached the receiver");
+}
+
+#[tokio::test]
+async fn many_listeners_at_once_log_no_warnings_no_dumps_and_no_colour() {
+    let ns = TestNamespace::new("op-quiet").await;
+    let (sim, admin) = sim::start(Duration::from_millis(500)).await;
+    let operator = OperatorProcess::spawn(&sim.base_url(), &ns.name, "text", "info", &[]);
+    let h = Harness {
+        ns,
+        sim: Arc::new(sim),
+        admin,
+        operator: None,
+    };
+    let receiver = Receiver::start().await;
+    h.create_user("acme", true, None).await;
+    let token = h.token("user-1", SPHERE).await;
+    h.create_token_secret("t", &token).await;
+    // Created all at once: finalizer adds, adoptions and status writes race one another.
+    let names: Vec<String> = (0..60).map(|i| format!("hook-{i}")).collect();
+    let url = receiver.url();
+    futures::future::join_all(names.iter().map(|name| {
+        h.create_listener(name, "acme", "t", &["command"], url.as_str(), None)
+    }))
+    .await;
+    for name in &names {
+        h.wait_ready(name).await;
+    }
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
+    receiver.wait_for_requests(names.len(), WAIT).await;
+    let logs = operator.stop().await;
+    assert!(logs.contains("forwarder started"), "it logged its work:\n{logs}");
+    for line in logs.lines() {
+        assert!(!line.contains(" WARN "), "an expected race was logged as a warning: {line}");
+        assert!(!line.contains(" ERROR "), "{line}");
+        assert!(!line.contains('\u{1b}'), "a colour code in a log file: {line}");
+        assert!(!line.contains("Status {"), "a struct dump: {line}");
+    }
+}
+
+#[tokio::test]
+async fn usage_rolls_over_at_utc_midnight_without_a_delivery() {
+    let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 23, 23, 50, 0).unwrap());
+    let h = Harness::start_with("op-rollover", Arc::new(clock.clone()), ALLOW_LOOPBACK).await;
+    let receiver = Receiver::start().await;
+    one_listener(&h, &receiver, &["command"]).await;
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
+    receiver.wait_for_requests(1, WAIT).await;
+    let users = h.ns.api::<WebhookUser>();
+    eventually("usage 1 on the 23rd", WAIT, || async {
+        let usage = users.get("acme").await.ok()?.status?.usage?;
+        (usage.day == "2026-11-23" && usage.deliveries == 1).then_some(())
+    })
+    .await;
+    // Midnight passes with no event at all.
+    clock.advance(chrono::Duration::minutes(20));
+    eventually("usage 0 on the 24th", WAIT, || async {
+        let usage = users.get("acme").await.ok()?.status?.usage?;
+        (usage.day == "2026-11-24" && usage.deliveries == 0).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.request_count(), 1);
 }

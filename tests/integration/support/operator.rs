@@ -403,3 +403,78 @@ impl Harness {
         .await
     }
 }
+
+/// The operator binary run as its own process, as a pod runs it, with its output in a file.
+pub struct OperatorProcess {
+    /// `None` once stopped.
+    child: Option<std::process::Child>,
+    log: tempfile::NamedTempFile,
+}
+
+impl OperatorProcess {
+    /// Starts `crownstone-webhooks controller` against the test run's control plane, watching
+    /// `namespace`, with fast test settings, `RUST_LOG=rust_log`, logs in `log_format`, and
+    /// `extra` flags.
+    pub fn spawn(
+        events_url: &str,
+        namespace: &str,
+        log_format: &str,
+        rust_log: &str,
+        extra: &[&str],
+    ) -> OperatorProcess {
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let out = log.reopen().expect("log file opens");
+        let err = log.reopen().expect("log file opens");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_crownstone-webhooks"))
+            .args([
+                "controller",
+                "--events-url",
+                events_url,
+                "--watch-namespace",
+                namespace,
+                "--health-listen",
+                "127.0.0.1:0",
+                "--status-interval",
+                "200ms",
+                "--delivery-retry-initial",
+                "10ms",
+                "--delivery-retry-max",
+                "20ms",
+                "--delivery-max-attempts",
+                "2",
+                "--allow-private-destinations",
+                "--log-format",
+                log_format,
+            ])
+            .args(extra)
+            .env("KUBECONFIG", &super::cluster::control_plane().kubeconfig)
+            .env("RUST_LOG", rust_log)
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("operator binary starts");
+        OperatorProcess {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Stops it with SIGTERM, as Kubernetes stops a pod, and returns everything it logged.
+    pub async fn stop(mut self) -> String {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        }
+        std::fs::read_to_string(self.log.path()).expect("log readable")
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+        }
+    }
+}
