@@ -25,7 +25,8 @@ const SKIPPED_ALLOWANCE_USED: &str =
 
 /// User `acme` with Listener `hook` on a fresh token, streaming to `receiver`; returns the token.
 async fn one_listener(h: &Harness, receiver: &Receiver, types: &[&str]) -> String {
-    h.ready_listener("hook", "acme", types, &receiver.url()).await
+    h.ready_listener("hook", "acme", types, &receiver.url())
+        .await
 }
 
 #[tokio::test]
@@ -186,7 +187,13 @@ async fn a_passed_expiry_deletes_only_its_own_listener() {
     )
     .await;
     h.wait_gone("past").await;
-    assert!(h.ns.api::<Listener>().get_opt("live").await.unwrap().is_some());
+    assert!(h
+        .ns
+        .api::<Listener>()
+        .get_opt("live")
+        .await
+        .unwrap()
+        .is_some());
 }
 
 #[tokio::test]
@@ -673,9 +680,11 @@ async fn many_listeners_at_once_log_no_warnings_no_dumps_and_no_colour() {
     // Created all at once: finalizer adds, adoptions and status writes race one another.
     let names: Vec<String> = (0..60).map(|i| format!("hook-{i}")).collect();
     let url = receiver.url();
-    futures::future::join_all(names.iter().map(|name| {
-        h.create_listener(name, "acme", "t", &["command"], url.as_str(), None)
-    }))
+    futures::future::join_all(
+        names
+            .iter()
+            .map(|name| h.create_listener(name, "acme", "t", &["command"], url.as_str(), None)),
+    )
     .await;
     for name in &names {
         h.wait_ready(name).await;
@@ -686,11 +695,20 @@ async fn many_listeners_at_once_log_no_warnings_no_dumps_and_no_colour() {
         .unwrap();
     receiver.wait_for_requests(names.len(), WAIT).await;
     let logs = operator.stop().await;
-    assert!(logs.contains("forwarder started"), "it logged its work:\n{logs}");
+    assert!(
+        logs.contains("forwarder started"),
+        "it logged its work:\n{logs}"
+    );
     for line in logs.lines() {
-        assert!(!line.contains(" WARN "), "an expected race was logged as a warning: {line}");
+        assert!(
+            !line.contains(" WARN "),
+            "an expected race was logged as a warning: {line}"
+        );
         assert!(!line.contains(" ERROR "), "{line}");
-        assert!(!line.contains('\u{1b}'), "a colour code in a log file: {line}");
+        assert!(
+            !line.contains('\u{1b}'),
+            "a colour code in a log file: {line}"
+        );
         assert!(!line.contains("Status {"), "a struct dump: {line}");
     }
 }

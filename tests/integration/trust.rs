@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::support::cluster::{eventually, PrivatePlane, TestNamespace};
 use crate::support::operator::{Harness, ALLOW_LOOPBACK, WAIT};
-use crate::support::receiver::{RecordedRequest, Receiver, Reply};
+use crate::support::receiver::{Receiver, RecordedRequest, Reply};
 
 const SPHERE: &str = "sphere-1";
 const DROPPED_SUSPENDED: &str =
@@ -101,8 +101,15 @@ async fn secrets_the_operator_did_not_create_survive_their_listeners() {
     )
     .await;
     let url = receiver.url();
-    h.create_listener("steals", "acme", "other-client", &["command"], url.as_str(), None)
-        .await;
+    h.create_listener(
+        "steals",
+        "acme",
+        "other-client",
+        &["command"],
+        url.as_str(),
+        None,
+    )
+    .await;
     h.create_listener("tls-ref", "acme", "tls", &["command"], url.as_str(), None)
         .await;
     h.wait_ready("steals").await;
@@ -110,7 +117,10 @@ async fn secrets_the_operator_did_not_create_survive_their_listeners() {
         .await;
     delete_listener(&h, "steals").await;
     delete_listener(&h, "tls-ref").await;
-    assert!(secret_exists(&h, "other-client").await, "another client's Secret was deleted");
+    assert!(
+        secret_exists(&h, "other-client").await,
+        "another client's Secret was deleted"
+    );
     assert!(secret_exists(&h, "tls").await, "the TLS Secret was deleted");
 
     // A managed token Secret goes with the last Listener that reads it, not before.
@@ -131,7 +141,10 @@ async fn secrets_the_operator_did_not_create_survive_their_listeners() {
 async fn a_credentials_secret_the_operator_did_not_create_is_reported_never_adopted() {
     let h = Harness::start("trust-credentials").await;
     let receiver = Receiver::start().await;
-    let planted = [("apiKey", "planted-key"), ("clientSecret", "planted-secret")];
+    let planted = [
+        ("apiKey", "planted-key"),
+        ("clientSecret", "planted-secret"),
+    ];
     users_secret(&h, "acme-credentials", "Opaque", &planted).await;
     h.create_user("acme", true, None).await;
     h.wait_user_reason("acme", "False", "CredentialsSecretConflict")
@@ -140,11 +153,19 @@ async fn a_credentials_secret_the_operator_did_not_create_is_reported_never_adop
     // Its Listeners are not Ready: nothing could be signed with a secret the operator trusts.
     let token = h.token("user-1", SPHERE).await;
     h.create_token_secret("t", &token).await;
-    h.create_listener("hook", "acme", "t", &["command"], receiver.url().as_str(), None)
-        .await;
+    h.create_listener(
+        "hook",
+        "acme",
+        "t",
+        &["command"],
+        receiver.url().as_str(),
+        None,
+    )
+    .await;
     h.wait_condition("hook", "Ready", "False", "OwnerCredentialsMissing")
         .await;
-    let skipped = r#"crownstone_webhooks_forwarder_skipped_total{reason="owner_without_credentials"}"#;
+    let skipped =
+        r#"crownstone_webhooks_forwarder_skipped_total{reason="owner_without_credentials"}"#;
     h.admin
         .publish(&[samples::multi_switch(SPHERE)])
         .await
@@ -182,7 +203,11 @@ async fn the_credentials_secret_is_watched_edits_are_followed_and_a_deleted_one_
     let rotated = "0123456789abcdef0123456789abcdef";
     let patch = json!({"stringData": {"clientSecret": rotated}});
     h.ns.api::<Secret>()
-        .patch("acme-credentials", &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            "acme-credentials",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
         .unwrap();
     eventually("deliveries signed with the edited secret", WAIT, || async {
@@ -196,7 +221,11 @@ async fn the_credentials_secret_is_watched_edits_are_followed_and_a_deleted_one_
         .await
         .unwrap();
     let remade = eventually("new credentials", WAIT, || async {
-        let secret = h.ns.api::<Secret>().get_opt("acme-credentials").await.ok()??;
+        let secret =
+            h.ns.api::<Secret>()
+                .get_opt("acme-credentials")
+                .await
+                .ok()??;
         let value = secret.data?.get("clientSecret")?.0.clone();
         let value = String::from_utf8(value).ok()?;
         (value != rotated && value != first).then_some(value)
@@ -226,7 +255,12 @@ async fn an_owner_change_moves_the_owner_reference_and_re_signs() {
         .unwrap();
     let listeners = h.ns.api::<Listener>();
     eventually("the ownerReference names beta alone", WAIT, || async {
-        let refs = listeners.get("hook").await.ok()?.metadata.owner_references?;
+        let refs = listeners
+            .get("hook")
+            .await
+            .ok()?
+            .metadata
+            .owner_references?;
         (refs.len() == 1 && refs[0].name == "beta" && refs[0].controller == Some(true))
             .then_some(())
     })
@@ -271,10 +305,17 @@ async fn a_gone_receiver_stays_suspended_across_an_operator_restart() {
         .await
         .unwrap();
     h.wait_metric(DROPPED_SUSPENDED, 1.0).await;
-    assert_eq!(receiver.request_count(), 1, "deliveries resumed after the restart");
+    assert_eq!(
+        receiver.request_count(),
+        1,
+        "deliveries resumed after the restart"
+    );
     let listener = h.ns.api::<Listener>().get("hook").await.unwrap();
     let ready = listener.condition("Ready").unwrap();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "EndpointGone"));
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "EndpointGone")
+    );
     assert_eq!(ready.observed_generation, listener.metadata.generation);
 }
 
@@ -290,10 +331,24 @@ async fn a_suspended_listener_does_not_use_its_owners_allowance() {
     h.create_token_secret("t-gone", &token).await;
     h.create_token_secret("t-ok", &token).await;
     // Routed in name order: the suspended Listener comes first and would take the allowance.
-    h.create_listener("a-gone", "acme", "t-gone", &["command"], gone.url().as_str(), None)
-        .await;
-    h.create_listener("b-ok", "acme", "t-ok", &["command"], ok.url().as_str(), None)
-        .await;
+    h.create_listener(
+        "a-gone",
+        "acme",
+        "t-gone",
+        &["command"],
+        gone.url().as_str(),
+        None,
+    )
+    .await;
+    h.create_listener(
+        "b-ok",
+        "acme",
+        "t-ok",
+        &["command"],
+        ok.url().as_str(),
+        None,
+    )
+    .await;
     h.wait_ready("a-gone").await;
     h.wait_ready("b-ok").await;
     deliver_one(&h, &ok).await;
@@ -309,9 +364,11 @@ async fn a_suspended_listener_does_not_use_its_owners_allowance() {
     })
     .await;
     let users = h.ns.api::<WebhookUser>();
-    eventually("usage 3: two to b-ok, one attempt at a-gone", WAIT, || async {
-        (users.get("acme").await.ok()?.status?.usage?.deliveries == 3).then_some(())
-    })
+    eventually(
+        "usage 3: two to b-ok, one attempt at a-gone",
+        WAIT,
+        || async { (users.get("acme").await.ok()?.status?.usage?.deliveries == 3).then_some(()) },
+    )
     .await;
 }
 
@@ -332,8 +389,15 @@ async fn in_all_namespaces_expiry_stays_in_its_registration_and_token_expiry_rea
     for (h, receiver) in [(&a, &ra), (&b, &rb)] {
         h.create_user("acme", true, None).await;
         h.create_token_secret("t", &token).await;
-        h.create_listener("hook", "acme", "t", &["command"], receiver.url().as_str(), None)
-            .await;
+        h.create_listener(
+            "hook",
+            "acme",
+            "t",
+            &["command"],
+            receiver.url().as_str(),
+            None,
+        )
+        .await;
         h.wait_ready("hook").await;
     }
     a.wait_streams(1).await;
@@ -364,4 +428,89 @@ async fn in_all_namespaces_expiry_stays_in_its_registration_and_token_expiry_rea
     a.wait_streams(0).await;
     // Both token Secrets were the users' own.
     assert!(secret_exists(&a, "t").await && secret_exists(&b, "t").await);
+}
+
+#[tokio::test]
+async fn a_listener_deleted_without_its_finalizer_is_no_longer_routed() {
+    let h = Harness::start("trust-no-finalizer").await;
+    let receiver = Receiver::start().await;
+    h.ready_listener("hook", "acme", &["command"], &receiver.url())
+        .await;
+    h.wait_streams(1).await;
+    // Take the finalizer off and delete in one compare-and-swap chain, so the operator never
+    // sees the deletion with its finalizer on; retried when the operator put it back first.
+    let listeners = h.ns.api::<Listener>();
+    eventually("deleted without the finalizer", WAIT, || async {
+        let listener = listeners.get("hook").await.ok()?;
+        let patch = json!({"metadata": {
+            "finalizers": null,
+            "resourceVersion": listener.metadata.resource_version,
+        }});
+        let patched = listeners
+            .patch("hook", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .ok()?;
+        let precondition = kube::api::Preconditions {
+            resource_version: patched.metadata.resource_version,
+            uid: None,
+        };
+        let delete = DeleteParams {
+            preconditions: Some(precondition),
+            ..DeleteParams::default()
+        };
+        listeners.delete("hook", &delete).await.ok().map(|_| ())
+    })
+    .await;
+    h.wait_gone("hook").await;
+    // The watch saw it go: the routing entry and with it the token's stream are gone.
+    h.wait_streams(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_api_server_down_the_operator_is_not_ready_still_alive_and_stops_in_time() {
+    let plane = Arc::new(
+        tokio::task::spawn_blocking(PrivatePlane::start)
+            .await
+            .unwrap(),
+    );
+    let ns = TestNamespace::on(&plane.kubeconfig(), "trust-apiserver-down").await;
+    let mut h = Harness::start_in(
+        ns,
+        Arc::new(crownstone_webhooks::clock::SystemClock),
+        ALLOW_LOOPBACK,
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    h.ready_listener("hook", "acme", &["command"], &receiver.url())
+        .await;
+    let health = h.operator.as_ref().unwrap().health_addr();
+    let status = |path: &'static str| async move {
+        reqwest::get(format!("http://{health}{path}"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    eventually("ready", WAIT, || async {
+        (status("/readyz").await == 200).then_some(())
+    })
+    .await;
+
+    let stopping = plane.clone();
+    tokio::task::spawn_blocking(move || stopping.stop())
+        .await
+        .unwrap();
+    eventually("not ready once the watches fail", WAIT * 2, || async {
+        (status("/readyz").await == 503).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status("/healthz").await,
+        200,
+        "a short outage is no reason to restart"
+    );
+    // Deliveries need no API server.
+    deliver_one(&h, &receiver).await;
+    tokio::time::timeout(std::time::Duration::from_secs(60), h.stop_operator())
+        .await
+        .expect("shutdown finished although the API server is down");
 }

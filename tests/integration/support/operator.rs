@@ -239,7 +239,13 @@ impl Harness {
     /// The fixture most tests start from: WebhookUser `owner` (made if missing), a fresh token of
     /// `user-1` on `sphere-1` in Secret `<name>-token`, and Listener `name` on it posting `types`
     /// to `url`, waited for until it is Ready. Returns the token.
-    pub async fn ready_listener(&self, name: &str, owner: &str, types: &[&str], url: &Url) -> String {
+    pub async fn ready_listener(
+        &self,
+        name: &str,
+        owner: &str,
+        types: &[&str],
+        url: &Url,
+    ) -> String {
         if self
             .ns
             .api::<WebhookUser>()
@@ -262,7 +268,10 @@ impl Harness {
     /// The value of one series of the in-process operator's metrics, such as
     /// `crownstone_webhooks_forwarder_skipped_total{reason="owner_disabled"}`; 0 when absent.
     pub async fn metric(&self, series: &str) -> f64 {
-        let operator = self.operator.as_ref().expect("the operator runs in this process");
+        let operator = self
+            .operator
+            .as_ref()
+            .expect("the operator runs in this process");
         let text = reqwest::get(format!("http://{}/metrics", operator.health_addr()))
             .await
             .expect("metrics answer")
@@ -299,10 +308,14 @@ impl Harness {
     /// Waits until a WebhookUser's Ready condition has this reason.
     pub async fn wait_user_reason(&self, user: &str, status: &str, reason: &str) {
         let api = self.ns.api::<WebhookUser>();
-        eventually(&format!("{user}: Ready={status} ({reason})"), WAIT, || async {
-            let c = api.get(user).await.ok()?.condition("Ready")?.clone();
-            (c.status == status && c.reason == reason).then_some(())
-        })
+        eventually(
+            &format!("{user}: Ready={status} ({reason})"),
+            WAIT,
+            || async {
+                let c = api.get(user).await.ok()?.condition("Ready")?.clone();
+                (c.status == status && c.reason == reason).then_some(())
+            },
+        )
         .await
     }
 
