@@ -90,6 +90,7 @@ struct HealthState {
 /// A running operator.
 pub struct RunningOperator {
     health_addr: SocketAddr,
+    forwarders: ForwarderRegistry,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -98,6 +99,12 @@ impl RunningOperator {
     /// Where /healthz, /readyz and /metrics are served.
     pub fn health_addr(&self) -> SocketAddr {
         self.health_addr
+    }
+
+    /// The forwarders: which tokens stream, and in what state. The REST facade trusts a token
+    /// that a forwarder streams instead of opening a second stream to check it.
+    pub fn forwarders(&self) -> &ForwarderRegistry {
+        &self.forwarders
     }
 
     /// Stops taking events, lets queued deliveries finish within the grace period, writes the
@@ -272,6 +279,7 @@ pub async fn start(
         })
     };
 
+    let registry_handle = forwarders.clone();
     let grace = args.shutdown_grace;
     let task_stop = stop.clone();
     let task = tokio::spawn(async move {
@@ -303,6 +311,7 @@ pub async fn start(
     tracing::info!(%health_addr, events_url = %args.events_url, "Operator started.");
     Ok(RunningOperator {
         health_addr,
+        forwarders: registry_handle,
         stop,
         task,
     })
