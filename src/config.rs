@@ -6,6 +6,7 @@ use std::time::Duration;
 use url::Url;
 
 use crate::delivery::DeliveryArgs;
+use crate::leader::LeaderArgs;
 
 /// Settings of the controller, the forwarders and the delivery engine.
 #[derive(clap::Args, Clone, Debug)]
@@ -63,6 +64,9 @@ pub struct OperatorArgs {
 
     #[command(flatten)]
     pub delivery: DeliveryArgs,
+
+    #[command(flatten)]
+    pub leader: LeaderArgs,
 }
 
 /// How logs are written.

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod forwarder;
 pub mod health;
 pub mod index;
+pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod resources;

@@ -2,6 +2,7 @@
 //! the status writer and the health server; and takes them down in order.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,13 +32,14 @@ use crate::clock::SharedClock;
 use crate::config::OperatorArgs;
 use crate::controller::{
     run_listener_controller, run_secret_watch, run_webhook_user_controller, Context, SecretCache,
-    SecretRefs, StatusWriter, Triggers,
+    SecretRefs, StatusWriter, TriggerStreams, Triggers,
 };
 use crate::delivery::{DeliveryConfig, DeliveryEngine, DeliveryError};
 use crate::domain::ListenerId;
-use crate::forwarder::{ForwarderRegistry, StreamSettings};
+use crate::forwarder::{ForwarderRegistry, StreamSettings, TokenNotice};
 use crate::health::WatchHealth;
 use crate::index::RoutingIndex;
+use crate::leader::{self, LeaderError, LeadershipEnd, LeaseLock};
 use crate::metrics::{ControllerMetrics, ForwarderMetrics};
 use crate::resources::{Listener, WebhookUser};
 
@@ -50,6 +52,8 @@ pub enum OperatorError {
     CrdMissing(String),
     #[error("could not set up the delivery engine: {0}")]
     Delivery(#[from] DeliveryError),
+    #[error(transparent)]
+    Leader(#[from] LeaderError),
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -57,12 +61,14 @@ pub enum OperatorError {
     },
 }
 
-/// The health of the operator's three watches.
+/// The health of the operator's three watches, and whether it only stands by.
 #[derive(Default)]
 struct Health {
     users: WatchHealth,
     listeners: WatchHealth,
     secrets: Arc<WatchHealth>,
+    /// Waiting for the lease: nothing to watch yet, and ready for a rollout to go on.
+    standby: AtomicBool,
 }
 
 impl Health {
@@ -70,9 +76,9 @@ impl Health {
         [&self.users, &self.listeners, &self.secrets]
     }
 
-    /// Ready: every watch synced and none failing now.
+    /// Ready: standing by, or every watch synced and none failing now.
     fn ready(&self) -> bool {
-        self.watches().iter().all(|w| w.is_healthy())
+        self.standby.load(Ordering::Relaxed) || self.watches().iter().all(|w| w.is_healthy())
     }
 
     /// Alive: no watch has failed without a break for so long that a restart is the better cure.
@@ -92,6 +98,8 @@ pub struct RunningOperator {
     health_addr: SocketAddr,
     forwarders: ForwarderRegistry,
     stop: CancellationToken,
+    /// Cancelled when this replica lost its lease and stopped leading.
+    lost: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -105,6 +113,12 @@ impl RunningOperator {
     /// that a forwarder streams instead of opening a second stream to check it.
     pub fn forwarders(&self) -> &ForwarderRegistry {
         &self.forwarders
+    }
+
+    /// Resolves when this replica lost its lease: it no longer streams or delivers, and the
+    /// process should exit so that it comes back as a standby.
+    pub async fn lost_leadership(&self) {
+        self.lost.cancelled().await
     }
 
     /// Stops taking events, lets queued deliveries finish within the grace period, writes the
@@ -231,9 +245,118 @@ pub async fn start(
             source,
         })?;
 
-    let stop = CancellationToken::new();
-    let controllers_stop = CancellationToken::new();
+    let lock = match args.leader.leader_election {
+        true => {
+            let lease_namespace = args
+                .leader
+                .leader_election_namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .or_else(|| args.watch_namespace.clone())
+                .unwrap_or_else(|| "default".to_owned());
+            let lock = LeaseLock::new(
+                client.clone(),
+                &args.leader,
+                &lease_namespace,
+                leader::identity(),
+            )?;
+            health.standby.store(true, Ordering::Relaxed);
+            Some(Arc::new(lock))
+        }
+        false => None,
+    };
 
+    let stop = CancellationToken::new();
+    let lost = CancellationToken::new();
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(HealthState {
+            health: health.clone(),
+            registry,
+        });
+    let server_stop = stop.clone();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(server_stop.cancelled_owned())
+            .await;
+    });
+
+    let parts = ActiveParts {
+        ctx: ctx.clone(),
+        users_controller,
+        listeners_controller,
+        trigger_streams,
+        notices,
+        listener_event_stream,
+        secrets_api: api_in::<PartialObjectMeta<Secret>>(&client, namespace),
+        secrets_health: health.secrets.clone(),
+        status_interval: args.status_interval,
+    };
+    let registry_handle = forwarders.clone();
+    let grace = args.shutdown_grace;
+    let task_stop = stop.clone();
+    let task_lost = lost.clone();
+    let task = tokio::spawn(async move {
+        lead(parts, lock, health, task_stop, task_lost, grace).await;
+        let _ = server.await;
+        tracing::info!("Stopped.");
+    });
+    tracing::info!(%health_addr, events_url = %args.events_url, "Operator started.");
+    Ok(RunningOperator {
+        health_addr,
+        forwarders: registry_handle,
+        stop,
+        lost,
+        task,
+    })
+}
+
+/// What runs only while this replica leads: the controllers, the Secret watch and the status
+/// writer (and through them the forwarders and deliveries).
+struct ActiveParts {
+    ctx: Arc<Context>,
+    users_controller: Controller<WebhookUser>,
+    listeners_controller: Controller<Listener>,
+    trigger_streams: TriggerStreams,
+    notices: mpsc::UnboundedReceiver<TokenNotice>,
+    listener_event_stream: mpsc::UnboundedReceiver<ListenerWatchEvent>,
+    secrets_api: Api<PartialObjectMeta<Secret>>,
+    secrets_health: Arc<WatchHealth>,
+    status_interval: Duration,
+}
+
+/// Waits for leadership (when elected), runs the active parts until `stop` or until the lease
+/// is lost, then takes them down in order: streams first, then deliveries within `grace`, the
+/// last status writes, and only then the lease, so a standby never delivers beside this one.
+async fn lead(
+    parts: ActiveParts,
+    lock: Option<Arc<LeaseLock>>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+    lost: CancellationToken,
+    grace: Duration,
+) {
+    if let Some(lock) = &lock {
+        tracing::info!(identity = %lock.identity(), "Standing by until this replica leads.");
+        if !lock.acquire(&stop).await {
+            return;
+        }
+        health.standby.store(false, Ordering::Relaxed);
+    }
+    let ActiveParts {
+        ctx,
+        users_controller,
+        listeners_controller,
+        trigger_streams,
+        notices,
+        listener_event_stream,
+        secrets_api,
+        secrets_health,
+        status_interval,
+    } = parts;
+    let controllers_stop = CancellationToken::new();
     let tasks = vec![
         tokio::spawn(run_webhook_user_controller(
             users_controller,
@@ -249,72 +372,73 @@ pub async fn start(
             controllers_stop.clone().cancelled_owned(),
         )),
         tokio::spawn(run_secret_watch(
-            api_in::<PartialObjectMeta<Secret>>(&client, namespace),
+            secrets_api,
             ctx.clone(),
-            health.secrets.clone(),
+            secrets_health,
             controllers_stop.clone().cancelled_owned(),
         )),
         tokio::spawn(forget_deleted_listeners(ctx.clone(), listener_event_stream)),
     ];
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(HealthState { health, registry });
-    let server_stop = stop.clone();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(server_stop.cancelled_owned())
-            .await;
-    });
-
     let writer_stop = CancellationToken::new();
     let mut writer = StatusWriter::new(ctx.clone());
     let writer_task = {
         let writer_stop = writer_stop.clone();
-        let interval = args.status_interval;
         tokio::spawn(async move {
-            writer.run(interval, writer_stop).await;
+            writer.run(status_interval, writer_stop).await;
             writer
         })
     };
-
-    let registry_handle = forwarders.clone();
-    let grace = args.shutdown_grace;
-    let task_stop = stop.clone();
-    let task = tokio::spawn(async move {
-        task_stop.cancelled().await;
-        tracing::info!("Shutting down: closing streams and draining deliveries.");
-        forwarders.shutdown();
-        engine.shutdown(grace).await;
-        writer_stop.cancel();
-        // The last status write and the controllers' goodbye need the API server: bounded, so
-        // an unreachable one cannot hold the process past its grace period.
-        let last_writes = async {
-            if let Ok(mut writer) = writer_task.await {
-                writer.flush().await;
+    let renew_stop = CancellationToken::new();
+    let holding = lock.clone().map(|lock| {
+        let renew_stop = renew_stop.clone();
+        let lost = lost.clone();
+        tokio::spawn(async move {
+            if lock.hold(&renew_stop).await == LeadershipEnd::Lost {
+                lost.cancel();
             }
-            controllers_stop.cancel();
-            for task in tasks {
-                let _ = task.await;
-            }
-        };
-        if tokio::time::timeout(grace, last_writes).await.is_err() {
-            tracing::warn!(
-                grace = %humantime::format_duration(grace),
-                "Gave up the last status writes: the API server did not answer in time."
-            );
-        }
-        let _ = server.await;
-        tracing::info!("Stopped.");
+        })
     });
-    tracing::info!(%health_addr, events_url = %args.events_url, "Operator started.");
-    Ok(RunningOperator {
-        health_addr,
-        forwarders: registry_handle,
-        stop,
-        task,
-    })
+
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = lost.cancelled() => {
+            // Another replica may take over after the lease duration: stop at once.
+            tracing::warn!("Lost the lease: closing streams and dropping deliveries now.");
+            ctx.forwarders.shutdown();
+            ctx.engine.shutdown(Duration::ZERO).await;
+            controllers_stop.cancel();
+            writer_stop.cancel();
+            return;
+        }
+    }
+    tracing::info!("Shutting down: closing streams and draining deliveries.");
+    ctx.forwarders.shutdown();
+    ctx.engine.shutdown(grace).await;
+    writer_stop.cancel();
+    // The last status write and the controllers' goodbye need the API server: bounded, so an
+    // unreachable one cannot hold the process past its grace period.
+    let last_writes = async {
+        if let Ok(mut writer) = writer_task.await {
+            writer.flush().await;
+        }
+        controllers_stop.cancel();
+        for task in tasks {
+            let _ = task.await;
+        }
+    };
+    if tokio::time::timeout(grace, last_writes).await.is_err() {
+        tracing::warn!(
+            grace = %humantime::format_duration(grace),
+            "Gave up the last status writes: the API server did not answer in time."
+        );
+    }
+    renew_stop.cancel();
+    if let (Some(lock), Some(holding)) = (lock, holding) {
+        let _ = holding.await;
+        if !lost.is_cancelled() {
+            lock.release().await;
+        }
+    }
 }
 
 /// A cache of `K` fed by a watch whose health (first full list, errors) is recorded in `watch`.

@@ -1,0 +1,325 @@
+//! Leader election through a `coordination.k8s.io` Lease, so that of several replicas exactly
+//! one streams and delivers. A replica takes the Lease when it is free or its holder stopped
+//! renewing it for a whole lease duration (measured on this replica's own clock, so clock skew
+//! between nodes does not matter), renews it while it leads, gives it up when it stops, and
+//! stops leading by itself when it cannot renew before its renew deadline, which is shorter than
+//! the lease duration: the next leader cannot start before the old one has stopped.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::Client;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::controller::describe_kube_error;
+
+/// How replicas elect a leader.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LeaderArgs {
+    /// Elect a leader among replicas through a Lease; only the leader streams and delivers.
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = false)]
+    pub leader_election: bool,
+
+    /// Namespace of the Lease (default: the pod's namespace, POD_NAMESPACE, else `default`).
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "LEADER_ELECTION_LEASE",
+        default_value = "crownstone-webhooks"
+    )]
+    pub leader_election_lease: String,
+
+    /// How long a Lease not renewed stays with its holder.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+
+    /// How long the leader tries to renew before it stops leading; shorter than the duration.
+    #[arg(long, env = "LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_renew_deadline: Duration,
+
+    /// How often the Lease is renewed, or tried for.
+    #[arg(long, env = "LEASE_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub lease_retry_period: Duration,
+}
+
+/// Leader election cannot work as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    #[error(
+        "the renew deadline ({deadline:?}) must be shorter than the lease duration ({duration:?}), \
+         and the retry period ({retry:?}) shorter than the deadline"
+    )]
+    Timing {
+        duration: Duration,
+        deadline: Duration,
+        retry: Duration,
+    },
+}
+
+/// Why a leader stopped leading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeadershipEnd {
+    /// Asked to stop (shutdown).
+    Stopped,
+    /// The Lease could not be renewed in time, or another replica holds it.
+    Lost,
+}
+
+/// What this replica last saw of the Lease, and when, by its own clock.
+struct Observed {
+    record: (Option<String>, Option<MicroTime>),
+    at: Instant,
+}
+
+/// One replica's handle on the Lease.
+pub struct LeaseLock {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+    renew_deadline: Duration,
+    retry_period: Duration,
+    observed: Mutex<Option<Observed>>,
+}
+
+impl LeaseLock {
+    /// A lock on Lease `args.leader_election_lease` in `namespace`, held as `identity`.
+    pub fn new(
+        client: Client,
+        args: &LeaderArgs,
+        namespace: &str,
+        identity: String,
+    ) -> Result<Self, LeaderError> {
+        if args.lease_renew_deadline >= args.lease_duration
+            || args.lease_retry_period >= args.lease_renew_deadline
+        {
+            return Err(LeaderError::Timing {
+                duration: args.lease_duration,
+                deadline: args.lease_renew_deadline,
+                retry: args.lease_retry_period,
+            });
+        }
+        Ok(LeaseLock {
+            api: Api::namespaced(client, namespace),
+            name: args.leader_election_lease.clone(),
+            identity,
+            duration: args.lease_duration,
+            renew_deadline: args.lease_renew_deadline,
+            retry_period: args.lease_retry_period,
+            observed: Mutex::new(None),
+        })
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Waits until this replica holds the Lease. False when cancelled first.
+    pub async fn acquire(&self, cancel: &CancellationToken) -> bool {
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => {
+                    tracing::info!(identity = %self.identity, lease = %self.name, "Leading: took the lease.");
+                    return true;
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(lease = %self.name, error = %describe_kube_error(&error), "Could not read or take the lease; trying again.")
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(self.retry_period) => {}
+            }
+        }
+    }
+
+    /// Renews the Lease until `cancel`, or until it cannot be renewed before the renew deadline.
+    /// Stopping does not hand the Lease back: the caller does with [`release`](Self::release)
+    /// once it has stopped delivering, so no standby starts before.
+    pub async fn hold(&self, cancel: &CancellationToken) -> LeadershipEnd {
+        let mut renewed = Instant::now();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return LeadershipEnd::Stopped,
+                _ = tokio::time::sleep(self.retry_period) => {}
+            }
+            let attempt = tokio::time::timeout(
+                self.renew_deadline.saturating_sub(renewed.elapsed()),
+                self.try_acquire_or_renew(),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(true)) => renewed = Instant::now(),
+                Ok(Ok(false)) => {
+                    tracing::warn!(lease = %self.name, "Another replica holds the lease: no longer leading.");
+                    return LeadershipEnd::Lost;
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(lease = %self.name, error = %describe_kube_error(&error), "Could not renew the lease.")
+                }
+                Err(_) => {}
+            }
+            if renewed.elapsed() >= self.renew_deadline {
+                tracing::warn!(lease = %self.name, deadline = ?self.renew_deadline, "The lease was not renewed before its deadline: no longer leading.");
+                return LeadershipEnd::Lost;
+            }
+        }
+    }
+
+    /// Hands the Lease back, so a standby takes over at once instead of after its duration.
+    pub async fn release(&self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+            return;
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(now());
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => tracing::info!(lease = %self.name, "Handed the lease back."),
+            Err(error) => {
+                tracing::warn!(lease = %self.name, error = %describe_kube_error(&error), "Could not hand the lease back; it expires by itself.")
+            }
+        }
+    }
+
+    /// One round: take the Lease if it is free or expired, renew it if held. True when held.
+    async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(self.held_spec(None, 0)),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Err(error) => Err(error),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let ours = holder.as_deref() == Some(self.identity.as_str());
+        if !ours && holder.is_some() && !self.expired(&spec) {
+            return Ok(false);
+        }
+        let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);
+        let acquired = if ours {
+            spec.acquire_time.clone()
+        } else {
+            None
+        };
+        lease.spec = Some(self.held_spec(acquired, transitions));
+        // `replace` carries the resourceVersion read above: a concurrent taker makes it fail.
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Whether the holder has not renewed for a lease duration, by this replica's clock: the
+    /// time since this replica first saw the current record.
+    fn expired(&self, spec: &LeaseSpec) -> bool {
+        let record = (spec.holder_identity.clone(), spec.renew_time.clone());
+        let duration = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(self.duration, Duration::from_secs);
+        let mut observed = self.observed.lock();
+        match observed.as_ref() {
+            Some(seen) if seen.record == record => seen.at.elapsed() >= duration,
+            _ => {
+                *observed = Some(Observed {
+                    record,
+                    at: Instant::now(),
+                });
+                false
+            }
+        }
+    }
+
+    fn held_spec(&self, acquired: Option<MicroTime>, transitions: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(self.identity.clone()),
+            lease_duration_seconds: Some(i32::try_from(self.duration.as_secs()).unwrap_or(15)),
+            acquire_time: Some(acquired.unwrap_or_else(now)),
+            renew_time: Some(now()),
+            lease_transitions: Some(transitions),
+            ..LeaseSpec::default()
+        }
+    }
+}
+
+fn now() -> MicroTime {
+    MicroTime(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// This replica's name in the Lease: the pod name where there is one, else the host name, with
+/// a random suffix so two processes on one machine differ.
+pub fn identity() -> String {
+    let base = std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "crownstone-webhooks".to_owned());
+    format!("{base}-{:08x}", rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        leader: LeaderArgs,
+    }
+
+    #[test]
+    fn defaults_leave_election_off_with_sane_timing() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert!(!cli.leader.leader_election);
+        assert!(cli.leader.lease_renew_deadline < cli.leader.lease_duration);
+        assert!(cli.leader.lease_retry_period < cli.leader.lease_renew_deadline);
+    }
+
+    #[tokio::test]
+    async fn timing_that_allows_two_leaders_is_refused() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--lease-duration",
+            "10s",
+            "--lease-renew-deadline",
+            "10s",
+        ])
+        .unwrap();
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        assert!(matches!(
+            LeaseLock::new(client, &cli.leader, "ns", "me".into()),
+            Err(LeaderError::Timing { .. })
+        ));
+    }
+}

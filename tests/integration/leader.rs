@@ -1,0 +1,133 @@
+//! Two replicas: one Lease, one leader streaming and delivering, a standby that takes over, and
+//! a leader that stops by itself when it cannot renew.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crownstone_webhooks::clock::SystemClock;
+use crownstone_webhooks::crownstone::samples;
+use crownstone_webhooks::operator::{self, RunningOperator};
+use k8s_openapi::api::coordination::v1::Lease;
+
+use crate::support::cluster::{eventually, PrivatePlane, TestNamespace};
+use crate::support::operator::{test_args, Harness, WAIT};
+use crate::support::receiver::Receiver;
+
+const SPHERE: &str = "sphere-1";
+const ELECTED: &[&str] = &[
+    "--allow-private-destinations",
+    "--leader-election",
+    "--lease-duration",
+    "3s",
+    "--lease-renew-deadline",
+    "2s",
+    "--lease-retry-period",
+    "300ms",
+];
+
+async fn replica(h: &Harness) -> RunningOperator {
+    operator::start(
+        h.ns.client.clone(),
+        test_args(&h.sim.base_url(), &h.ns.name, ELECTED),
+        Arc::new(SystemClock),
+    )
+    .await
+    .expect("replica starts")
+}
+
+async fn holder(h: &Harness) -> Option<String> {
+    let lease =
+        h.ns.api::<Lease>()
+            .get_opt("crownstone-webhooks")
+            .await
+            .ok()??;
+    lease.spec?.holder_identity.filter(|h| !h.is_empty())
+}
+
+/// Publishes a command whose sphere uid is `n`, to tell deliveries apart.
+async fn publish(h: &Harness, n: u64) {
+    let mut event = samples::multi_switch(SPHERE);
+    event["sphere"]["uid"] = n.into();
+    h.admin.publish(&[event]).await.unwrap();
+}
+
+fn delivered_uids(receiver: &Receiver) -> Vec<u64> {
+    receiver
+        .requests()
+        .iter()
+        .filter_map(|r| r.json()["data"]["sphere"]["uid"].as_u64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_and_a_standby_takes_over_without_double_delivery() {
+    let mut h = Harness::start_with("leader", Arc::new(SystemClock), ELECTED).await;
+    let standby = replica(&h).await;
+    let receiver = Receiver::start().await;
+    h.ready_listener("hook", "acme", &["command"], &receiver.url())
+        .await;
+    let first = eventually("a leader", WAIT, || holder(&h)).await;
+    // One stream for the token, not one per replica.
+    h.wait_streams(1).await;
+    for n in 0..5 {
+        publish(&h, n).await;
+    }
+    receiver.wait_for_requests(5, WAIT).await;
+
+    // The leader stops (a rolling update): it hands the lease back after draining.
+    let (leader, mut survivor) = if h.metric("crownstone_webhooks_forwarder_streams").await == 1.0 {
+        (h.operator.take().unwrap(), standby)
+    } else {
+        (standby, h.operator.take().unwrap())
+    };
+    leader.shutdown().await;
+    let second = eventually("another leader", WAIT, || async {
+        holder(&h).await.filter(|holder| *holder != first)
+    })
+    .await;
+    assert_ne!(first, second);
+    h.wait_streams(1).await;
+    h.operator = Some(survivor);
+    h.wait_ready("hook").await;
+    for n in 5..10 {
+        publish(&h, n).await;
+    }
+    receiver.wait_for_requests(10, WAIT).await;
+    let uids = delivered_uids(&receiver);
+    let unique: HashSet<u64> = uids.iter().copied().collect();
+    assert_eq!(
+        uids.len(),
+        unique.len(),
+        "an event was delivered twice: {uids:?}"
+    );
+    assert_eq!(unique, (0..10).collect());
+    survivor = h.operator.take().unwrap();
+    survivor.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_renew_stops_streaming_by_itself() {
+    let plane = Arc::new(
+        tokio::task::spawn_blocking(PrivatePlane::start)
+            .await
+            .unwrap(),
+    );
+    let ns = TestNamespace::on(&plane.kubeconfig(), "leader-cut").await;
+    let h = Harness::start_in(ns, Arc::new(SystemClock), ELECTED).await;
+    let receiver = Receiver::start().await;
+    h.ready_listener("hook", "acme", &["command"], &receiver.url())
+        .await;
+    h.wait_streams(1).await;
+
+    let stopping = plane.clone();
+    tokio::task::spawn_blocking(move || stopping.stop())
+        .await
+        .unwrap();
+    // Past the renew deadline (2 s) it gives up leading, before the lease (3 s) could pass on.
+    let operator = h.operator.as_ref().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), operator.lost_leadership())
+        .await
+        .expect("the leader noticed it cannot renew");
+    h.wait_streams(0).await;
+}
