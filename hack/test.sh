@@ -10,5 +10,6 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
 
 log "control plane binaries: $("$here/build-kube.sh")"
+log "helm: $("$here/build-helm.sh")"
 log "python for client tests: $("$here/python-env.sh")"
 cargo test --locked --all-targets "$@"

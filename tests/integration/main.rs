@@ -3,9 +3,11 @@
 
 mod support;
 
+mod chart;
 mod crds;
 mod delivery;
 mod operator;
 mod simulator;
 mod simulator_python;
+mod leader;
 mod trust;

@@ -80,6 +80,26 @@ pub fn control_plane() -> &'static ControlPlane {
     })
 }
 
+/// The helm binary, built by `hack/build-helm.sh` on first use.
+pub fn helm() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        PathBuf::from(run(&mut Command::new(
+            repo_root().join("hack/build-helm.sh"),
+        )))
+    })
+}
+
+/// The repository's root directory.
+pub fn repo() -> &'static Path {
+    repo_root()
+}
+
+/// Runs a command to success and returns its standard output; panics with its output if not.
+pub fn run_ok(cmd: &mut Command) -> String {
+    run(cmd)
+}
+
 /// A client for the test run's control plane. Made per test: a client is bound to the runtime
 /// it was made on, and every `#[tokio::test]` has its own.
 pub async fn client() -> Client {
@@ -176,6 +196,11 @@ impl TestNamespace {
             client,
             kubeconfig: kubeconfig.to_owned(),
         }
+    }
+
+    /// The kubeconfig of the control plane this namespace lives on.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
     }
 
     pub fn api<K>(&self) -> Api<K>

@@ -1,0 +1,21 @@
+# The operator's image: built in one stage, run from a small, non-root runtime image.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY crds ./crds
+COPY tests ./tests
+RUN cargo build --release --locked --bin crownstone-webhooks \
+ && cp target/release/crownstone-webhooks /crownstone-webhooks
+
+# Distroless: glibc and CA certificates, no shell, no package manager; runs as nonroot (65532).
+FROM gcr.io/distroless/cc-debian12:nonroot
+LABEL org.opencontainers.image.title="crownstone-webhooks" \
+      org.opencontainers.image.source="https://github.com/crownstone-webhooks/crownstone-webhooks" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /crownstone-webhooks /usr/local/bin/crownstone-webhooks
+USER 65532:65532
+# The REST API and /healthz, /readyz, /metrics.
+EXPOSE 8082 8081
+ENTRYPOINT ["/usr/local/bin/crownstone-webhooks"]
+CMD ["run"]

@@ -1,0 +1,540 @@
+//! The Helm chart on a real API server: lint, render with default and with every option, apply
+//! (server-side dry run, then for real), and run two replicas with nothing but the chart's
+//! ServiceAccount token through a Listener's life, a denied Secret read, and a leader failover.
+//! Also keeps the Dockerfile and Tiltfile honest against the chart.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crownstone_webhooks::crownstone::samples;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams};
+use serde_yaml::Value;
+
+use crate::support::cluster::{
+    client_for, control_plane, eventually, helm, repo, run_ok, TestNamespace,
+};
+use crate::support::operator::{Harness, WAIT};
+use crate::support::receiver::Receiver;
+use crate::support::sim;
+
+const SPHERE: &str = "sphere-1";
+
+fn chart() -> PathBuf {
+    repo().join("charts/crownstone-webhooks")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    repo().join("tests/integration/fixtures").join(name)
+}
+
+/// `helm template` of the chart as release `release` in `namespace`, with `args`.
+fn render(release: &str, namespace: &str, args: &[&str]) -> String {
+    run_ok(
+        Command::new(helm())
+            .args(["template", release])
+            .arg(chart())
+            .args(["--namespace", namespace])
+            .args(args),
+    )
+}
+
+/// Applies manifests with kubectl, server-side; `dry_run` asks the server to check them only.
+fn apply(kubeconfig: &Path, manifests: &str, dry_run: bool) {
+    let mut child = Command::new(&control_plane().kubectl)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["apply", "--server-side", "--force-conflicts", "-f", "-"])
+        .args(if dry_run {
+            &["--dry-run=server"][..]
+        } else {
+            &[][..]
+        })
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifests.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl apply (dry run: {dry_run}) failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn values() -> Value {
+    serde_yaml::from_str(&std::fs::read_to_string(chart().join("values.yaml")).unwrap()).unwrap()
+}
+
+/// Every leaf path of a YAML mapping, such as `delivery.timeout`.
+fn leaf_paths(value: &Value, prefix: &str, out: &mut Vec<String>) {
+    match value {
+        Value::Mapping(map) if !map.is_empty() => {
+            for (key, child) in map {
+                let key = key.as_str().unwrap();
+                let path = if prefix.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                if matches!(
+                    path.as_str(),
+                    "resources" | "podSecurityContext" | "securityContext"
+                ) {
+                    out.push(path);
+                } else {
+                    leaf_paths(child, &path, out);
+                }
+            }
+        }
+        _ => out.push(prefix.to_owned()),
+    }
+}
+
+#[test]
+fn the_charts_crds_are_the_repositorys() {
+    let ours = std::fs::read(repo().join("crds/crownstone-webhooks.yaml")).unwrap();
+    let charts = std::fs::read(chart().join("crds/crownstone-webhooks.yaml")).unwrap();
+    assert!(
+        ours == charts,
+        "charts/crownstone-webhooks/crds differs from crds/: copy crds/crownstone-webhooks.yaml"
+    );
+}
+
+#[test]
+fn the_chart_lints_clean_and_its_readme_lists_every_value() {
+    for extra in [
+        vec![],
+        vec!["-f", "tests/integration/fixtures/chart-all-options.yaml"],
+    ] {
+        let output = run_ok(
+            Command::new(helm())
+                .current_dir(repo())
+                .arg("lint")
+                .arg(chart())
+                .args(&extra),
+        );
+        assert!(
+            !output.contains("[WARNING]") && !output.contains("[INFO]"),
+            "{output}"
+        );
+    }
+    let readme = std::fs::read_to_string(chart().join("README.md")).unwrap();
+    let mut paths = Vec::new();
+    leaf_paths(&values(), "", &mut paths);
+    for path in paths {
+        assert!(
+            readme.contains(&format!("`{path}`")),
+            "the chart README misses {path}"
+        );
+    }
+}
+
+#[test]
+fn the_schema_refuses_bad_values_with_a_clear_message() {
+    for (set, says) in [
+        ("replicaCount=two", "/replicaCount"),
+        ("delivery.timeout=soon", "/delivery/timeout"),
+        ("mode=everything", "/mode"),
+        ("eventsUrl=ftp://x", "/eventsUrl"),
+        ("containerPorts.api=70000", "/containerPorts/api"),
+        ("replicas=2", "replicas"),
+    ] {
+        let output = Command::new(helm())
+            .args(["template", "r"])
+            .arg(chart())
+            .args(["--set", set])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{set} was accepted");
+        assert!(stderr.contains(says), "{set}: {stderr}");
+    }
+}
+
+#[test]
+fn the_dockerfile_and_tiltfile_agree_with_the_chart() {
+    let values = values();
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let tiltfile = std::fs::read_to_string(repo().join("Tiltfile")).unwrap();
+    let user = values["podSecurityContext"]["runAsUser"].as_u64().unwrap();
+    assert!(
+        dockerfile.contains(&format!("USER {user}:{user}")),
+        "image user"
+    );
+    assert!(
+        dockerfile.contains(r#"ENTRYPOINT ["/usr/local/bin/crownstone-webhooks"]"#),
+        "entrypoint"
+    );
+    let mode = values["mode"].as_str().unwrap();
+    assert!(
+        dockerfile.contains(&format!(r#"CMD ["{mode}"]"#)),
+        "default subcommand"
+    );
+    let api = values["containerPorts"]["api"].as_u64().unwrap();
+    let health = values["containerPorts"]["health"].as_u64().unwrap();
+    assert!(
+        dockerfile.contains(&format!("EXPOSE {api} {health}")),
+        "ports"
+    );
+    let image = values["image"]["repository"].as_str().unwrap();
+    assert!(
+        tiltfile.contains(&format!("IMAGE = '{image}'")),
+        "Tilt image"
+    );
+    for port in [api, health] {
+        assert!(
+            tiltfile.contains(&format!("'{port}:{port}'")),
+            "Tilt forwards {port}"
+        );
+    }
+    // Tilt's workload is the Deployment of release `crownstone-webhooks`, with its values.
+    let rendered = render(
+        "crownstone-webhooks",
+        "crownstone-webhooks",
+        &["-f", repo().join("hack/tilt-values.yaml").to_str().unwrap()],
+    );
+    assert!(rendered.contains("kind: Deployment\nmetadata:\n  name: crownstone-webhooks\n"));
+    assert!(tiltfile.contains("k8s_resource('crownstone-webhooks'"));
+    // The binary really has the subcommand the image runs.
+    let help =
+        run_ok(Command::new(env!("CARGO_BIN_EXE_crownstone-webhooks")).args([mode, "--help"]));
+    assert!(help.contains("--health-listen"));
+}
+
+#[tokio::test]
+async fn both_renders_apply_to_a_real_api_server() {
+    let ns = TestNamespace::new("chart-apply").await;
+    let kubeconfig = ns.kubeconfig().to_owned();
+    run_ok(
+        Command::new(&control_plane().kubectl)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["apply", "--server-side", "-f"])
+            .arg(fixture("servicemonitor-crd.yaml")),
+    );
+    run_ok(
+        Command::new(&control_plane().kubectl)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "wait",
+                "--for=condition=Established",
+                "crd/servicemonitors.monitoring.coreos.com",
+            ]),
+    );
+    let all = fixture("chart-all-options.yaml");
+    let renders = [
+        (
+            format!("{}-default", ns.name),
+            render(&format!("{}-default", ns.name), &ns.name, &[]),
+        ),
+        (
+            format!("{}-all", ns.name),
+            render(
+                &format!("{}-all", ns.name),
+                &ns.name,
+                &[
+                    "-f",
+                    all.to_str().unwrap(),
+                    "--set",
+                    &format!("watchNamespace={}", ns.name),
+                ],
+            ),
+        ),
+    ];
+    for (release, manifests) in &renders {
+        apply(&kubeconfig, manifests, true);
+        apply(&kubeconfig, manifests, false);
+        let deployments = run_ok(
+            Command::new(&control_plane().kubectl)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["get", "deployments", "-n", &ns.name, "-o", "name"]),
+        );
+        assert!(deployments.contains(release.as_str()), "{deployments}");
+    }
+    let kinds = run_ok(
+        Command::new(&control_plane().kubectl)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "get",
+                "servicemonitors,networkpolicies,poddisruptionbudgets,roles,rolebindings,serviceaccounts,services",
+                "-n",
+                &ns.name,
+                "-o",
+                "name",
+            ]),
+    );
+    for kind in [
+        "servicemonitor",
+        "networkpolicy",
+        "poddisruptionbudget",
+        "role.rbac",
+        "serviceaccount/webhooks-operator",
+    ] {
+        assert!(kinds.contains(kind), "{kind} missing in:\n{kinds}");
+    }
+    // Cluster-scoped leftovers of this test's releases.
+    for (release, _) in &renders {
+        let _ = Command::new(&control_plane().kubectl)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "delete",
+                "clusterrole,clusterrolebinding",
+                "-l",
+                &format!("app.kubernetes.io/instance={release}"),
+            ])
+            .output();
+    }
+}
+
+/// A kubeconfig for the test run's control plane that authenticates with `token` alone.
+fn kubeconfig_with_token(dir: &Path, token: &str) -> PathBuf {
+    let admin = std::fs::read_to_string(&control_plane().kubeconfig).unwrap();
+    let text: String = admin
+        .lines()
+        .map(|line| {
+            if line.trim_start().starts_with("token:") {
+                format!("    token: {token}")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, text + "\n").unwrap();
+    path
+}
+
+/// One operator process under the ServiceAccount's kubeconfig.
+struct Replica {
+    name: &'static str,
+    child: std::process::Child,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_replica(
+    name: &'static str,
+    kubeconfig: &Path,
+    events_url: &str,
+    namespace: &str,
+    logs: &Path,
+) -> Replica {
+    let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_crownstone-webhooks"))
+        .args([
+            "controller",
+            "--events-url",
+            events_url,
+            "--watch-namespace",
+            namespace,
+            "--health-listen",
+            "127.0.0.1:0",
+            "--status-interval",
+            "200ms",
+            "--allow-private-destinations",
+            "--leader-election",
+            "--leader-election-namespace",
+            namespace,
+            "--leader-election-lease",
+            "chart-test",
+            "--lease-duration",
+            "3s",
+            "--lease-renew-deadline",
+            "2s",
+            "--lease-retry-period",
+            "300ms",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", name)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("operator binary starts");
+    Replica { name, child }
+}
+
+/// Publishes a command whose sphere uid is `n`, to tell deliveries apart.
+async fn publish(h: &Harness, n: u64) {
+    let mut event = samples::multi_switch(SPHERE);
+    event["sphere"]["uid"] = n.into();
+    h.admin.publish(&[event]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_run_on_the_charts_service_account_alone() {
+    let ns = TestNamespace::new("chart-sa").await;
+    let other = TestNamespace::new("chart-other").await;
+    let release = ns.name.clone();
+    let manifests = render(
+        &release,
+        &ns.name,
+        &[
+            "--set",
+            &format!("watchNamespace={}", ns.name),
+            "--set",
+            &format!("fullnameOverride={release}"),
+            "--set",
+            "mode=controller",
+        ],
+    );
+    apply(ns.kubeconfig(), &manifests, false);
+    let token = run_ok(
+        Command::new(&control_plane().kubectl)
+            .arg("--kubeconfig")
+            .arg(ns.kubeconfig())
+            .args([
+                "create",
+                "token",
+                &release,
+                "-n",
+                &ns.name,
+                "--duration",
+                "1h",
+            ]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sa_kubeconfig = kubeconfig_with_token(dir.path(), &token);
+
+    // The ServiceAccount may not read Secrets of a namespace it does not manage.
+    let sa = client_for(&sa_kubeconfig).await;
+    let denied = Api::<Secret>::namespaced(sa.clone(), &other.name)
+        .list(&Default::default())
+        .await;
+    assert!(
+        matches!(&denied, Err(kube::Error::Api(status)) if status.code == 403),
+        "{denied:?}"
+    );
+    assert!(Api::<Secret>::namespaced(sa, &ns.name)
+        .list(&Default::default())
+        .await
+        .is_ok());
+
+    let (simulator, admin) = sim::start(Duration::from_millis(500)).await;
+    let events_url = simulator.base_url();
+    let h = Harness {
+        ns,
+        sim: std::sync::Arc::new(simulator),
+        admin,
+        operator: None,
+    };
+    let mut replicas = vec![
+        start_replica(
+            "replica-a",
+            &sa_kubeconfig,
+            &events_url,
+            &h.ns.name,
+            dir.path(),
+        ),
+        start_replica(
+            "replica-b",
+            &sa_kubeconfig,
+            &events_url,
+            &h.ns.name,
+            dir.path(),
+        ),
+    ];
+    let receiver = Receiver::start().await;
+    h.ready_listener("hook", "acme", &["command"], &receiver.url())
+        .await;
+    h.wait_streams(1).await;
+    for n in 0..3 {
+        publish(&h, n).await;
+    }
+    receiver.wait_for_requests(3, WAIT).await;
+
+    // Kill the leader outright: the standby takes over once the lease runs out.
+    let leases = h.ns.api::<Lease>();
+    let holder = eventually("a lease holder", WAIT, || async {
+        leases
+            .get_opt("chart-test")
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+    })
+    .await;
+    let leader = replicas
+        .iter()
+        .position(|r| holder.starts_with(r.name))
+        .expect("the holder is one of the replicas");
+    let mut killed = replicas.remove(leader);
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    eventually("the standby leads", WAIT, || async {
+        let holder = leases
+            .get_opt("chart-test")
+            .await
+            .ok()??
+            .spec?
+            .holder_identity?;
+        holder.starts_with(replicas[0].name).then_some(())
+    })
+    .await;
+    h.wait_streams(1).await;
+    h.wait_ready("hook").await;
+    for n in 3..6 {
+        publish(&h, n).await;
+    }
+    let uids: Vec<u64> = eventually("the events after the failover", WAIT, || async {
+        let uids: Vec<u64> = receiver
+            .requests()
+            .iter()
+            .filter_map(|r| r.json()["data"]["sphere"]["uid"].as_u64())
+            .collect();
+        (3..6).all(|n| uids.contains(&n)).then_some(uids)
+    })
+    .await;
+    let unique: HashSet<u64> = uids.iter().copied().collect();
+    assert_eq!(
+        uids.len(),
+        unique.len(),
+        "an event was delivered twice: {uids:?}"
+    );
+
+    // The rest of the Listener's life, under the ServiceAccount alone.
+    h.ns.api::<crownstone_webhooks::resources::Listener>()
+        .delete("hook", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.wait_gone("hook").await;
+    h.wait_streams(0).await;
+    h.ns.api::<crownstone_webhooks::resources::WebhookUser>()
+        .delete("acme", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.wait_secret_gone("acme-credentials").await;
+    let _ = Command::new(&control_plane().kubectl)
+        .arg("--kubeconfig")
+        .arg(h.ns.kubeconfig())
+        .args([
+            "delete",
+            "clusterrole,clusterrolebinding",
+            "-l",
+            &format!("app.kubernetes.io/instance={release}"),
+        ])
+        .output();
+}
