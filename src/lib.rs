@@ -12,5 +12,6 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod operator;
+pub mod receiver;
 pub mod resources;
 pub mod simulator;

@@ -43,7 +43,8 @@ pub use client::USER_AGENT;
 pub use config::{ConfigError, DeliveryArgs, DeliveryConfig, NetworkList};
 pub use retry::{classify_status, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
 pub use signature::{
-    receiver_secret, SignatureError, SigningKey, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
+    receiver_secret, verify, SignatureError, SigningKey, WEBHOOK_ID, WEBHOOK_SIGNATURE,
+    WEBHOOK_TIMESTAMP,
 };
 pub use url_policy::{AddressClass, DestinationRefused, UrlPolicy, UrlRefused};
 

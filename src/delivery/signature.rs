@@ -81,6 +81,32 @@ impl SigningKey {
 }
 
 /// The secret a receiver gives its Standard Webhooks library: `whsec_` + base64(client secret).
+/// Whether a `webhook-signature` header (one or more space-separated `v1,<base64>` entries)
+/// holds a valid signature of `{id}.{timestamp}.{body}` under `key`; compared in constant time.
+pub fn verify(
+    key: &SigningKey,
+    message_id: &str,
+    timestamp: i64,
+    body: &[u8],
+    header: &str,
+) -> bool {
+    header.split(' ').any(|entry| {
+        let Some(encoded) = entry.strip_prefix("v1,") else {
+            return false;
+        };
+        let Ok(signature) = STANDARD.decode(encoded) else {
+            return false;
+        };
+        let mut mac = key.0.clone();
+        mac.update(message_id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        mac.verify_slice(&signature).is_ok()
+    })
+}
+
 pub fn receiver_secret(client_secret: &str) -> String {
     format!("whsec_{}", STANDARD.encode(client_secret.as_bytes()))
 }
@@ -168,5 +194,20 @@ mod tests {
         assert_eq!(a.len(), 36);
         assert!(a.starts_with("msg_"));
         assert!(a[4..].bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn verification_accepts_our_signature_and_nothing_else() {
+        let key = key("0123456789abcdef0123456789abcdef");
+        let signature = key.sign("msg_1", 1_700_000_000, b"{}");
+        assert!(verify(&key, "msg_1", 1_700_000_000, b"{}", &signature));
+        let several = format!("v1,AAAA {signature}");
+        assert!(verify(&key, "msg_1", 1_700_000_000, b"{}", &several));
+        assert!(!verify(&key, "msg_1", 1_700_000_000, b"{ }", &signature));
+        assert!(!verify(&key, "msg_2", 1_700_000_000, b"{}", &signature));
+        assert!(!verify(&key, "msg_1", 1_700_000_001, b"{}", &signature));
+        let other = self::key("another secret");
+        assert!(!verify(&other, "msg_1", 1_700_000_000, b"{}", &signature));
+        assert!(!verify(&key, "msg_1", 1_700_000_000, b"{}", "v2,xyz"));
     }
 }
