@@ -19,7 +19,7 @@ use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::wait::{await_condition, conditions};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::{predicates, watcher, Predicate, PredicateConfig, WatchStreamExt};
 use kube::{Client, CustomResourceExt};
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
@@ -206,8 +206,16 @@ pub async fn start(
             let _ = listener_events.send(ListenerWatchEvent::of(event));
         }
     });
-    let listeners_stream = listeners_stream.applied_objects();
-    let users_stream = users_stream.applied_objects();
+    // Only what the reconcilers act on wakes them: a spec change (generation; deletion bumps it
+    // too) or a finalizer change. Their own status writes, hundreds a second under load, do not.
+    let listeners_stream = listeners_stream.applied_objects().predicate_filter(
+        predicates::generation.combine(predicates::finalizers),
+        PredicateConfig::default(),
+    );
+    let users_stream = users_stream.applied_objects().predicate_filter(
+        predicates::generation.combine(predicates::finalizers),
+        PredicateConfig::default(),
+    );
     let users_controller = Controller::for_stream(users_stream, users.clone());
     let listeners_controller = Controller::for_stream(listeners_stream, listeners.clone());
     let reporter = Reporter {
@@ -228,6 +236,7 @@ pub async fn start(
         secrets: SecretCache::default(),
         secret_refs: SecretRefs::default(),
         failures_in_a_row: Default::default(),
+        last_applied: Default::default(),
         triggers,
     });
 

@@ -25,12 +25,12 @@ use super::conditions::{
 };
 use super::secrets::{credentials_owner, is_managed};
 use super::webhook_user::secret_value;
-use super::{apply_status, delete_if_present, Context, Error, FINALIZER};
+use super::{delete_if_present, Context, Error, FINALIZER};
 use crate::delivery::Suspension;
 use crate::domain::{ListenerId, OwnerKey, Token};
 use crate::forwarder::{StreamState, TokenNotice};
 use crate::index::ListenerEntry;
-use crate::resources::{Listener, WebhookUser, FIELD_MANAGER};
+use crate::resources::{Listener, WebhookUser};
 
 /// How the routing index and the delivery engine name a Listener.
 pub fn listener_id(listener: &Listener) -> Option<ListenerId> {
@@ -276,14 +276,16 @@ async fn apply(
         && previous.expires_at == listener.spec.expires_at
         && previous.url_host == host
         && previous.observed_generation == Some(generation);
-    if !unchanged {
-        let status = ListenerStatusApply {
-            conditions: &conditions,
-            expires_at: listener.spec.expires_at,
-            url_host: host.as_deref(),
-            observed_generation: generation,
-        };
-        apply_status(api, id.name(), FIELD_MANAGER, &status).await?;
+    let status = ListenerStatusApply {
+        conditions: &conditions,
+        expires_at: listener.spec.expires_at,
+        url_host: host.as_deref(),
+        observed_generation: generation,
+    };
+    let wrote = ctx
+        .apply_status_if_changed(format!("listener/{id}"), api, id.name(), unchanged, &status)
+        .await?;
+    if wrote {
         if previous.observed_generation != Some(generation) {
             // New, or its spec changed (perhaps its owner): the owner's count may have changed.
             ctx.wake_user(id.namespace(), &listener.spec.owner);

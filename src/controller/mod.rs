@@ -38,7 +38,7 @@ use crate::domain::ListenerId;
 use crate::forwarder::ForwarderRegistry;
 use crate::index::RoutingIndex;
 use crate::metrics::{ControllerLabel, ControllerMetrics};
-use crate::resources::{Listener, WebhookUser};
+use crate::resources::{self, Listener, WebhookUser};
 
 /// The finalizer both resources carry.
 pub const FINALIZER: &str = "webhooks.crownstone.rocks/cleanup";
@@ -66,6 +66,9 @@ pub struct Context {
     pub secret_refs: SecretRefs,
     /// Failed reconciles in a row, per object, for the backoff of transient errors.
     pub failures_in_a_row: DashMap<String, u32>,
+    /// A digest of the status each reconciler last applied, per object. The cache may not show
+    /// a write yet, so a status counts as unchanged only against both.
+    pub last_applied: DashMap<String, u64>,
     pub triggers: Triggers,
 }
 
@@ -263,6 +266,7 @@ impl Context {
     /// Stops routing to a Listener that is gone (or going): its routing entry, its stream when
     /// no other Listener uses the token, its delivery state and its Secret reference.
     pub fn forget_listener(&self, id: &ListenerId) {
+        self.last_applied.remove(&format!("listener/{id}"));
         self.forwarders.detach(id);
         self.engine.forget_listener(id);
         self.secret_refs.remove(id);
@@ -278,6 +282,38 @@ impl Context {
                 self.forget_listener(&id);
             }
         }
+    }
+
+    /// Applies a reconciler's part of a status unless it is unchanged: the cached object shows
+    /// it (`cached_same`) and nothing else was applied by this process since. Returns whether it
+    /// wrote.
+    async fn apply_status_if_changed<K, S>(
+        &self,
+        object: String,
+        api: &Api<K>,
+        name: &str,
+        cached_same: bool,
+        status: &S,
+    ) -> Result<bool, Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+        S: Serialize + std::fmt::Debug,
+    {
+        let digest = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            serde_json::to_vec(status)
+                .unwrap_or_default()
+                .hash(&mut hasher);
+            hasher.finish()
+        };
+        let last = self.last_applied.get(&object).map(|d| *d);
+        if cached_same && last.is_none_or(|last| last == digest) {
+            return Ok(false);
+        }
+        apply_status(api, name, resources::FIELD_MANAGER, status).await?;
+        self.last_applied.insert(object, digest);
+        Ok(true)
     }
 
     /// Counts one reconciliation of `controller`.

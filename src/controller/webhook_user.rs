@@ -20,10 +20,10 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::conditions::{same_conditions, to_conditions, DesiredCondition};
 use super::credentials::{generate_credentials, API_KEY, CLIENT_SECRET};
 use super::secrets::{credentials_owner, is_managed, MANAGED_BY, USER_LABEL};
-use super::{apply_status, delete_if_present, Context, Error, FINALIZER};
+use super::{delete_if_present, Context, Error, FINALIZER};
 use crate::domain::{ClientSecret, OwnerKey};
 use crate::index::{OwnerEntry, RoutingIndex};
-use crate::resources::{Listener, WebhookUser, FIELD_MANAGER};
+use crate::resources::{Listener, WebhookUser};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 const CREDENTIALS_SUFFIX: &str = "-credentials";
@@ -275,16 +275,21 @@ async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Act
         && previous.credentials_secret.as_deref() == Some(credentials_secret.as_str())
         && previous.listeners == listeners
         && previous.observed_generation == user.meta().generation;
-    if !unchanged {
-        let api: Api<WebhookUser> = Api::namespaced(ctx.client.clone(), namespace);
-        let status = UserStatusApply {
-            conditions: &conditions,
-            credentials_secret: &credentials_secret,
-            listeners,
-            observed_generation: user.meta().generation,
-        };
-        apply_status(&api, &name, FIELD_MANAGER, &status).await?;
-    }
+    let api: Api<WebhookUser> = Api::namespaced(ctx.client.clone(), namespace);
+    let status = UserStatusApply {
+        conditions: &conditions,
+        credentials_secret: &credentials_secret,
+        listeners,
+        observed_generation: user.meta().generation,
+    };
+    ctx.apply_status_if_changed(
+        format!("webhookuser/{namespace}/{name}"),
+        &api,
+        &name,
+        unchanged,
+        &status,
+    )
+    .await?;
     Ok(Action::requeue(Duration::from_secs(600)))
 }
 
