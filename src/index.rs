@@ -113,25 +113,41 @@ impl UsageCounter {
     }
 }
 
-/// A delivery counted against its owner's allowance: given back with [`Charge::refund`] when the
-/// delivery is never attempted.
+/// The owner's daily allowance a routed delivery is to be counted against. Taken one delivery at
+/// a time, right before it is submitted, so a delivery dropped before it is attempted can give
+/// its count back before the next one is judged.
 #[derive(Debug)]
-pub struct Charge {
+pub struct Allowance {
     counter: Arc<UsageCounter>,
     day: NaiveDate,
+    limit: u64,
 }
 
-impl Charge {
-    pub fn refund(self) {
-        self.counter.refund(self.day);
+impl Allowance {
+    /// Counts one delivery, if the allowance has room for it.
+    pub fn take(&self) -> Option<Charge<'_>> {
+        self.counter
+            .try_charge(self.day, self.limit)
+            .then_some(Charge(self))
     }
 }
 
-/// A listener an event is to be delivered to, with the allowance it was counted against.
+/// One delivery counted against an allowance: given back with [`Charge::refund`] when the
+/// delivery is never attempted.
+#[derive(Debug)]
+pub struct Charge<'a>(&'a Allowance);
+
+impl Charge<'_> {
+    pub fn refund(self) {
+        self.0.counter.refund(self.0.day);
+    }
+}
+
+/// A listener an event is to be delivered to, and the allowance to count it against.
 #[derive(Debug)]
 pub struct Routed {
     pub target: DeliveryTarget,
-    pub charge: Charge,
+    pub allowance: Allowance,
 }
 
 struct OwnerRoute {
@@ -278,8 +294,9 @@ impl RoutingIndex {
         self.routes.read().by_token.contains_key(token)
     }
 
-    /// The listeners an event of `event_type` on `token` goes to, appended to `out`; each one is
-    /// counted against its owner's allowance for today. Skipped listeners are reported to `skip`.
+    /// The listeners an event of `event_type` on `token` goes to, appended to `out`, each with
+    /// its owner's allowance for today to take before submitting. Skipped listeners are reported
+    /// to `skip`.
     pub fn route(
         &self,
         token: &TokenHash,
@@ -317,10 +334,6 @@ impl RoutingIndex {
                 skip(Skip::OwnerDisabled);
                 continue;
             }
-            if !owner.usage.try_charge(today, owner.entry.daily_allowance) {
-                skip(Skip::AllowanceUsed);
-                continue;
-            }
             out.push(Routed {
                 target: DeliveryTarget {
                     listener: listener.id.clone(),
@@ -330,9 +343,10 @@ impl RoutingIndex {
                     client_secret: client_secret.clone(),
                     user_id: listener.user_id.clone(),
                 },
-                charge: Charge {
+                allowance: Allowance {
                     counter: owner.usage.clone(),
                     day: today,
+                    limit: owner.entry.daily_allowance,
                 },
             });
         }
@@ -444,10 +458,14 @@ mod tests {
         let mut out = Vec::new();
         let mut skips = Vec::new();
         index.route(&TokenHash::of(token), t, &mut out, |s| skips.push(s));
-        (
-            out.iter().map(|r| r.target.listener.to_string()).collect(),
-            skips,
-        )
+        let mut delivered = Vec::new();
+        for routed in &out {
+            match routed.allowance.take() {
+                Some(_) => delivered.push(routed.target.listener.to_string()),
+                None => skips.push(Skip::AllowanceUsed),
+            }
+        }
+        (delivered, skips)
     }
 
     #[test]
@@ -574,10 +592,18 @@ mod tests {
         index.upsert_listener(listener("a", "acme", "t", &[EventType::Command]));
         let mut out = Vec::new();
         index.route(&TokenHash::of("t"), EventType::Command, &mut out, |_| {});
+        assert_eq!(
+            index.usage(&owner("acme")).deliveries,
+            0,
+            "routing alone counts nothing"
+        );
+        let charge = out[0].allowance.take().unwrap();
         assert_eq!(index.usage(&owner("acme")).deliveries, 1);
-        for routed in out.drain(..) {
-            routed.charge.refund();
-        }
+        assert!(
+            out[0].allowance.take().is_none(),
+            "an allowance of 1 is used up"
+        );
+        charge.refund();
         assert_eq!(index.usage(&owner("acme")).deliveries, 0);
         assert_eq!(routed(&index, "t", EventType::Command).0.len(), 1);
     }

@@ -285,11 +285,9 @@ async fn apply(
     let wrote = ctx
         .apply_status_if_changed(format!("listener/{id}"), api, id.name(), unchanged, &status)
         .await?;
-    if wrote {
-        if previous.observed_generation != Some(generation) {
-            // New, or its spec changed (perhaps its owner): the owner's count may have changed.
-            ctx.wake_user(id.namespace(), &listener.spec.owner);
-        }
+    if wrote && previous.observed_generation != Some(generation) {
+        // New, or its spec changed (perhaps its owner): the owner's count may have changed.
+        ctx.wake_user(id.namespace(), &listener.spec.owner);
     }
 
     // Wake up when the registration expires, so expiry needs no event; otherwise resync now

@@ -213,19 +213,39 @@ pub enum FrameError {
         /// The missing field.
         field: &'static str,
     },
+    /// A ping or system frame has a field of the wrong type.
+    #[error("{frame} frame has a field of the wrong type: {source}")]
+    FieldType {
+        /// `ping` or `system`.
+        frame: &'static str,
+        /// What serde found.
+        source: serde_json::Error,
+    },
 }
 
-/// The few fields parsing needs; everything else in the payload is skipped, not built.
+/// The one field every frame is read for: its `type` decides what it is. Every other field is
+/// skipped, not typed, so a data event may carry any value under any other key (a string
+/// `code`, an object `counter`) and still be forwarded unchanged.
 #[derive(Deserialize)]
-struct FrameHead<'a> {
+struct FrameKind<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
+}
+
+/// The fields of a `ping` frame.
+#[derive(Deserialize)]
+struct PingFields {
+    #[serde(default)]
+    counter: Option<u64>,
+}
+
+/// The fields of a `system` frame.
+#[derive(Deserialize)]
+struct SystemFields<'a> {
     #[serde(rename = "subType", borrow, default)]
     sub_type: Option<Cow<'a, str>>,
     #[serde(default)]
     code: Option<u16>,
-    #[serde(default)]
-    counter: Option<u64>,
     #[serde(borrow, default)]
     message: Option<Cow<'a, str>>,
 }
@@ -237,23 +257,39 @@ impl StreamFrame {
     }
 
     /// Parses one `data:` payload, keeping it without a copy: the forwarder's path, per event.
+    /// Only `type` decides the kind; only `ping` and `system` frames are read a second time,
+    /// for their typed fields (they are rare: one ping per 30 s).
     pub fn parse_owned(data: String) -> Result<StreamFrame, FrameError> {
-        let head: FrameHead<'_> = serde_json::from_str(&data)?;
+        let head: FrameKind<'_> = serde_json::from_str(&data)?;
         match head.kind.as_ref() {
-            "ping" => Ok(StreamFrame::Ping {
-                counter: head.counter.ok_or(FrameError::MissingField {
-                    frame: "ping",
-                    field: "counter",
-                })?,
-            }),
-            "system" => Ok(StreamFrame::System {
-                code: SystemCode::from_wire(head.sub_type.as_deref().unwrap_or_default()),
-                status: head.code.ok_or(FrameError::MissingField {
-                    frame: "system",
-                    field: "code",
-                })?,
-                message: head.message.map(Cow::into_owned).unwrap_or_default(),
-            }),
+            "ping" => {
+                let fields: PingFields =
+                    serde_json::from_str(&data).map_err(|source| FrameError::FieldType {
+                        frame: "ping",
+                        source,
+                    })?;
+                Ok(StreamFrame::Ping {
+                    counter: fields.counter.ok_or(FrameError::MissingField {
+                        frame: "ping",
+                        field: "counter",
+                    })?,
+                })
+            }
+            "system" => {
+                let fields: SystemFields<'_> =
+                    serde_json::from_str(&data).map_err(|source| FrameError::FieldType {
+                        frame: "system",
+                        source,
+                    })?;
+                Ok(StreamFrame::System {
+                    code: SystemCode::from_wire(fields.sub_type.as_deref().unwrap_or_default()),
+                    status: fields.code.ok_or(FrameError::MissingField {
+                        frame: "system",
+                        field: "code",
+                    })?,
+                    message: fields.message.map(Cow::into_owned).unwrap_or_default(),
+                })
+            }
             other => {
                 let event_type: Option<EventType> = other.parse().ok();
                 let type_name = match event_type {
@@ -261,6 +297,7 @@ impl StreamFrame {
                     None => Cow::Owned(other.to_owned()),
                 };
                 drop(head);
+                // `Bytes::from(String)` takes over the string's buffer: no copy of the event.
                 Ok(StreamFrame::Data {
                     event_type,
                     type_name,
@@ -472,6 +509,118 @@ mod tests {
                 status: 299,
                 message: "m".into()
             }
+        );
+    }
+
+    #[test]
+    fn data_events_with_odd_field_types_are_delivered_unchanged() {
+        // Only `type` decides the kind: the keys that ping and system frames use mean nothing
+        // on a data event, whatever their type.
+        let cases = [
+            (
+                r#"{"type":"command","subType":"multiSwitch","code":"not-a-number"}"#,
+                Some(EventType::Command),
+            ),
+            (
+                r#"{"type":"presence","counter":{"a":1},"subType":"enterSphere"}"#,
+                Some(EventType::Presence),
+            ),
+            (
+                r#"{"type":"dataChange","subType":7,"operation":"update"}"#,
+                Some(EventType::DataChange),
+            ),
+            (
+                r#"{"type":"abilityChange","message":["a",1],"code":-1.5e3}"#,
+                Some(EventType::AbilityChange),
+            ),
+            (
+                r#"{"type":"switchStateUpdate","subType":null,"code":null,"counter":-1,"message":{}}"#,
+                Some(EventType::SwitchStateUpdate),
+            ),
+            (
+                r#"{"code":70000,"type":"invitationChange","counter":"x"}"#,
+                Some(EventType::InvitationChange),
+            ),
+            (
+                r#"{"type":"sphereTokensChanged","subType":false,"code":"401"}"#,
+                None,
+            ),
+            (r#"{"type":"brandNew","counter":1.5}"#, None),
+        ];
+        for (json, expected) in cases {
+            match StreamFrame::parse(json) {
+                Ok(StreamFrame::Data {
+                    event_type,
+                    type_name,
+                    json: text,
+                }) => {
+                    assert_eq!(event_type, expected, "{json}");
+                    let sent: serde_json::Value = serde_json::from_str(json).unwrap();
+                    assert_eq!(type_name, sent["type"].as_str().unwrap(), "{json}");
+                    assert_eq!(&text[..], json.as_bytes());
+                }
+                other => panic!("{json} should be a data frame, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_sample_event_with_odd_extra_fields_still_parses_as_its_type() {
+        for mut event in samples::every_event("sphere-1", "user-1") {
+            event["code"] = serde_json::json!("E42");
+            event["counter"] = serde_json::json!({"n": 1});
+            event["message"] = serde_json::json!(17);
+            let json = serde_json::to_string(&event).unwrap();
+            let expected: EventType = event["type"].as_str().unwrap().parse().unwrap();
+            match StreamFrame::parse(&json).unwrap() {
+                StreamFrame::Data {
+                    event_type,
+                    json: text,
+                    ..
+                } => {
+                    assert_eq!(event_type, Some(expected));
+                    assert_eq!(&text[..], json.as_bytes());
+                }
+                other => panic!("expected a data frame, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_data_event_keeps_the_buffer_it_arrived_in() {
+        let data = String::from(r#"{"type":"command","code":"x","sphere":{"id":"s"}}"#);
+        let buffer = data.as_ptr();
+        match StreamFrame::parse_owned(data).unwrap() {
+            StreamFrame::Data { json, .. } => assert_eq!(json.as_ptr(), buffer),
+            other => panic!("expected a data frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ping_and_system_frames_still_need_typed_fields() {
+        for bad in [
+            r#"{"type":"ping","counter":"1"}"#,
+            r#"{"type":"ping","counter":-1}"#,
+            r#"{"type":"system","subType":"STREAM_START","code":"200"}"#,
+            r#"{"type":"system","subType":5,"code":200}"#,
+            r#"{"type":"system","subType":"STREAM_START","code":200,"message":1}"#,
+        ] {
+            assert!(
+                matches!(StreamFrame::parse(bad), Err(FrameError::FieldType { .. })),
+                "{bad:?} should be refused for a field's type"
+            );
+        }
+        // Fields a ping or system frame does not use may hold anything.
+        assert_eq!(
+            StreamFrame::parse(r#"{"type":"ping","counter":3,"code":"x","subType":1}"#).unwrap(),
+            StreamFrame::Ping { counter: 3 }
+        );
+        assert_eq!(
+            StreamFrame::parse(
+                r#"{"type":"system","subType":"STREAM_START","code":200,"counter":"x","message":"Stream Starting."}"#
+            )
+            .unwrap(),
+            StreamFrame::system(SystemCode::StreamStart)
         );
     }
 

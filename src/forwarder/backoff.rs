@@ -14,6 +14,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays from `initial`, never above `max` (nor below `initial`, if `max` is smaller).
     pub fn new(initial: Duration, max: Duration) -> Self {
         Backoff {
             initial,

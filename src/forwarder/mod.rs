@@ -3,6 +3,7 @@
 
 mod backoff;
 mod stream;
+mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;

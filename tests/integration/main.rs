@@ -9,5 +9,6 @@ mod delivery;
 mod operator;
 mod simulator;
 mod simulator_python;
+mod stream_hardening;
 mod leader;
 mod trust;
