@@ -235,6 +235,7 @@ pub async fn start(
         users,
         secrets: SecretCache::default(),
         secret_refs: SecretRefs::default(),
+        owned: Default::default(),
         failures_in_a_row: Default::default(),
         last_applied: Default::default(),
         triggers,

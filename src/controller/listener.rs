@@ -191,9 +191,12 @@ async fn apply(
 
     ctx.secret_refs
         .set(id, &listener.spec.token_secret_ref.name);
+    let owner_key = OwnerKey::new(id.namespace(), listener.spec.owner.as_str());
+    if let Some(previous) = ctx.owned.set(id, &owner_key) {
+        ctx.wake_user(previous.namespace(), previous.name());
+    }
     let token = read_token(listener, id, ctx).await?;
 
-    let owner_key = OwnerKey::new(id.namespace(), listener.spec.owner.as_str());
     let owner = ctx
         .users
         .get(&ObjectRef::new(&listener.spec.owner).within(id.namespace()));
@@ -286,7 +289,7 @@ async fn apply(
         .apply_status_if_changed(format!("listener/{id}"), api, id.name(), unchanged, &status)
         .await?;
     if wrote && previous.observed_generation != Some(generation) {
-        // New, or its spec changed (perhaps its owner): the owner's count may have changed.
+        // New, or its spec changed: the owner's count may have changed.
         ctx.wake_user(id.namespace(), &listener.spec.owner);
     }
 

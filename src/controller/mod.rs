@@ -3,6 +3,7 @@
 mod conditions;
 mod credentials;
 mod listener;
+mod owners;
 mod secret_cache;
 mod secrets;
 mod status;
@@ -18,7 +19,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::finalizer;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -26,6 +27,7 @@ use tokio::sync::mpsc;
 pub use conditions::{listener_conditions, ListenerObservation, OwnerState, TokenState};
 pub use credentials::{generate_credentials, Credentials, API_KEY, CLIENT_SECRET};
 pub use listener::run_listener_controller;
+pub use owners::ListenersByOwner;
 pub use secret_cache::SecretCache;
 pub use secret_cache::SecretKey;
 pub use secrets::{is_managed, run_secret_watch, SecretRefs, MANAGED_BY, USER_LABEL};
@@ -34,7 +36,7 @@ pub use webhook_user::{credentials_secret_name, run_webhook_user_controller};
 
 use crate::clock::SharedClock;
 use crate::delivery::DeliveryEngine;
-use crate::domain::ListenerId;
+use crate::domain::{ListenerId, OwnerKey};
 use crate::forwarder::ForwarderRegistry;
 use crate::index::RoutingIndex;
 use crate::metrics::{ControllerLabel, ControllerMetrics};
@@ -64,6 +66,8 @@ pub struct Context {
     pub secrets: SecretCache,
     /// Which Listeners name which token Secret, so a Secret event finds them without a scan.
     pub secret_refs: SecretRefs,
+    /// Which Listeners each WebhookUser owns.
+    pub owned: ListenersByOwner,
     /// Failed reconciles in a row, per object, for the backoff of transient errors.
     pub failures_in_a_row: DashMap<String, u32>,
     /// A digest of the status each reconciler last applied, per object. The cache may not show
@@ -251,15 +255,10 @@ impl Context {
     }
 
     /// Asks for a reconcile of every Listener of an owner: its existence, spec or credentials
-    /// changed. Rare, so a pass over the cache is fine here.
-    pub fn wake_listeners_of_owner(&self, namespace: &str, owner: &str) {
-        for listener in self.listeners.state() {
-            if listener.namespace().as_deref() == Some(namespace) && listener.spec.owner == owner {
-                let _ = self
-                    .triggers
-                    .listeners
-                    .send(ObjectRef::from_obj(listener.as_ref()));
-            }
+    /// changed.
+    pub fn wake_listeners_of_owner(&self, owner: &OwnerKey) {
+        for listener in self.owned.listeners_of(owner) {
+            self.wake_listener(&listener);
         }
     }
 
@@ -267,6 +266,9 @@ impl Context {
     /// no other Listener uses the token, its delivery state and its Secret reference.
     pub fn forget_listener(&self, id: &ListenerId) {
         self.last_applied.remove(&format!("listener/{id}"));
+        if let Some(owner) = self.owned.remove(id) {
+            self.wake_user(owner.namespace(), owner.name());
+        }
         self.forwarders.detach(id);
         self.engine.forget_listener(id);
         self.secret_refs.remove(id);

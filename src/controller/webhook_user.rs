@@ -230,19 +230,13 @@ async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Act
         }
     }
     let changed = routing_changed(&ctx.index, &key, &entry);
-    ctx.index.upsert_owner(key, entry);
+    ctx.index.upsert_owner(key.clone(), entry);
     if changed {
         // Only what Listeners depend on wakes them: existence, spec and credentials, never
         // this user's own status.
-        ctx.wake_listeners_of_owner(namespace, &name);
+        ctx.wake_listeners_of_owner(&key);
     }
-
-    let listeners = ctx
-        .listeners
-        .state()
-        .iter()
-        .filter(|l| l.namespace().as_deref() == Some(namespace) && l.spec.owner == name)
-        .count() as u32;
+    let listeners = u32::try_from(ctx.owned.count(&key)).unwrap_or(u32::MAX);
     let ready = match &credentials {
         CredentialsState::Unusable { reason, message } => DesiredCondition {
             type_: "Ready",
@@ -302,9 +296,11 @@ async fn cleanup(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<A
             delete_if_present(&listeners, &listener.name_any()).await?;
         }
     }
-    ctx.index
-        .remove_owner(&OwnerKey::new(namespace, name.as_str()));
-    ctx.wake_listeners_of_owner(namespace, &name);
+    let key = OwnerKey::new(namespace, name.as_str());
+    ctx.index.remove_owner(&key);
+    ctx.last_applied
+        .remove(&format!("webhookuser/{namespace}/{name}"));
+    ctx.wake_listeners_of_owner(&key);
     // Only a credentials Secret the operator made for this user goes with it.
     let secret_name = credentials_secret_name(&name);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);

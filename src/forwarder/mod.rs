@@ -80,6 +80,8 @@ struct Shared {
     index: Arc<RoutingIndex>,
     engine: DeliveryEngine,
     settings: StreamSettings,
+    /// The stream url and the transport every stream shares, made once.
+    endpoint: Result<(Url, transport::SharedTransport), String>,
     notices: mpsc::UnboundedSender<TokenNotice>,
     metrics: ForwarderMetrics,
 }
@@ -105,6 +107,7 @@ impl ForwarderRegistry {
             shared: Arc::new(Shared {
                 index,
                 engine,
+                endpoint: stream::endpoint(&settings),
                 settings,
                 notices,
                 metrics,

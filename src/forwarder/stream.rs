@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use super::transport::{BoundedTransport, TooLong};
+use super::transport::{BoundedTransport, SharedTransport, TooLong};
 use super::{
     Backoff, InvalidTokenCause, Shared, StreamSettings, StreamState, Token, TokenHash, TokenNotice,
 };
@@ -107,9 +107,8 @@ pub(super) async fn run(
     let mut backoff = Backoff::new(settings.reconnect_initial, settings.reconnect_max);
     // Once per forwarder, so reconnects reuse the transport's connection pool. Settings that
     // cannot work are reported like any failed connection; they show on the Listener.
-    let endpoint = stream_url(settings).and_then(|url| Ok((url, build_transport(settings)?)));
     loop {
-        let end = match &endpoint {
+        let end = match &shared.endpoint {
             Ok((url, transport)) => tokio::select! {
                 _ = cancel.cancelled() => return,
                 end = connect_and_forward(&shared, &token, url, transport, &state) => end,
@@ -289,6 +288,14 @@ fn proxy_choice(settings: &StreamSettings) -> ProxyChoice {
 }
 
 /// The forwarder's transport: hyper with TLS, the chosen proxy, and bounded lines and events.
+/// The url every stream opens and the one transport they share; `Err` says why streams cannot
+/// be opened at all.
+pub(super) fn endpoint(settings: &StreamSettings) -> Result<(Url, SharedTransport), String> {
+    let url = stream_url(settings)?;
+    let transport = build_transport(settings)?;
+    Ok((url, SharedTransport::new(transport)))
+}
+
 fn build_transport(settings: &StreamSettings) -> Result<impl HttpTransport, String> {
     let builder = HyperTransport::builder().connect_timeout(CONNECT_TIMEOUT);
     let builder = match proxy_choice(settings) {

@@ -3,6 +3,7 @@
 //! line and an event whole, can be made to hold it.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -10,6 +11,26 @@ use futures::Stream;
 use launchdarkly_sdk_transport::{
     ByteStream, HttpTransport, Request, ResponseFuture, TransportError,
 };
+
+/// One transport (connection pool, TLS configuration with its root certificates) shared by every
+/// stream, behind a handle that names no concrete type: a stream costs its connection, not a
+/// client of its own.
+#[derive(Clone)]
+pub struct SharedTransport(
+    Arc<dyn Fn(Request<Option<Bytes>>) -> ResponseFuture + Send + Sync + 'static>,
+);
+
+impl SharedTransport {
+    pub fn new<T: HttpTransport>(transport: T) -> Self {
+        SharedTransport(Arc::new(move |request| transport.request(request)))
+    }
+}
+
+impl HttpTransport for SharedTransport {
+    fn request(&self, request: Request<Option<Bytes>>) -> ResponseFuture {
+        (self.0)(request)
+    }
+}
 
 /// Why a response body was cut off; what a stream's `Reconnecting` reason says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
