@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::serve::ListenerExt;
 use axum::Router;
 use base64::Engine as _;
 use parking_lot::Mutex;
@@ -135,6 +136,9 @@ pub async fn run(args: ReceiveArgs, out: Box<dyn Write + Send>) -> Result<(), Re
     });
     state.print(&format!("listening on http://{addr}"));
     let app = Router::new().fallback(receive).with_state(state);
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .await
         .map_err(|source| ReceiveError::Listen { addr, source })
