@@ -197,3 +197,93 @@ impl ForwarderRegistry {
         self.forwarders.lock().clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::delivery::DeliveryConfig;
+    use crate::domain::OwnerKey;
+    use prometheus_client::registry::Registry;
+
+    fn registry() -> ForwarderRegistry {
+        let clock: crate::clock::SharedClock = Arc::new(SystemClock);
+        let engine =
+            DeliveryEngine::new(DeliveryConfig::default(), &mut Registry::default()).unwrap();
+        let settings = StreamSettings {
+            // Nothing listens there: streams keep reconnecting, which is all these tests need.
+            events_url: Url::parse("http://127.0.0.1:9").unwrap(),
+            silence_timeout: Duration::from_secs(35),
+            reconnect_initial: Duration::from_secs(60),
+            reconnect_max: Duration::from_secs(60),
+            project_name: "test".into(),
+            proxy: None,
+            max_event_bytes: 1024,
+        };
+        let index = Arc::new(RoutingIndex::new(clock));
+        ForwarderRegistry::new(index, engine, settings, ForwarderMetrics::default()).0
+    }
+
+    fn entry(name: &str, token: &Token) -> ListenerEntry {
+        ListenerEntry {
+            id: ListenerId::new("ns", name),
+            owner: OwnerKey::new("ns", "acme"),
+            token: token.hash(),
+            generation: 1,
+            event_types: Default::default(),
+            url: Arc::new(Url::parse("https://example.com/hook").unwrap()),
+            user_id: Arc::from("u"),
+            expires_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_runs_while_any_listener_is_on_its_token() {
+        let forwarders = registry();
+        let (t1, t2) = (Token::new("t1"), Token::new("t2"));
+        forwarders.attach(entry("a", &t1), &t1);
+        forwarders.attach(entry("b", &t1), &t1);
+        assert_eq!(forwarders.len(), 1, "one stream per token");
+        assert!(forwarders.detach(&ListenerId::new("ns", "a")));
+        assert!(forwarders.state(&t1.hash()).is_some(), "b still needs it");
+        // b moves to another token: the first stream stops, the second starts.
+        forwarders.attach(entry("b", &t2), &t2);
+        assert!(forwarders.state(&t1.hash()).is_none());
+        assert!(forwarders.state(&t2.hash()).is_some());
+        assert!(forwarders.detach(&ListenerId::new("ns", "b")));
+        assert!(forwarders.is_empty());
+        assert!(!forwarders.detach(&ListenerId::new("ns", "b")));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_attaches_and_detaches_never_leave_a_listener_without_its_stream() {
+        let forwarders = registry();
+        let token = Token::new("shared");
+        let tasks: Vec<_> = (0..8)
+            .map(|n| {
+                let forwarders = forwarders.clone();
+                let token = token.clone();
+                tokio::spawn(async move {
+                    for round in 0..200 {
+                        let name = format!("l{n}");
+                        forwarders.attach(entry(&name, &token), &token);
+                        if round % 2 == 0 {
+                            forwarders.detach(&ListenerId::new("ns", name));
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // Every task ended attached: the token has listeners, so its stream must run.
+        assert!(forwarders.shared.index.has_token(&token.hash()));
+        assert!(forwarders.state(&token.hash()).is_some());
+        for n in 0..8 {
+            forwarders.detach(&ListenerId::new("ns", format!("l{n}")));
+        }
+        assert!(forwarders.is_empty());
+    }
+}
