@@ -80,6 +80,7 @@ async fn reconcile(listener: Arc<Listener>, ctx: Arc<Context>) -> Result<Action,
     ctx.count_reconcile("listener");
     let id = listener_id(&listener).ok_or(Error::MissingNamespace)?;
     let api: Api<Listener> = Api::namespaced(ctx.client.clone(), id.namespace());
+    let listener = adopt_new(listener, &id, &api, &ctx).await?;
     let action = finalizer(&api, FINALIZER, listener, |event| async {
         match event {
             FinalizerEvent::Apply(listener) => apply(&listener, &id, &api, &ctx).await,
@@ -311,9 +312,34 @@ async fn set_owner_reference(
     api: &Api<Listener>,
     ctx: &Context,
 ) -> Result<(), Error> {
+    let current = listener.owner_references();
+    let desired = desired_owner_references(current, owner);
+    if desired == current {
+        return Ok(());
+    }
+    wake_dropped_owners(listener, &desired, ctx);
+    // The resourceVersion makes this a compare-and-swap: a concurrent change is a conflict.
+    let patch = serde_json::json!({"metadata": {
+        "ownerReferences": desired,
+        "resourceVersion": listener.resource_version(),
+    }});
+    api.patch(
+        &listener.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The ownerReferences a Listener should have: what it has, with any reference to a
+/// WebhookUser replaced by one to `owner` (when it exists) as the controller.
+fn desired_owner_references(
+    current: &[OwnerReference],
+    owner: Option<&WebhookUser>,
+) -> Vec<OwnerReference> {
     let api_version = WebhookUser::api_version(&());
     let kind = WebhookUser::kind(&());
-    let current = listener.owner_references();
     let mut desired: Vec<OwnerReference> = current
         .iter()
         .filter(|r| !(r.kind == kind && r.api_version == api_version))
@@ -331,26 +357,52 @@ async fn set_owner_reference(
             });
         }
     }
-    if desired == current {
-        return Ok(());
+    desired
+}
+
+/// The WebhookUsers no longer referenced count one Listener less.
+fn wake_dropped_owners(listener: &Listener, desired: &[OwnerReference], ctx: &Context) {
+    let Some(namespace) = listener.namespace() else {
+        return;
+    };
+    for dropped in listener
+        .owner_references()
+        .iter()
+        .filter(|r| !desired.contains(r))
+    {
+        ctx.wake_user(&namespace, &dropped.name);
     }
-    for dropped in current.iter().filter(|r| !desired.contains(r)) {
-        if let Some(namespace) = listener.namespace() {
-            ctx.wake_user(&namespace, &dropped.name);
-        }
+}
+
+/// A Listener seen for the first time gets its finalizer and its ownerReference in one patch,
+/// instead of one each (and a reconcile between them): at 10,000 new Listeners that is half
+/// the writes.
+async fn adopt_new(
+    listener: Arc<Listener>,
+    id: &ListenerId,
+    api: &Api<Listener>,
+    ctx: &Context,
+) -> Result<Arc<Listener>, Error> {
+    let has_finalizer = listener.finalizers().iter().any(|f| f == FINALIZER);
+    if has_finalizer || listener.meta().deletion_timestamp.is_some() {
+        return Ok(listener);
     }
-    // The resourceVersion makes this a compare-and-swap: a concurrent change is a conflict.
+    let owner = ctx
+        .users
+        .get(&ObjectRef::new(&listener.spec.owner).within(id.namespace()));
+    let references = desired_owner_references(listener.owner_references(), owner.as_deref());
+    wake_dropped_owners(&listener, &references, ctx);
+    let mut finalizers = listener.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_owned());
     let patch = serde_json::json!({"metadata": {
-        "ownerReferences": desired,
+        "finalizers": finalizers,
+        "ownerReferences": references,
         "resourceVersion": listener.resource_version(),
     }});
-    api.patch(
-        &listener.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
-    Ok(())
+    let patched = api
+        .patch(id.name(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(Arc::new(patched))
 }
 
 async fn cleanup(listener: &Listener, id: &ListenerId, ctx: &Context) -> Result<Action, Error> {
