@@ -1,5 +1,6 @@
 //! crownstone-webhooks: forwards Crownstone event streams to webhooks, as a Kubernetes operator.
 
+pub mod api;
 pub mod clock;
 pub mod config;
 pub mod controller;

@@ -4,8 +4,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use crownstone_webhooks::api::{self, ApiArgs, ApiEventsArgs, ApiSettings};
 use crownstone_webhooks::clock::SystemClock;
 use crownstone_webhooks::config::{LogArgs, OperatorArgs};
+use crownstone_webhooks::operator::RunningOperator;
+use crownstone_webhooks::receiver::{self, ReceiveArgs};
 use crownstone_webhooks::simulator::{self, SimulatorArgs};
 
 #[derive(Parser)]
@@ -21,17 +24,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the operator: controllers, forwarders and delivery (the REST API joins it here).
+    /// Run everything: controllers, forwarders, delivery and the REST API.
     Run {
+        #[command(flatten)]
+        operator: OperatorArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    },
+    /// Run the controllers, forwarders and delivery engine, without the REST API.
+    Controller {
         #[command(flatten)]
         operator: OperatorArgs,
         #[command(flatten)]
         log: LogArgs,
     },
-    /// Run the controllers, forwarders and delivery engine alone.
-    Controller {
+    /// Run the REST API alone (any number of replicas, beside a `controller`).
+    Api {
         #[command(flatten)]
-        operator: OperatorArgs,
+        api: ApiArgs,
+        #[command(flatten)]
+        events: ApiEventsArgs,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -41,6 +55,11 @@ enum Command {
         simulator: SimulatorArgs,
         #[command(flatten)]
         log: LogArgs,
+    },
+    /// Receive webhooks as a client would: verify each delivery's signature and print it.
+    Receive {
+        #[command(flatten)]
+        receive: ReceiveArgs,
     },
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
@@ -59,10 +78,23 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { operator, log } | Command::Controller { operator, log } => {
+        Command::Run { operator, api, log } => {
+            log.init();
+            run_async(run_all(operator, api))
+        }
+        Command::Controller { operator, log } => {
             log.init();
             run_async(run_operator(operator))
         }
+        Command::Api { api, events, log } => {
+            log.init();
+            run_async(run_api(api, events))
+        }
+        Command::Receive { receive } => run_async(async {
+            receiver::run(receive, Box::new(std::io::stdout()))
+                .await
+                .map_err(|e| e.to_string())
+        }),
         Command::Simulator { simulator, log } => {
             log.init();
             run_async(async { simulator::run(simulator).await.map_err(|e| e.to_string()) })
@@ -88,16 +120,85 @@ fn run_async(future: impl std::future::Future<Output = Result<(), String>>) -> E
     }
 }
 
-async fn run_operator(args: OperatorArgs) -> Result<(), String> {
-    let client = kube::Client::try_default()
+async fn kube_client() -> Result<kube::Client, String> {
+    kube::Client::try_default()
         .await
-        .map_err(|e| format!("no Kubernetes configuration found: {e}"))?;
+        .map_err(|e| format!("no Kubernetes configuration found: {e}"))
+}
+
+async fn run_operator(args: OperatorArgs) -> Result<(), String> {
+    let client = kube_client().await?;
     let operator = crownstone_webhooks::operator::start(client, args, Arc::new(SystemClock))
         .await
         .map_err(|e| e.to_string())?;
-    shutdown_signal().await;
+    let lost = until_stopped(&operator).await;
     operator.shutdown().await;
+    lost
+}
+
+/// Waits for SIGINT or SIGTERM, or for the operator to lose its lease. A replica that lost its
+/// lease exits with an error, so that it is restarted as a standby.
+async fn until_stopped(operator: &RunningOperator) -> Result<(), String> {
+    tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        _ = operator.lost_leadership() => {
+            Err("lost the leader lease; exiting to come back as a standby".to_owned())
+        }
+    }
+}
+
+/// The REST facade alone; the controller runs elsewhere.
+async fn run_api(args: ApiArgs, events: ApiEventsArgs) -> Result<(), String> {
+    let client = kube_client().await?;
+    let namespace = args
+        .api_namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let settings = ApiSettings::new(&args, namespace, events.events_url, events.events_proxy);
+    let facade = api::start(client, settings, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    shutdown_signal().await;
+    facade.shutdown().await;
     Ok(())
+}
+
+/// The controller and the REST facade in one process; the facade trusts the tokens this
+/// process's forwarders already stream.
+async fn run_all(operator_args: OperatorArgs, api_args: ApiArgs) -> Result<(), String> {
+    let client = kube_client().await?;
+    let namespace = match (&api_args.api_namespace, &operator_args.watch_namespace) {
+        (Some(api), Some(watched)) if api != watched => {
+            return Err(format!(
+                "the REST API's namespace ({api}) is not the one the controller watches \
+                 ({watched}): its Listeners would never be reconciled"
+            ))
+        }
+        (Some(namespace), _) | (None, Some(namespace)) => namespace.clone(),
+        (None, None) => client.default_namespace().to_owned(),
+    };
+    let settings = ApiSettings::new(
+        &api_args,
+        namespace,
+        operator_args.events_url.clone(),
+        operator_args.events_proxy.clone(),
+    );
+    let operator =
+        crownstone_webhooks::operator::start(client.clone(), operator_args, Arc::new(SystemClock))
+            .await
+            .map_err(|e| e.to_string())?;
+    let facade = match api::start(client, settings, Some(operator.forwarders().clone())).await {
+        Ok(facade) => facade,
+        Err(error) => {
+            operator.shutdown().await;
+            return Err(error.to_string());
+        }
+    };
+    let lost = until_stopped(&operator).await;
+    // The API stops taking writes before the controller stops reconciling them.
+    facade.shutdown().await;
+    operator.shutdown().await;
+    lost
 }
 
 /// SIGINT or SIGTERM.

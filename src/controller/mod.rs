@@ -30,9 +30,11 @@ pub use listener::run_listener_controller;
 pub use owners::ListenersByOwner;
 pub use secret_cache::SecretCache;
 pub use secret_cache::SecretKey;
-pub use secrets::{is_managed, run_secret_watch, SecretRefs, MANAGED_BY, USER_LABEL};
+pub use secrets::{
+    credentials_owner, is_managed, run_secret_watch, SecretRefs, MANAGED_BY, USER_LABEL,
+};
 pub use status::StatusWriter;
-pub use webhook_user::{credentials_secret_name, run_webhook_user_controller};
+pub use webhook_user::{credentials_secret_name, run_webhook_user_controller, secret_value};
 
 use crate::clock::SharedClock;
 use crate::delivery::DeliveryEngine;

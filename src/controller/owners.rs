@@ -77,7 +77,7 @@ mod tests {
         assert_eq!(index.count(&acme), 2);
         assert_eq!(index.set(&b, &beta), Some(acme.clone()), "moved");
         assert_eq!((index.count(&acme), index.count(&beta)), (1, 1));
-        assert_eq!(index.listeners_of(&beta), [b.clone()]);
+        assert_eq!(index.listeners_of(&beta), std::slice::from_ref(&b));
         assert_eq!(index.remove(&a), Some(acme.clone()));
         assert_eq!(index.count(&acme), 0);
         assert_eq!(index.remove(&a), None);

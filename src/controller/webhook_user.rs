@@ -173,8 +173,8 @@ fn credentials_secret(user: &WebhookUser, name: &str, credentials: &super::Crede
     }
 }
 
-/// A non-empty UTF-8 value of a Secret key.
-pub(super) fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+/// A non-empty UTF-8 value of a Secret key, trimmed.
+pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     let bytes = secret.data.as_ref()?.get(key)?;
     let value = std::str::from_utf8(&bytes.0).ok()?.trim();
     (!value.is_empty()).then(|| value.to_owned())

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod api;
 mod chart;
 mod crds;
 mod delivery;

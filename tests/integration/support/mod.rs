@@ -1,5 +1,6 @@
 //! What the integration tests share: the control plane, the simulator, receivers, the operator.
 
+pub mod api;
 pub mod cluster;
 pub mod operator;
 pub mod receiver;

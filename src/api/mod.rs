@@ -1,0 +1,535 @@
+//! The REST facade: Crownstone's webhook API (`UPSTREAM.md` §4) served from the resources.
+//! Reads answer from caches of the API namespace; writes create, patch and delete Listeners,
+//! WebhookUsers and managed token Secrets. This module assembles the router, its settings and
+//! the server; each area lives in its own file.
+
+mod auth;
+mod cache;
+mod error;
+mod input;
+mod listeners;
+mod metrics;
+mod names;
+mod openapi;
+mod token_check;
+mod users;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Client;
+use parking_lot::Mutex;
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use auth::AdminKey;
+pub use cache::FacadeCache;
+pub use error::ApiError;
+pub use token_check::{TokenCheckSetupError, TokenVerdict};
+
+use crate::forwarder::ForwarderRegistry;
+use crate::health::WatchHealth;
+use metrics::ApiMetrics;
+use token_check::TokenChecker;
+
+/// The field manager of the facade's writes.
+pub const FIELD_MANAGER: &str = "crownstone-webhooks-api";
+
+/// How long a write waits for its change to show in the caches before it answers, so the
+/// caller's next read on this replica sees it.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
+
+/// The admin key as given on the command line or in the environment: never shown by `Debug`.
+#[derive(Clone)]
+pub struct AdminKeyValue(String);
+
+impl FromStr for AdminKeyValue {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(AdminKeyValue(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for AdminKeyValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminKeyValue(<redacted>)")
+    }
+}
+
+/// A key of a Secret in the API namespace, written `name/key` or `name:key`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretKeyName {
+    pub name: String,
+    pub key: String,
+}
+
+impl FromStr for SecretKeyName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, key) = s
+            .split_once('/')
+            .or_else(|| s.split_once(':'))
+            .ok_or_else(|| format!("{s:?} is not name/key"))?;
+        if name.is_empty() || key.is_empty() {
+            return Err(format!("{s:?} is not name/key"));
+        }
+        Ok(SecretKeyName {
+            name: name.to_owned(),
+            key: key.to_owned(),
+        })
+    }
+}
+
+/// Settings of the REST facade, from flags or the environment.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ApiArgs {
+    /// Address of the REST API (and of its /healthz, /readyz and /metrics).
+    #[arg(long, env = "API_LISTEN", default_value = "0.0.0.0:8082")]
+    pub api_listen: SocketAddr,
+
+    /// The namespace the facade's WebhookUsers, Listeners and Secrets live in (default: the
+    /// namespace the controller watches, else the one the process runs in, else `default`).
+    #[arg(long, env = "API_NAMESPACE")]
+    pub api_namespace: Option<String>,
+
+    /// The admin key of the /users routes. Without it (or --admin-key-secret) they answer 401.
+    #[arg(
+        long,
+        env = "CROWNSTONE_USER_ADMIN_KEY",
+        hide_env_values = true,
+        conflicts_with = "admin_key_secret"
+    )]
+    pub admin_key: Option<AdminKeyValue>,
+
+    /// The admin key from a Secret of the API namespace, as `name/key`; followed when it changes.
+    #[arg(long, env = "CROWNSTONE_USER_ADMIN_KEY_SECRET")]
+    pub admin_key_secret: Option<SecretKeyName>,
+
+    /// How long POST /listeners waits for Crownstone's event server to judge a token.
+    #[arg(long, env = "TOKEN_CHECK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub token_check_timeout: Duration,
+
+    /// How long POST /users waits for the operator to make the new user's credentials.
+    #[arg(long, env = "API_CREDENTIALS_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub credentials_wait: Duration,
+}
+
+/// The event server the facade checks tokens with, for the `api` process (in `run` the
+/// controller's settings are used).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ApiEventsArgs {
+    /// Base url of Crownstone's event server; tokens are checked at `{url}/sse`.
+    #[arg(
+        long,
+        env = "CROWNSTONE_EVENTS_URL",
+        default_value = "https://events.crownstone.rocks"
+    )]
+    pub events_url: Url,
+
+    /// A proxy to reach the event server through; HTTP(S)_PROXY from the environment is not used.
+    #[arg(long, env = "CROWNSTONE_EVENTS_PROXY")]
+    pub events_proxy: Option<Url>,
+}
+
+/// Where the admin key comes from.
+#[derive(Clone, Debug)]
+pub enum AdminKeySource {
+    /// None: the admin routes answer 401.
+    None,
+    Fixed(AdminKeyValue),
+    Secret(SecretKeyName),
+}
+
+/// Everything the facade runs with.
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    pub listen: SocketAddr,
+    pub namespace: String,
+    pub admin_key: AdminKeySource,
+    pub events_url: Url,
+    pub events_proxy: Option<Url>,
+    pub token_check_timeout: Duration,
+    pub credentials_wait: Duration,
+}
+
+impl ApiSettings {
+    /// Settings from the flags, in `namespace`, checking tokens with `events`.
+    pub fn new(
+        args: &ApiArgs,
+        namespace: String,
+        events_url: Url,
+        events_proxy: Option<Url>,
+    ) -> Self {
+        let admin_key = match (&args.admin_key, &args.admin_key_secret) {
+            (Some(key), _) if !key.0.trim().is_empty() => AdminKeySource::Fixed(key.clone()),
+            (_, Some(secret)) => AdminKeySource::Secret(secret.clone()),
+            _ => AdminKeySource::None,
+        };
+        ApiSettings {
+            listen: args.api_listen,
+            namespace,
+            admin_key,
+            events_url,
+            events_proxy,
+            token_check_timeout: args.token_check_timeout,
+            credentials_wait: args.credentials_wait,
+        }
+    }
+}
+
+/// Why the facade could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiStartError {
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    TokenCheck(#[from] TokenCheckSetupError),
+}
+
+/// What every handler shares.
+pub(crate) struct Shared {
+    client: Client,
+    namespace: String,
+    cache: Arc<FacadeCache>,
+    admin: AdminKey,
+    admin_watch: Option<Arc<WatchHealth>>,
+    checker: TokenChecker,
+    credentials_wait: Duration,
+    write_wait: Duration,
+    registry: Mutex<Registry>,
+    document: String,
+}
+
+/// The handlers' state.
+#[derive(Clone)]
+pub(crate) struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The routes of `/api` and the OpenAPI document they make.
+pub(crate) fn router_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(users::is_valid_api_key))
+        .routes(routes!(users::is_valid_admin_key))
+        .routes(routes!(users::list, users::create))
+        .routes(routes!(users::patch, users::delete))
+        .routes(routes!(listeners::list, listeners::create))
+        .routes(routes!(listeners::active))
+        .routes(routes!(listeners::delete_one))
+        .routes(routes!(listeners::delete_by_user_id))
+        .routes(routes!(listeners::delete_by_token))
+        .split_for_parts()
+}
+
+/// A running facade.
+pub struct RunningApi {
+    addr: SocketAddr,
+    cache: Arc<FacadeCache>,
+    admin_watch: Option<Arc<WatchHealth>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl RunningApi {
+    /// Where the REST API is served.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits until the caches have listed once; false after `deadline`.
+    pub async fn wait_ready(&self, deadline: Duration) -> bool {
+        let admin = self.admin_watch.clone();
+        self.cache
+            .wait_for(deadline, |c| {
+                (c.is_ready() && admin.as_ref().is_none_or(|w| w.is_healthy())).then_some(())
+            })
+            .await
+            .is_some()
+    }
+
+    /// Stops serving (requests in flight finish) and stops the watches.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the facade: its watches of `settings.namespace` and its server. `forwarders`, when
+/// this process also runs the controller, vouch for tokens they already stream.
+pub async fn start(
+    client: Client,
+    settings: ApiSettings,
+    forwarders: Option<ForwarderRegistry>,
+) -> Result<RunningApi, ApiStartError> {
+    let mut registry = Registry::with_prefix("crownstone_webhooks");
+    let metrics = ApiMetrics::register(&mut registry);
+    let checker = TokenChecker::new(
+        &settings.events_url,
+        settings.events_proxy.as_ref(),
+        settings.token_check_timeout,
+        forwarders,
+        metrics.token_checks.clone(),
+    )?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| ApiStartError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ApiStartError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+
+    let stop = CancellationToken::new();
+    let cache = Arc::new(FacadeCache::default());
+    let mut tasks = cache.start(&client, &settings.namespace, &stop);
+    let admin = match &settings.admin_key {
+        AdminKeySource::None => {
+            tracing::warn!("No admin key is configured: the /api/users routes answer 401.");
+            AdminKey::default()
+        }
+        AdminKeySource::Fixed(key) => AdminKey::fixed(Some(&key.0)),
+        AdminKeySource::Secret(_) => AdminKey::default(),
+    };
+    let admin_watch = match &settings.admin_key {
+        AdminKeySource::Secret(reference) => {
+            let health = Arc::new(WatchHealth::default());
+            tasks.push(tokio::spawn(follow_admin_key(
+                Api::namespaced(client.clone(), &settings.namespace),
+                reference.clone(),
+                admin.clone(),
+                health.clone(),
+                stop.clone(),
+            )));
+            Some(health)
+        }
+        _ => None,
+    };
+
+    let (routes, document) = router_parts();
+    let document = serde_json::to_string(&document).unwrap_or_else(|_| "{}".to_owned());
+    let state = AppState(Arc::new(Shared {
+        client,
+        namespace: settings.namespace.clone(),
+        cache: cache.clone(),
+        admin,
+        admin_watch: admin_watch.clone(),
+        checker,
+        credentials_wait: settings.credentials_wait,
+        write_wait: WRITE_WAIT,
+        registry: Mutex::new(registry),
+        document,
+    }));
+    let app = routes
+        .route("/api/openapi.json", get(openapi_json))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            metrics::track,
+        ))
+        .layer(DefaultBodyLimit::max(input::MAX_BODY_BYTES))
+        .with_state(state);
+
+    let server_stop = stop.clone();
+    let task = tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(server_stop.clone().cancelled_owned())
+            .await
+        {
+            tracing::error!(%error, "The REST API server failed.");
+        }
+        server_stop.cancel();
+        for task in tasks {
+            let _ = task.await;
+        }
+    });
+    tracing::info!(%addr, namespace = %settings.namespace, "REST API started.");
+    Ok(RunningApi {
+        addr,
+        cache,
+        admin_watch,
+        stop,
+        task,
+    })
+}
+
+/// Keeps the admin key equal to a key of a Secret: a missing Secret or key disables the admin
+/// routes until it appears.
+async fn follow_admin_key(
+    api: Api<Secret>,
+    reference: SecretKeyName,
+    admin: AdminKey,
+    health: Arc<WatchHealth>,
+    stop: CancellationToken,
+) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", reference.name));
+    let stream = watcher(api, config).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    // The key found by a (re-)list in progress.
+    let mut listed: Option<String> = None;
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            event = stream.next() => event,
+        };
+        let Some(event) = event else { return };
+        health.record(event.is_ok());
+        let key_of = |secret: &Secret| {
+            let key = crate::controller::secret_value(secret, &reference.key);
+            if key.is_none() {
+                tracing::warn!(secret = %reference.name, key = %reference.key, "The admin key Secret has no such key: the /api/users routes answer 401.");
+            }
+            key
+        };
+        match event {
+            Ok(watcher::Event::Init) => listed = None,
+            Ok(watcher::Event::InitApply(secret)) => listed = key_of(&secret),
+            Ok(watcher::Event::InitDone) => {
+                if listed.is_none() {
+                    tracing::warn!(secret = %reference.name, "No admin key Secret: the /api/users routes answer 401 until it exists.");
+                }
+                admin.set(listed.take().as_deref());
+                health.mark_synced();
+            }
+            Ok(watcher::Event::Apply(secret)) => admin.set(key_of(&secret).as_deref()),
+            Ok(watcher::Event::Delete(_)) => {
+                tracing::warn!(secret = %reference.name, "The admin key Secret was deleted: the /api/users routes answer 401.");
+                admin.set(None);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "The watch of the admin key Secret failed; it retries.");
+            }
+        }
+    }
+}
+
+async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.document.clone(),
+    )
+}
+
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.cache.is_alive() {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy: a watch of the Kubernetes API has failed for too long",
+        )
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let admin_ready = state.admin_watch.as_ref().is_none_or(|w| w.is_healthy());
+    if state.cache.is_ready() && admin_ready {
+        (StatusCode::OK, "ready")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: caches not synced or a watch is failing",
+        )
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    let mut body = String::new();
+    let encoded = {
+        let registry = state.registry.lock();
+        prometheus_client::encoding::text::encode(&mut body, &registry)
+    };
+    match encoded {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "could not encode metrics".to_owned(),
+        ),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("Endpoint not found.".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        api: ApiArgs,
+    }
+
+    #[test]
+    fn defaults_and_the_two_admin_key_sources() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(cli.api.api_listen.port(), 8082);
+        assert!(cli.api.api_namespace.is_none());
+        let cli = Cli::try_parse_from(["x", "--admin-key-secret", "admin/key"]).unwrap();
+        assert_eq!(
+            cli.api.admin_key_secret,
+            Some(SecretKeyName {
+                name: "admin".into(),
+                key: "key".into()
+            })
+        );
+        assert_eq!("admin:key".parse::<SecretKeyName>().unwrap().key, "key");
+        assert!("admin".parse::<SecretKeyName>().is_err());
+        assert!("/key".parse::<SecretKeyName>().is_err());
+        assert!(
+            Cli::try_parse_from(["x", "--admin-key", "k", "--admin-key-secret", "a/b"]).is_err()
+        );
+        let cli = Cli::try_parse_from(["x", "--admin-key", "very-secret"]).unwrap();
+        assert!(!format!("{:?}", cli.api).contains("very-secret"));
+    }
+}

@@ -1,0 +1,325 @@
+//! The admin routes: WebhookUsers as upstream's users `{id, name, apiKey, secret, enabled}`,
+//! and the two key checks. A new user's credentials are made by the WebhookUser controller
+//! (the one place that generates them); `POST /users` waits for them, bounded.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::auth::{Admin, ApiClient};
+use super::cache::{credentials_user, FacadeCache};
+use super::error::{ApiError, ErrorBody};
+use super::input::{JsonBody, NewUserRequest, PathId, UserPatchRequest};
+use super::names;
+use super::{AppState, FIELD_MANAGER};
+use crate::controller::{credentials_secret_name, secret_value, CLIENT_SECRET, MANAGED_BY};
+use crate::resources::{WebhookUser, WebhookUserSpec};
+
+/// A client of the service, as upstream shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserView {
+    /// The user's id: the WebhookUser's name, `clientId` in every delivery.
+    pub id: String,
+    /// A human-readable name.
+    pub name: String,
+    /// The key the client calls the REST API with; `null` until the operator has made it.
+    pub api_key: Option<String>,
+    /// The client secret sent in, and signing, every delivery; `null` until made.
+    pub secret: Option<String>,
+    /// A disabled user's listeners receive nothing.
+    pub enabled: bool,
+}
+
+fn view(user: &WebhookUser, cache: &FacadeCache) -> UserView {
+    let name = user.name_any();
+    let credentials = cache.credentials(&name);
+    UserView {
+        id: name,
+        name: user.spec.display_name.clone(),
+        api_key: credentials.as_ref().map(|c| c.api_key.clone()),
+        secret: credentials.map(|c| c.client_secret),
+        enabled: user.spec.enabled,
+    }
+}
+
+#[utoipa::path(
+    get, path = "/api/users/isValidApiKey", tag = "users",
+    summary = "Whether the API key is valid",
+    security(("apiKey" = []), ("apiKeyQuery" = [])),
+    responses(
+        (status = 200, description = "The key is valid", body = bool, content_type = "application/json"),
+        (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
+        (status = 503, description = "The service is starting", body = ErrorBody),
+    )
+)]
+pub async fn is_valid_api_key(_client: ApiClient) -> Json<bool> {
+    Json(true)
+}
+
+#[utoipa::path(
+    get, path = "/api/users/isValidAdminKey", tag = "users",
+    summary = "Whether the admin key is valid",
+    security(("adminKey" = []), ("adminKeyQuery" = [])),
+    responses(
+        (status = 200, description = "The key is the admin key", body = bool, content_type = "application/json"),
+        (status = 401, description = "No admin key, a wrong one, or none configured", body = ErrorBody),
+    )
+)]
+pub async fn is_valid_admin_key(_admin: Admin) -> Json<bool> {
+    Json(true)
+}
+
+#[utoipa::path(
+    get, path = "/api/users", tag = "users",
+    summary = "Every user",
+    security(("adminKey" = []), ("adminKeyQuery" = [])),
+    responses(
+        (status = 200, description = "Every user", body = Vec<UserView>),
+        (status = 401, description = "No admin key, a wrong one, or none configured", body = ErrorBody),
+        (status = 503, description = "The service is starting", body = ErrorBody),
+    )
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Vec<UserView>>, ApiError> {
+    if !state.cache.is_synced() {
+        return Err(ApiError::not_ready());
+    }
+    let mut users = state.cache.users();
+    users.sort_by(|a, b| {
+        (a.creation_timestamp(), a.name_any()).cmp(&(b.creation_timestamp(), b.name_any()))
+    });
+    Ok(Json(users.iter().map(|u| view(u, &state.cache)).collect()))
+}
+
+#[utoipa::path(
+    post, path = "/api/users", tag = "users",
+    summary = "Create a user",
+    description = "Creates a WebhookUser; the operator generates its API key (32 random bytes, \
+        hex) and secret (16 random bytes, hex). Answers once they exist, so the key works at once.",
+    security(("adminKey" = []), ("adminKeyQuery" = [])),
+    request_body(content = NewUserRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The new user with its credentials", body = UserView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No admin key, a wrong one, or none configured", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody),
+        (status = 422, description = "A field is missing, unknown or invalid", body = ErrorBody),
+        (status = 503, description = "The Kubernetes API or the operator did not answer in time",
+         body = ErrorBody),
+    )
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    _admin: Admin,
+    JsonBody(body): JsonBody<NewUserRequest>,
+) -> Result<Json<UserView>, ApiError> {
+    body.validate()?;
+    let api: Api<WebhookUser> = Api::namespaced(state.client.clone(), &state.namespace);
+    let name = names::user_name();
+    let mut user = WebhookUser::new(
+        &name,
+        WebhookUserSpec {
+            display_name: body.name.clone(),
+            enabled: body.enabled.unwrap_or(true),
+            daily_allowance: None,
+        },
+    );
+    user.metadata.labels = Some(BTreeMap::from([(
+        MANAGED_BY.0.to_owned(),
+        MANAGED_BY.1.to_owned(),
+    )]));
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    api.create(&params, &user)
+        .await
+        .map_err(|e| ApiError::kube("create the user", &e))?;
+    tracing::info!(user = %name, "Created a user; waiting for its credentials.");
+    let ready = state
+        .cache
+        .wait_for(state.credentials_wait, |c| {
+            let user = c.user(&name)?;
+            c.credentials(&name)?;
+            c.user_by_api_key(&c.credentials(&name)?.api_key)?;
+            Some(view(&user, c))
+        })
+        .await;
+    match ready {
+        Some(view) => Ok(Json(view)),
+        None => {
+            // Nothing half made stays behind: the admin retries from a clean slate.
+            if let Err(error) = api.delete(&name, &DeleteParams::default()).await {
+                tracing::warn!(user = %name, error = %crate::controller::describe_kube_error(&error), "Could not remove a user whose credentials never came.");
+            }
+            Err(ApiError::Unavailable(format!(
+                "The operator did not create the user's credentials within {}; is the controller running?",
+                humantime::format_duration(state.credentials_wait)
+            )))
+        }
+    }
+}
+
+#[utoipa::path(
+    patch, path = "/api/users/{id}", tag = "users",
+    summary = "Change a user's name, enabled flag or secret",
+    security(("adminKey" = []), ("adminKeyQuery" = [])),
+    params(("id" = String, Path, description = "The user's id")),
+    request_body(content = UserPatchRequest, content_type = "application/json"),
+    responses(
+        (status = 204, description = "Changed"),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No admin key, a wrong one, or none configured", body = ErrorBody),
+        (status = 404, description = "No user has that id", body = ErrorBody),
+        (status = 409, description = "The user's credentials Secret is not the operator's", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody),
+        (status = 422, description = "A field is unknown or invalid", body = ErrorBody),
+        (status = 503, description = "The service cannot answer now", body = ErrorBody),
+    )
+)]
+pub async fn patch(
+    State(state): State<AppState>,
+    _admin: Admin,
+    PathId(id): PathId,
+    JsonBody(body): JsonBody<UserPatchRequest>,
+) -> Result<StatusCode, ApiError> {
+    body.validate()?;
+    if !state.cache.is_synced() {
+        return Err(ApiError::not_ready());
+    }
+    state.cache.user(&id).ok_or_else(not_found)?;
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    if let Some(secret) = &body.secret {
+        let secret_name = credentials_secret_name(&id);
+        let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
+        let ours = match state.cache.secret(&secret_name) {
+            Some(stored) => credentials_user(&stored) == Some(id.as_str()),
+            // Only managed Secrets are cached: look whether one that is not ours holds the name.
+            None => match secrets.get_opt(&secret_name).await {
+                Ok(None) => {
+                    return Err(ApiError::Unavailable(
+                        "The user's credentials are not made yet; try again.".into(),
+                    ))
+                }
+                Ok(Some(_)) => false,
+                Err(error) => return Err(ApiError::kube("read the user's credentials", &error)),
+            },
+        };
+        if !ours {
+            return Err(ApiError::Conflict(format!(
+                "Secret {secret_name} was not made by the operator for this user; delete or \
+                 rename it and the operator makes new credentials."
+            )));
+        }
+        let data = BTreeMap::from([(
+            CLIENT_SECRET.to_owned(),
+            ByteString(secret.as_bytes().to_vec()),
+        )]);
+        let patch = serde_json::json!({"data": data});
+        secrets
+            .patch(&secret_name, &params, &Patch::Merge(&patch))
+            .await
+            .map_err(|e| ApiError::kube("change the user's secret", &e))?;
+    }
+    let mut spec = serde_json::Map::new();
+    if let Some(name) = &body.name {
+        spec.insert("displayName".into(), name.clone().into());
+    }
+    if let Some(enabled) = body.enabled {
+        spec.insert("enabled".into(), enabled.into());
+    }
+    if !spec.is_empty() {
+        let api: Api<WebhookUser> = Api::namespaced(state.client.clone(), &state.namespace);
+        match api
+            .patch(
+                &id,
+                &params,
+                &Patch::Merge(&serde_json::json!({ "spec": spec })),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => return Err(not_found()),
+            Err(error) => return Err(ApiError::kube("change the user", &error)),
+        }
+    }
+    tracing::info!(user = %id, "Changed a user.");
+    // The next read of this replica shows the change.
+    let shown = state
+        .cache
+        .wait_for(state.write_wait, |c| {
+            let cached = c.user(&id)?;
+            let name_ok = body
+                .name
+                .as_ref()
+                .is_none_or(|n| &cached.spec.display_name == n);
+            let enabled_ok = body.enabled.is_none_or(|e| cached.spec.enabled == e);
+            let secret_ok = body.secret.as_ref().is_none_or(|s| {
+                c.secret(&credentials_secret_name(&id))
+                    .and_then(|secret| secret_value(&secret, CLIENT_SECRET))
+                    .as_deref()
+                    == Some(s.as_str())
+            });
+            (name_ok && enabled_ok && secret_ok).then_some(())
+        })
+        .await;
+    if shown.is_none() {
+        tracing::warn!(user = %id, "A changed user is not in the facade's cache yet.");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(
+    delete, path = "/api/users/{id}", tag = "users",
+    summary = "Delete a user and all its listeners",
+    security(("adminKey" = []), ("adminKeyQuery" = [])),
+    params(("id" = String, Path, description = "The user's id")),
+    responses(
+        (status = 204, description = "Deleted; its listeners follow"),
+        (status = 401, description = "No admin key, a wrong one, or none configured", body = ErrorBody),
+        (status = 404, description = "No user has that id", body = ErrorBody),
+        (status = 503, description = "The service cannot answer now", body = ErrorBody),
+    )
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    _admin: Admin,
+    PathId(id): PathId,
+) -> Result<StatusCode, ApiError> {
+    if !state.cache.is_synced() {
+        return Err(ApiError::not_ready());
+    }
+    state.cache.user(&id).ok_or_else(not_found)?;
+    let api: Api<WebhookUser> = Api::namespaced(state.client.clone(), &state.namespace);
+    match api.delete(&id, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => return Err(not_found()),
+        Err(error) => return Err(ApiError::kube("delete the user", &error)),
+    }
+    tracing::info!(user = %id, "Deleted a user; the operator removes its listeners.");
+    state
+        .cache
+        .wait_for(state.write_wait, |c| c.user(&id).is_none().then_some(()))
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn not_found() -> ApiError {
+    ApiError::NotFound("No user has that id.".into())
+}
