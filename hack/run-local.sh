@@ -40,8 +40,6 @@ export KUBECONFIG="$state/plane/kubeconfig"
 
 "$exe" simulator --listen "127.0.0.1:$sim_port" >"$state/logs/simulator.log" 2>&1 &
 pids+=($!)
-python3 hack/demo/receiver.py "$receiver_port" >"$state/logs/receiver.log" 2>&1 &
-pids+=($!)
 # The admin key of the REST API's /users routes: new for every run, given in the environment so
 # it shows in no process list.
 admin_key="$(openssl rand -hex 24)"
@@ -74,6 +72,12 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 [ -n "$api_key" ] || die "the operator did not create the demo user's credentials; see $state/logs/operator.log"
+client_secret="$("$kubectl" -n demo get secret demo-credentials -o jsonpath='{.data.clientSecret}' | base64 -d)"
+# The demo receiver verifies each delivery's signature with the user's client secret, as a
+# client's own endpoint would, and prints what it accepts.
+WEBHOOK_SECRET="$client_secret" "$exe" receive --listen "127.0.0.1:$receiver_port" \
+  >"$state/logs/receiver.log" 2>&1 &
+pids+=($!)
 api="http://127.0.0.1:$api_port/api"
 
 cat <<INFO
@@ -83,7 +87,7 @@ crownstone-webhooks runs locally.
   Simulator         http://127.0.0.1:$sim_port      (Crownstone event server stand-in)
   REST API          $api  (OpenAPI: $api/openapi.json; namespace demo)
   Operator          http://127.0.0.1:$health_port/metrics
-  Demo receiver     http://127.0.0.1:$receiver_port  (prints deliveries to $state/logs/receiver.log)
+  Demo receiver     http://127.0.0.1:$receiver_port  (crownstone-webhooks receive: verifies and prints deliveries to $state/logs/receiver.log)
   Logs              $state/logs/
 
 The WebhookUser 'demo' (namespace 'demo') has API key $api_key.
@@ -98,8 +102,8 @@ simulator, and watch the signed delivery arrive:
   curl -s $api/listeners -H 'API_KEY: $api_key'
   curl -s -X POST http://127.0.0.1:$sim_port/admin/events -H 'Content-Type: application/json' \\
     -d '{"type":"command","subType":"multiSwitch","sphere":{"id":"demo-sphere","name":"Home","uid":1},"switchData":[{"id":"stone-1","name":"Lamp","macAddress":"AA:BB:CC:DD:EE:01","uid":1,"type":"TURN_ON"}],"sequenceTime":{"timestamp":1700000000000,"counter":1}}'
-  tail $state/logs/receiver.log                     # the delivery, with its webhook-id; signed with
-                                                    # the user's clientSecret (webhook-signature)
+  tail $state/logs/receiver.log                     # "verified msg_… to /crownstone: {…}": the
+                                                    # signature checked with the user's clientSecret
   export KUBECONFIG=$KUBECONFIG; alias kubectl=$kubectl
   kubectl -n demo get listeners                     # the Listener the REST API created
 

@@ -164,7 +164,7 @@ async fn receive(
             state.print(&format!(
                 "verified {id} to {}: {}",
                 uri.path(),
-                String::from_utf8_lossy(&body)
+                shown(&body)
             ));
             StatusCode::NO_CONTENT
         }
@@ -176,6 +176,18 @@ async fn receive(
             ));
             StatusCode::UNAUTHORIZED
         }
+    }
+}
+
+/// The body as printed: the client secret it carries is the receiver's own, yet it stays out of
+/// terminals and log files.
+fn shown(body: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut fields)) if fields.contains_key("clientSecret") => {
+            fields.insert("clientSecret".into(), "<redacted>".into());
+            serde_json::Value::Object(fields).to_string()
+        }
+        _ => String::from_utf8_lossy(body).into_owned(),
     }
 }
 
@@ -236,5 +248,13 @@ mod tests {
             check(&other, &signed(&key, body, now), body, now, minute),
             Err(Refusal::BadSignature)
         );
+    }
+
+    #[test]
+    fn the_printed_body_hides_the_client_secret() {
+        let printed = shown(br#"{"clientId":"acme","clientSecret":"s3cret","data":{"a":1}}"#);
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains(r#""data":{"a":1}"#), "{printed}");
+        assert_eq!(shown(b"not json"), "not json");
     }
 }

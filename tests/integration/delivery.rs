@@ -994,3 +994,48 @@ async fn a_paused_listener_stops_retrying_and_takes_nothing_new() {
         .is_queued());
     tally.wait(&engine, "paused", |t| t.delivered == 1).await;
 }
+
+#[tokio::test]
+async fn the_receive_subcommand_verifies_deliveries_and_refuses_the_rest() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_crownstone-webhooks"))
+        .args(["receive", "--listen", "127.0.0.1:0"])
+        .env("WEBHOOK_SECRET", SECRET)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("receive starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let url = parse_url(first.strip_prefix("listening on ").unwrap())
+        .join("/hook")
+        .unwrap();
+
+    // A real delivery from the engine is verified and printed, without the client secret.
+    let (engine, _registry) = start(test_config());
+    let submitted = engine.submit(event(7), target("received", 1, url.clone()));
+    assert!(submitted.is_queued());
+    let mut tally = Tally::default();
+    tally.wait(&engine, "received", |t| t.delivered == 1).await;
+    let verified = lines.next().unwrap().unwrap();
+    assert!(verified.starts_with("verified msg_"), "{verified}");
+    assert!(
+        verified.contains(r#""uid":7"#) && !verified.contains(SECRET),
+        "{verified}"
+    );
+
+    // A forged one is refused.
+    let forged = reqwest::Client::new()
+        .post(url)
+        .header("webhook-id", "msg_1")
+        .header("webhook-timestamp", Utc::now().timestamp().to_string())
+        .header("webhook-signature", "v1,AAAA")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    let refused = lines.next().unwrap().unwrap();
+    assert!(refused.contains("does not match"), "{refused}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
