@@ -12,7 +12,7 @@ use std::time::Duration;
 use crownstone_webhooks::crownstone::samples;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 use serde_yaml::Value;
 
 use crate::support::cluster::{
@@ -322,10 +322,22 @@ fn kubeconfig_with_token(dir: &Path, token: &str) -> PathBuf {
     path
 }
 
-/// One operator process under the ServiceAccount's kubeconfig.
+/// One `run` process (operator and REST API) under the ServiceAccount's kubeconfig.
 struct Replica {
     name: &'static str,
+    /// Base url of its REST API.
+    api: String,
     child: std::process::Child,
+}
+
+const ADMIN_KEY: &str = "chart-test-admin-key";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Drop for Replica {
@@ -343,9 +355,12 @@ fn start_replica(
     logs: &Path,
 ) -> Replica {
     let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_crownstone-webhooks"))
         .args([
-            "controller",
+            "run",
+            "--api-listen",
+            &api,
             "--events-url",
             events_url,
             "--watch-namespace",
@@ -368,13 +383,27 @@ fn start_replica(
             "300ms",
         ])
         .env("KUBECONFIG", kubeconfig)
+        .env("CROWNSTONE_USER_ADMIN_KEY", ADMIN_KEY)
         .env("POD_NAME", name)
         .env("RUST_LOG", "info")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .expect("operator binary starts");
-    Replica { name, child }
+    Replica {
+        name,
+        api: format!("http://{api}/api"),
+        child,
+    }
+}
+
+/// Waits until a replica's REST API answers, then sends `request` to it.
+async fn call(request: reqwest::RequestBuilder) -> serde_json::Value {
+    let response = request.send().await.expect("the REST API answers");
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert!(status.is_success(), "{status}: {text}");
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
 }
 
 /// Publishes a command whose sphere uid is `n`, to tell deliveries apart.
@@ -397,8 +426,6 @@ async fn two_replicas_run_on_the_charts_service_account_alone() {
             &format!("watchNamespace={}", ns.name),
             "--set",
             &format!("fullnameOverride={release}"),
-            "--set",
-            "mode=controller",
         ],
     );
     apply(ns.kubeconfig(), &manifests, false);
@@ -458,8 +485,44 @@ async fn two_replicas_run_on_the_charts_service_account_alone() {
         ),
     ];
     let receiver = Receiver::start().await;
-    h.ready_listener("hook", "acme", &["command"], &receiver.url())
+    let http = reqwest::Client::new();
+    for replica in &replicas {
+        let ready = format!("{}/users/isValidAdminKey", replica.api);
+        eventually("the REST API of every replica", WAIT, || async {
+            let response = http
+                .get(&ready)
+                .header("admin_key", ADMIN_KEY)
+                .send()
+                .await
+                .ok()?;
+            response.status().is_success().then_some(())
+        })
         .await;
+    }
+    // A whole life through the REST API, under the ServiceAccount's RBAC alone: a user, whose
+    // credentials the leader's controller makes, then a listener, on whichever replica.
+    let user = call(
+        http.post(format!("{}/users", replicas[0].api))
+            .header("admin_key", ADMIN_KEY)
+            .json(&serde_json::json!({"name": "Acme"})),
+    )
+    .await;
+    let user_id = user["id"].as_str().unwrap().to_owned();
+    let api_key = user["apiKey"].as_str().unwrap().to_owned();
+    let token = h.token("user-1", SPHERE).await;
+    let listener = call(
+        http.post(format!("{}/listeners", replicas[1].api))
+            .header("API_KEY", &api_key)
+            .json(&serde_json::json!({
+                "token": token,
+                "userId": "user-1",
+                "eventTypes": ["command"],
+                "url": receiver.url().as_str(),
+            })),
+    )
+    .await;
+    let hook = listener["id"].as_str().unwrap().to_owned();
+    h.wait_ready(&hook).await;
     h.wait_streams(1).await;
     for n in 0..3 {
         publish(&h, n).await;
@@ -495,7 +558,7 @@ async fn two_replicas_run_on_the_charts_service_account_alone() {
     })
     .await;
     h.wait_streams(1).await;
-    h.wait_ready("hook").await;
+    h.wait_ready(&hook).await;
     for n in 3..6 {
         publish(&h, n).await;
     }
@@ -515,18 +578,24 @@ async fn two_replicas_run_on_the_charts_service_account_alone() {
         "an event was delivered twice: {uids:?}"
     );
 
-    // The rest of the Listener's life, under the ServiceAccount alone.
-    h.ns.api::<crownstone_webhooks::resources::Listener>()
-        .delete("hook", &DeleteParams::default())
-        .await
-        .unwrap();
-    h.wait_gone("hook").await;
+    // The rest of its life through the survivor's REST API.
+    let survivor = &replicas[0].api;
+    let deleted = call(
+        http.delete(format!("{survivor}/listeners/{hook}"))
+            .header("API_KEY", &api_key),
+    )
+    .await;
+    assert_eq!(deleted["count"], 1);
+    h.wait_gone(&hook).await;
     h.wait_streams(0).await;
-    h.ns.api::<crownstone_webhooks::resources::WebhookUser>()
-        .delete("acme", &DeleteParams::default())
+    let response = http
+        .delete(format!("{survivor}/users/{user_id}"))
+        .header("admin_key", ADMIN_KEY)
+        .send()
         .await
         .unwrap();
-    h.wait_secret_gone("acme-credentials").await;
+    assert_eq!(response.status(), 204);
+    h.wait_secret_gone(&format!("{user_id}-credentials")).await;
     let _ = Command::new(&control_plane().kubectl)
         .arg("--kubeconfig")
         .arg(h.ns.kubeconfig())
