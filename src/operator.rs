@@ -238,6 +238,7 @@ pub async fn start(
         owned: Default::default(),
         failures_in_a_row: Default::default(),
         last_applied: Default::default(),
+        count_refresh_pending: Default::default(),
         triggers,
     });
 

@@ -255,6 +255,18 @@ async fn apply(
         }
     };
 
+    let status_key = format!("listener/{id}");
+    let first_connect = listener.status.is_none()
+        && url.is_ok()
+        && token_state == TokenState::Stream(StreamState::Connecting)
+        && !ctx.last_applied.contains_key(&status_key);
+    if first_connect {
+        // A new Listener's stream is still opening: its first status is written once the stream
+        // says how that went (its notice wakes this reconcile), not once for "Connecting" and
+        // again a moment later. If no notice comes, the requeue writes "Connecting".
+        ctx.last_applied.insert(status_key, 0);
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     let previous = listener.status.clone().unwrap_or_default();
     let observation = ListenerObservation {
         owner: owner_state,
@@ -287,7 +299,7 @@ async fn apply(
         observed_generation: generation,
     };
     let wrote = ctx
-        .apply_status_if_changed(format!("listener/{id}"), api, id.name(), unchanged, &status)
+        .apply_status_if_changed(status_key, api, id.name(), unchanged, &status)
         .await?;
     if wrote && previous.observed_generation != Some(generation) {
         // New, or its spec changed: the owner's count may have changed.

@@ -47,6 +47,9 @@ use crate::resources::{self, Listener, WebhookUser};
 /// The finalizer both resources carry.
 pub const FINALIZER: &str = "webhooks.crownstone.rocks/cleanup";
 
+/// How long listener-count refreshes of a WebhookUser are gathered before one reconcile.
+pub const COUNT_REFRESH: Duration = Duration::from_millis(500);
+
 /// The longest message the operator copies into a condition, `lastError` or an Event: text that
 /// comes from outside (an event server, a receiver) never grows status without bound.
 pub const MAX_MESSAGE_CHARS: usize = 256;
@@ -72,6 +75,8 @@ pub struct Context {
     pub owned: ListenersByOwner,
     /// Failed reconciles in a row, per object, for the backoff of transient errors.
     pub failures_in_a_row: DashMap<String, u32>,
+    /// WebhookUsers whose listener count is due to be refreshed.
+    pub count_refresh_pending: Arc<DashMap<OwnerKey, ()>>,
     /// A digest of the status each reconciler last applied, per object. The cache may not show
     /// a write yet, so a status counts as unchanged only against both.
     pub last_applied: DashMap<String, u64>,
@@ -248,12 +253,22 @@ impl Context {
             .send(ObjectRef::new(id.name()).within(id.namespace()));
     }
 
-    /// Asks for a reconcile of a WebhookUser (its listener count changed).
+    /// Asks for a reconcile of a WebhookUser because its listener count changed. Such wakes are
+    /// gathered: at most one per user per [`COUNT_REFRESH`], so creating thousands of Listeners
+    /// does not rewrite their owner's status thousands of times. (The user's own changes reach
+    /// its reconciler through its watch, never delayed.)
     pub fn wake_user(&self, namespace: &str, name: &str) {
-        let _ = self
-            .triggers
-            .users
-            .send(ObjectRef::new(name).within(namespace));
+        let key = OwnerKey::new(namespace, name);
+        if self.count_refresh_pending.insert(key.clone(), ()).is_some() {
+            return;
+        }
+        let users = self.triggers.users.clone();
+        let pending = self.count_refresh_pending.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(COUNT_REFRESH).await;
+            pending.remove(&key);
+            let _ = users.send(ObjectRef::new(key.name()).within(key.namespace()));
+        });
     }
 
     /// Asks for a reconcile of every Listener of an owner: its existence, spec or credentials
