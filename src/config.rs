@@ -32,9 +32,14 @@ pub struct OperatorArgs {
     #[arg(long, env = "HEALTH_LISTEN", default_value = "0.0.0.0:8081")]
     pub health_listen: SocketAddr,
 
-    /// How often delivery counters and usage are written to status.
+    /// How often failures, drops and usage are written to status.
     #[arg(long, env = "STATUS_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
     pub status_interval: Duration,
+
+    /// How often a Listener's success counters (`delivered`, `lastDeliveryTime`) alone are
+    /// written: each write is an API request, and a busy Listener changes them all the time.
+    #[arg(long, env = "COUNTERS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub counters_interval: Duration,
 
     /// A stream silent for this long is dead and reconnected.
     #[arg(long, env = "STREAM_SILENCE_TIMEOUT", default_value = "35s", value_parser = humantime::parse_duration)]

@@ -304,6 +304,7 @@ pub async fn start(
         secrets_api: api_in::<PartialObjectMeta<Secret>>(&client, namespace),
         secrets_health: health.secrets.clone(),
         status_interval: args.status_interval,
+        counters_interval: args.counters_interval,
     };
     let registry_handle = forwarders.clone();
     let grace = args.shutdown_grace;
@@ -336,6 +337,7 @@ struct ActiveParts {
     secrets_api: Api<PartialObjectMeta<Secret>>,
     secrets_health: Arc<WatchHealth>,
     status_interval: Duration,
+    counters_interval: Duration,
 }
 
 /// Waits for leadership (when elected), runs the active parts until `stop` or until the lease
@@ -366,6 +368,7 @@ async fn lead(
         secrets_api,
         secrets_health,
         status_interval,
+        counters_interval,
     } = parts;
     let controllers_stop = CancellationToken::new();
     let tasks = vec![
@@ -391,7 +394,7 @@ async fn lead(
         tokio::spawn(forget_deleted_listeners(ctx.clone(), listener_event_stream)),
     ];
     let writer_stop = CancellationToken::new();
-    let mut writer = StatusWriter::new(ctx.clone());
+    let mut writer = StatusWriter::new(ctx.clone(), counters_interval);
     let writer_task = {
         let writer_stop = writer_stop.clone();
         tokio::spawn(async move {
@@ -430,7 +433,7 @@ async fn lead(
     // unreachable one cannot hold the process past its grace period.
     let last_writes = async {
         if let Ok(mut writer) = writer_task.await {
-            writer.flush().await;
+            writer.flush_all().await;
         }
         controllers_stop.cancel();
         for task in tasks {

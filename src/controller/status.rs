@@ -47,6 +47,17 @@ struct UsageStatus {
     usage: Usage,
 }
 
+/// A Listener's counters, and what of them is not on its status yet.
+struct ListenerTotals {
+    status: DeliveryStatus,
+    /// Changed since the last write.
+    dirty: bool,
+    /// Something an operator acts on changed (a failure, a drop, the failure window): written
+    /// at the next flush. Successes alone wait for the counters interval.
+    urgent: bool,
+    written_at: Option<Instant>,
+}
+
 /// Failures not yet reported as an Event.
 #[derive(Default)]
 struct PendingFailures {
@@ -58,16 +69,21 @@ struct PendingFailures {
 /// Batches delivery outcomes and usage into status patches.
 pub struct StatusWriter {
     ctx: Arc<Context>,
-    totals: HashMap<ListenerId, DeliveryStatus>,
+    totals: HashMap<ListenerId, ListenerTotals>,
     failures: HashMap<ListenerId, PendingFailures>,
+    /// How often a Listener's success counters alone are written.
+    counters_every: Duration,
 }
 
 impl StatusWriter {
-    pub fn new(ctx: Arc<Context>) -> Self {
+    /// A writer that writes failures at every flush and success counters alone at most every
+    /// `counters_every`.
+    pub fn new(ctx: Arc<Context>, counters_every: Duration) -> Self {
         StatusWriter {
             ctx,
             totals: HashMap::new(),
             failures: HashMap::new(),
+            counters_every,
         }
     }
 
@@ -84,13 +100,42 @@ impl StatusWriter {
         }
     }
 
-    /// Writes what changed since the last flush, and the failure Events whose rate-limit window
-    /// has ended.
+    /// Writes what is due: failures and drops at once, success counters once they are
+    /// `counters_every` old; usage; and the failure Events whose rate-limit window has ended.
     pub async fn flush(&mut self) {
+        self.flush_listeners(false).await;
+        self.flush_rest().await;
+    }
+
+    /// Writes everything not yet written, as the operator stops.
+    pub async fn flush_all(&mut self) {
+        self.flush_listeners(true).await;
+        self.flush_rest().await;
+    }
+
+    async fn flush_listeners(&mut self, everything: bool) {
         for report in self.ctx.engine.take_reports() {
-            self.write_listener(report).await;
+            self.absorb(report);
         }
         self.prune();
+        let due: Vec<ListenerId> = self
+            .totals
+            .iter()
+            .filter(|(_, t)| {
+                t.dirty
+                    && (everything
+                        || t.urgent
+                        || t.written_at
+                            .is_none_or(|at| at.elapsed() >= self.counters_every))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.write_listener(id).await;
+        }
+    }
+
+    async fn flush_rest(&mut self) {
         self.publish_due_failures().await;
         for (owner, usage) in self.ctx.index.take_usage_changes() {
             let api: Api<WebhookUser> = Api::namespaced(self.ctx.client.clone(), owner.namespace());
@@ -121,33 +166,40 @@ impl StatusWriter {
         self.failures.retain(|id, _| exists(id));
     }
 
-    async fn write_listener(&mut self, report: ListenerReport) {
+    /// Adds a report to a Listener's totals.
+    fn absorb(&mut self, report: ListenerReport) {
         let id = report.listener.clone();
-        let reference = ObjectRef::<Listener>::new(id.name()).within(id.namespace());
-        let cached = self.ctx.listeners.get(&reference);
         // The Listener controller reads the suspension from the engine and reports it.
         if report.suspension.is_some() {
             self.ctx.wake_listener(&id);
         }
+        let listeners = &self.ctx.listeners;
         let totals = self.totals.entry(id.clone()).or_insert_with(|| {
             // After a restart the counters go on from what the status says.
-            let status = cached
-                .as_ref()
+            let reference = ObjectRef::<Listener>::new(id.name()).within(id.namespace());
+            let status = listeners
+                .get(&reference)
                 .and_then(|l| l.status.clone())
                 .unwrap_or_default();
-            DeliveryStatus {
-                delivered: status.delivered,
-                failed: status.failed,
-                last_delivery_time: status.last_delivery_time,
-                last_error: status.last_error,
-                failure_window: status.failure_window,
+            ListenerTotals {
+                status: DeliveryStatus {
+                    delivered: status.delivered,
+                    failed: status.failed,
+                    last_delivery_time: status.last_delivery_time,
+                    last_error: status.last_error,
+                    failure_window: status.failure_window,
+                },
+                dirty: false,
+                urgent: false,
+                written_at: None,
             }
         });
         let failed_now = report.failed + report.dropped;
-        totals.delivered += report.delivered;
-        totals.failed += failed_now;
+        let status = &mut totals.status;
+        status.delivered += report.delivered;
+        status.failed += failed_now;
         if report.last_delivery_time.is_some() {
-            totals.last_delivery_time = report.last_delivery_time;
+            status.last_delivery_time = report.last_delivery_time;
         }
         let last_error = report
             .last_error
@@ -155,31 +207,43 @@ impl StatusWriter {
             .map(cap_message)
             .or_else(|| report.last_drop_reason.map(|r| r.describe().to_owned()));
         if last_error.is_some() {
-            totals.last_error.clone_from(&last_error);
+            status.last_error.clone_from(&last_error);
         }
-        totals.failure_window = report.failing_since.map(|since| FailureWindow {
+        let window = report.failing_since.map(|since| FailureWindow {
             since,
             generation: report.generation,
         });
-        let api: Api<Listener> = Api::namespaced(self.ctx.client.clone(), id.namespace());
-        self.ctx.metrics.status_writes.inc();
-        match apply_status(&api, id.name(), DELIVERY_MANAGER, &*totals).await {
-            Ok(()) => {}
-            Err(error) if is_not_found(&error) => {
-                self.totals.remove(&id);
-                self.failures.remove(&id);
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(listener = %id, error = %describe_kube_error(&error), "Could not write the Listener's delivery status.")
-            }
-        }
+        totals.urgent |= failed_now > 0 || window != status.failure_window;
+        status.failure_window = window;
+        totals.dirty = true;
 
         if failed_now > 0 {
             let pending = self.failures.entry(id).or_default();
             pending.count += failed_now;
             if let Some(error) = last_error {
                 pending.last_error = error;
+            }
+        }
+    }
+
+    async fn write_listener(&mut self, id: ListenerId) {
+        let Some(totals) = self.totals.get_mut(&id) else {
+            return;
+        };
+        let api: Api<Listener> = Api::namespaced(self.ctx.client.clone(), id.namespace());
+        self.ctx.metrics.status_writes.inc();
+        match apply_status(&api, id.name(), DELIVERY_MANAGER, &totals.status).await {
+            Ok(()) => {
+                totals.dirty = false;
+                totals.urgent = false;
+                totals.written_at = Some(Instant::now());
+            }
+            Err(error) if is_not_found(&error) => {
+                self.totals.remove(&id);
+                self.failures.remove(&id);
+            }
+            Err(error) => {
+                tracing::warn!(listener = %id, error = %describe_kube_error(&error), "Could not write the Listener's delivery status.")
             }
         }
     }

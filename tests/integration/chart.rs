@@ -369,6 +369,8 @@ fn start_replica(
             "127.0.0.1:0",
             "--status-interval",
             "200ms",
+            "--counters-interval",
+            "200ms",
             "--allow-private-destinations",
             "--leader-election",
             "--leader-election-namespace",

@@ -161,6 +161,8 @@ async fn a_proxy_from_the_environment_is_not_used() {
             "127.0.0.1:0",
             "--status-interval",
             "200ms",
+            "--counters-interval",
+            "200ms",
             "--reconnect-initial",
             "100ms",
             "--reconnect-max",
