@@ -26,7 +26,9 @@ use super::input::{
 use super::names;
 use super::token_check::TokenVerdict;
 use super::{AppState, FIELD_MANAGER};
-use crate::controller::{describe_kube_error, is_managed, secret_value, MANAGED_BY, USER_LABEL};
+use crate::controller::{
+    describe_kube_error, is_managed, managed_labels, secret_value, USER_LABEL,
+};
 use crate::crownstone::EventType;
 use crate::domain::Token;
 use crate::resources::{Listener, ListenerSpec, SecretKeyRef};
@@ -337,10 +339,7 @@ fn token_secret(name: &str, listener: &str, token: &Token) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
-            labels: Some(BTreeMap::from([(
-                MANAGED_BY.0.to_owned(),
-                MANAGED_BY.1.to_owned(),
-            )])),
+            labels: Some(managed_labels()),
             annotations: Some(BTreeMap::from([(
                 LISTENER_ANNOTATION.to_owned(),
                 listener.to_owned(),
@@ -392,10 +391,7 @@ async fn create_new(
             expires_at: None,
         },
     );
-    listener.metadata.labels = Some(BTreeMap::from([(
-        MANAGED_BY.0.to_owned(),
-        MANAGED_BY.1.to_owned(),
-    )]));
+    listener.metadata.labels = Some(managed_labels());
     let created = match listeners.create(&post_params(), &listener).await {
         Ok(created) => created,
         Err(kube::Error::Api(status)) if status.code == 409 => {

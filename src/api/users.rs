@@ -20,7 +20,7 @@ use super::error::{ApiError, ErrorBody};
 use super::input::{JsonBody, NewUserRequest, PathId, UserPatchRequest};
 use super::names;
 use super::{AppState, FIELD_MANAGER};
-use crate::controller::{credentials_secret_name, secret_value, CLIENT_SECRET, MANAGED_BY};
+use crate::controller::{credentials_secret_name, managed_labels, secret_value, CLIENT_SECRET};
 use crate::resources::{WebhookUser, WebhookUserSpec};
 
 /// A client of the service, as upstream shows it.
@@ -136,10 +136,7 @@ pub async fn create(
             daily_allowance: None,
         },
     );
-    user.metadata.labels = Some(BTreeMap::from([(
-        MANAGED_BY.0.to_owned(),
-        MANAGED_BY.1.to_owned(),
-    )]));
+    user.metadata.labels = Some(managed_labels());
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..PostParams::default()

@@ -31,7 +31,8 @@ pub use owners::ListenersByOwner;
 pub use secret_cache::SecretCache;
 pub use secret_cache::SecretKey;
 pub use secrets::{
-    credentials_owner, is_managed, run_secret_watch, SecretRefs, MANAGED_BY, USER_LABEL,
+    credentials_owner, is_managed, managed_labels, run_secret_watch, SecretRefs, MANAGED_BY,
+    USER_LABEL,
 };
 pub use status::StatusWriter;
 pub use webhook_user::{credentials_secret_name, run_webhook_user_controller, secret_value};

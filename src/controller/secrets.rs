@@ -26,6 +26,11 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "crownston
 /// label: WebhookUser names may be longer than a label value may be.
 pub const USER_LABEL: &str = "webhooks.crownstone.rocks/webhookuser";
 
+/// The labels that mark an object as the operator's: `{MANAGED_BY}`.
+pub fn managed_labels() -> std::collections::BTreeMap<String, String> {
+    std::collections::BTreeMap::from([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())])
+}
+
 /// Whether the operator created, or was explicitly given, this object.
 pub fn is_managed(meta: &ObjectMeta) -> bool {
     meta.labels

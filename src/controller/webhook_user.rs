@@ -19,7 +19,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::conditions::{same_conditions, to_conditions, DesiredCondition};
 use super::credentials::{generate_credentials, API_KEY, CLIENT_SECRET};
-use super::secrets::{credentials_owner, is_managed, MANAGED_BY, USER_LABEL};
+use super::secrets::{credentials_owner, is_managed, managed_labels, USER_LABEL};
 use super::{delete_if_present, Context, Error, FINALIZER};
 use crate::domain::{ClientSecret, OwnerKey};
 use crate::index::{OwnerEntry, RoutingIndex};
@@ -150,10 +150,7 @@ fn credentials_secret(user: &WebhookUser, name: &str, credentials: &super::Crede
     Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
-            labels: Some(BTreeMap::from([(
-                MANAGED_BY.0.to_owned(),
-                MANAGED_BY.1.to_owned(),
-            )])),
+            labels: Some(managed_labels()),
             annotations: Some(BTreeMap::from([(USER_LABEL.to_owned(), user.name_any())])),
             owner_references: user.controller_owner_ref(&()).map(|r| vec![r]),
             ..ObjectMeta::default()

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use crownstone_webhooks::clock::{SharedClock, SystemClock};
 use crownstone_webhooks::config::OperatorArgs;
-use crownstone_webhooks::controller::{CLIENT_SECRET, MANAGED_BY};
+use crownstone_webhooks::controller::{managed_labels, CLIENT_SECRET};
 use crownstone_webhooks::operator::{self, RunningOperator};
 use crownstone_webhooks::resources::{Listener, ListenerStatus, WebhookUser};
 use crownstone_webhooks::simulator::{RunningSimulator, Scope, SimulatorClient};
@@ -219,10 +219,7 @@ impl Harness {
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
-                labels: Some(BTreeMap::from([(
-                    MANAGED_BY.0.to_owned(),
-                    MANAGED_BY.1.to_owned(),
-                )])),
+                labels: Some(managed_labels()),
                 ..ObjectMeta::default()
             },
             data: Some(BTreeMap::from([(
