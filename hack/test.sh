@@ -12,4 +12,11 @@ cd "$here/.."
 log "control plane binaries: $("$here/build-kube.sh")"
 log "helm: $("$here/build-helm.sh")"
 log "python for client tests: $("$here/python-env.sh")"
-cargo test --locked --all-targets "$@"
+out="$(mktemp)"
+trap 'rm -f "$out"' EXIT
+status=0
+cargo test --locked --all-targets "$@" 2>&1 | tee "$out" || status=$?
+# One closing line that adds up every test binary's result.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?/) p += $i; if ($(i+1) ~ /^failed;?/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$out"
+exit "$status"
