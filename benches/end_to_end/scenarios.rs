@@ -625,6 +625,14 @@ async fn fan_out(
             },
         )
         .await?;
+        if let Some(best) = search.best_probe {
+            report.throughput(
+                &scenario_d,
+                &format!("highest rate a {:?} probe sustained", sizes.probe),
+                best,
+                "/s",
+            );
+        }
         match &search.sustained {
             Some(phase) => {
                 report.throughput(
@@ -759,11 +767,17 @@ async fn overload(
         .settle(set.len() + usize::from(context.wants_any(&["d", "e"])))
         .await?;
     let selector = format!("{SET_LABEL}={}", set.prefix);
-    let failed_before: u64 = cluster::listeners(parts.client, &set.namespace, &selector)
-        .await?
-        .iter()
-        .filter_map(|l| l.status.as_ref().map(|s| s.failed))
-        .sum();
+    let failed_of = |listeners: &[Listener]| -> BTreeMap<String, u64> {
+        listeners
+            .iter()
+            .map(|l| {
+                let failed = l.status.as_ref().map_or(0, |s| s.failed);
+                (l.metadata.name.clone().unwrap_or_default(), failed)
+            })
+            .collect()
+    };
+    let failed_before =
+        failed_of(&cluster::listeners(parts.client, &set.namespace, &selector).await?);
     parts.receivers.reset(&[], Duration::ZERO).await?;
     let metrics_before = operator.metrics().await?;
     let rss = RssPeak::start(operator.pid());
@@ -805,6 +819,10 @@ async fn overload(
     let in_low = |sent: u64| sent >= low.start_ns && sent <= low.end_ns;
     let received_high = arrivals.iter().filter(|a| in_high(a.sent_ns)).count() as u64;
     let received_low = arrivals.iter().filter(|a| in_low(a.sent_ns)).count() as u64;
+    let arrived_during_high = arrivals
+        .iter()
+        .filter(|a| in_high(a.sent_ns) && a.arrived_ns <= overload_end)
+        .count() as u64;
     let last_overload_arrival = arrivals
         .iter()
         .filter(|a| in_high(a.sent_ns))
@@ -839,15 +857,23 @@ async fn overload(
     // Statuses are written every few seconds: give them two intervals.
     tokio::time::sleep(Duration::from_secs(7)).await;
     let listeners = cluster::listeners(parts.client, &set.namespace, &selector).await?;
-    let failed_after: u64 = listeners
-        .iter()
-        .filter_map(|l| l.status.as_ref().map(|s| s.failed))
-        .sum();
+    // Only the Listeners whose count grew: lastError stays from earlier scenarios otherwise.
+    let mut status_failed = 0;
+    let mut newly_failing = 0;
     let mut last_errors: BTreeMap<String, f64> = BTreeMap::new();
-    for listener in &listeners {
-        if let Some(error) = listener.status.as_ref().and_then(|s| s.last_error.clone()) {
-            *last_errors.entry(error).or_insert(0.0) += 1.0;
+    for (name, after) in failed_of(&listeners) {
+        let grew = after.saturating_sub(failed_before.get(&name).copied().unwrap_or(0));
+        if grew == 0 {
+            continue;
         }
+        status_failed += grew;
+        newly_failing += 1;
+        let error = listeners
+            .iter()
+            .find(|l| l.metadata.name.as_deref() == Some(name.as_str()))
+            .and_then(|l| l.status.as_ref()?.last_error.clone())
+            .unwrap_or_else(|| "(none)".into());
+        *last_errors.entry(error).or_insert(0.0) += 1.0;
     }
     let stats = parts.simulator.admin.stats().await.ok();
 
@@ -859,8 +885,8 @@ async fn overload(
     );
     report.throughput(
         &scenario,
-        "delivered/s during overload",
-        received_high as f64 / high.seconds.max(1e-9),
+        "arrived/s during overload",
+        arrived_during_high as f64 / high.seconds.max(1e-9),
         "/s",
     );
     report.figure(
@@ -885,13 +911,19 @@ async fn overload(
     );
     report.figure(
         &scenario,
-        "status.failed summed over Listeners",
-        (failed_after - failed_before.min(failed_after)) as f64,
+        "status.failed growth summed over Listeners",
+        status_failed as f64,
+        "",
+    );
+    report.figure(
+        &scenario,
+        "Listeners whose status.failed grew",
+        newly_failing as f64,
         "",
     );
     report.text(
         &scenario,
-        "status.lastError",
+        "their status.lastError",
         &if last_errors.is_empty() {
             "none".to_owned()
         } else {
@@ -908,18 +940,26 @@ async fn overload(
         backlog_seconds,
         "s after",
     );
-    report.figure(
-        &scenario,
-        "low-rate deliveries on time (<1 s) from",
-        keep_up_seconds,
-        "s after",
-    );
+    if keep_up_seconds < recovery.as_secs_f64() - 1.0 {
+        report.figure(
+            &scenario,
+            "low-rate deliveries on time (<1 s) from",
+            keep_up_seconds,
+            "s after",
+        );
+    } else {
+        report.text(
+            &scenario,
+            "low-rate deliveries on time (<1 s) from",
+            &format!("not within the {recovery:?} at the low rate"),
+        );
+    }
     report.figure(&scenario, "stream reconnects", reconnects, "");
     report.detail(
         &scenario,
         json!({
             "high": high, "low": low, "receivedHigh": received_high, "receivedLow": received_low,
-            "drops": drops, "failedMetric": failed_metric, "statusFailed": failed_after - failed_before.min(failed_after),
+            "drops": drops, "failedMetric": failed_metric, "statusFailed": status_failed, "arrivedDuringHigh": arrived_during_high,
             "lastErrors": last_errors, "peakRssMb": peak_kb as f64 / 1024.0, "rssBeforeMb": rss_before as f64 / 1024.0,
             "backlogSeconds": backlog_seconds, "keepUpSeconds": keep_up_seconds, "reconnects": reconnects,
             "simulator": stats,
