@@ -32,7 +32,7 @@ use crate::clock::SharedClock;
 use crate::config::OperatorArgs;
 use crate::controller::{
     run_listener_controller, run_secret_watch, run_webhook_user_controller, Context, SecretCache,
-    SecretRefs, StatusWriter, TriggerStreams, Triggers,
+    SecretRefs, StatusPacing, StatusWriter, TriggerStreams, Triggers,
 };
 use crate::delivery::{DeliveryConfig, DeliveryEngine, DeliveryError};
 use crate::domain::ListenerId;
@@ -238,6 +238,7 @@ pub async fn start(
         owned: Default::default(),
         failures_in_a_row: Default::default(),
         last_applied: Default::default(),
+        adopting: Default::default(),
         count_refresh_pending: Default::default(),
         triggers,
     });
@@ -303,8 +304,11 @@ pub async fn start(
         listener_event_stream,
         secrets_api: api_in::<PartialObjectMeta<Secret>>(&client, namespace),
         secrets_health: health.secrets.clone(),
-        status_interval: args.status_interval,
-        counters_interval: args.counters_interval,
+        status_pacing: StatusPacing {
+            interval: args.status_interval,
+            counters_every: args.counters_interval,
+            writes_per_second: args.status_writes_per_second,
+        },
     };
     let registry_handle = forwarders.clone();
     let grace = args.shutdown_grace;
@@ -336,8 +340,7 @@ struct ActiveParts {
     listener_event_stream: mpsc::UnboundedReceiver<ListenerWatchEvent>,
     secrets_api: Api<PartialObjectMeta<Secret>>,
     secrets_health: Arc<WatchHealth>,
-    status_interval: Duration,
-    counters_interval: Duration,
+    status_pacing: StatusPacing,
 }
 
 /// Waits for leadership (when elected), runs the active parts until `stop` or until the lease
@@ -367,8 +370,7 @@ async fn lead(
         listener_event_stream,
         secrets_api,
         secrets_health,
-        status_interval,
-        counters_interval,
+        status_pacing,
     } = parts;
     let controllers_stop = CancellationToken::new();
     let tasks = vec![
@@ -394,11 +396,11 @@ async fn lead(
         tokio::spawn(forget_deleted_listeners(ctx.clone(), listener_event_stream)),
     ];
     let writer_stop = CancellationToken::new();
-    let mut writer = StatusWriter::new(ctx.clone(), counters_interval);
+    let mut writer = StatusWriter::new(ctx.clone(), status_pacing);
     let writer_task = {
         let writer_stop = writer_stop.clone();
         tokio::spawn(async move {
-            writer.run(status_interval, writer_stop).await;
+            writer.run(writer_stop).await;
             writer
         })
     };

@@ -80,7 +80,10 @@ async fn reconcile(listener: Arc<Listener>, ctx: Arc<Context>) -> Result<Action,
     ctx.count_reconcile("listener");
     let id = listener_id(&listener).ok_or(Error::MissingNamespace)?;
     let api: Api<Listener> = Api::namespaced(ctx.client.clone(), id.namespace());
-    let listener = adopt_new(listener, &id, &api, &ctx).await?;
+    if adopt_new(&listener, &id, &api, &ctx).await? == Adoption::Pending {
+        // The watch brings the patched object, and with it the next reconcile.
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     let action = finalizer(&api, FINALIZER, listener, |event| async {
         match event {
             FinalizerEvent::Apply(listener) => apply(&listener, &id, &api, &ctx).await,
@@ -256,15 +259,17 @@ async fn apply(
     };
 
     let status_key = format!("listener/{id}");
-    let first_connect = listener.status.is_none()
-        && url.is_ok()
+    let first_connect = url.is_ok()
         && token_state == TokenState::Stream(StreamState::Connecting)
         && !ctx.last_applied.contains_key(&status_key);
     if first_connect {
-        // A new Listener's stream is still opening: its first status is written once the stream
-        // says how that went (its notice wakes this reconcile), not once for "Connecting" and
-        // again a moment later. If no notice comes, the requeue writes "Connecting".
-        ctx.last_applied.insert(status_key, 0);
+        // The stream of a Listener this process has not reported on yet is still opening (a
+        // new Listener, or every Listener after a restart): its status is written once the
+        // stream says how that went (its notice wakes this reconcile), not once for
+        // "Connecting" and again a moment later; after a restart, usually not at all. If no
+        // notice comes, the requeue writes "Connecting".
+        ctx.last_applied
+            .insert(status_key, super::AppliedStatus::Deferred);
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     let previous = listener.status.clone().unwrap_or_default();
@@ -299,7 +304,7 @@ async fn apply(
         observed_generation: generation,
     };
     let wrote = ctx
-        .apply_status_if_changed(status_key, api, id.name(), unchanged, &status)
+        .apply_status_if_changed(status_key, api, listener, unchanged, &status)
         .await?;
     if wrote && previous.observed_generation != Some(generation) {
         // New, or its spec changed: the owner's count may have changed.
@@ -386,35 +391,54 @@ fn wake_dropped_owners(listener: &Listener, desired: &[OwnerReference], ctx: &Co
     }
 }
 
+/// Whether a Listener is ready for its reconcile proper.
+#[derive(Debug, PartialEq, Eq)]
+enum Adoption {
+    /// It has the finalizer (or is being deleted).
+    Adopted,
+    /// Its finalizer was just added, or was added and the cache does not show it yet.
+    Pending,
+}
+
 /// A Listener seen for the first time gets its finalizer and its ownerReference in one patch,
 /// instead of one each (and a reconcile between them): at 10,000 new Listeners that is half
-/// the writes.
+/// the writes. The patch is made once: a reconcile that still sees the version it was made
+/// over waits for the cache.
 async fn adopt_new(
-    listener: Arc<Listener>,
+    listener: &Listener,
     id: &ListenerId,
     api: &Api<Listener>,
     ctx: &Context,
-) -> Result<Arc<Listener>, Error> {
+) -> Result<Adoption, Error> {
     let has_finalizer = listener.finalizers().iter().any(|f| f == FINALIZER);
     if has_finalizer || listener.meta().deletion_timestamp.is_some() {
-        return Ok(listener);
+        ctx.adopting.remove(id);
+        return Ok(Adoption::Adopted);
+    }
+    let version = listener.resource_version().unwrap_or_default();
+    if ctx
+        .adopting
+        .get(id)
+        .is_some_and(|patched_over| *patched_over == version)
+    {
+        return Ok(Adoption::Pending);
     }
     let owner = ctx
         .users
         .get(&ObjectRef::new(&listener.spec.owner).within(id.namespace()));
     let references = desired_owner_references(listener.owner_references(), owner.as_deref());
-    wake_dropped_owners(&listener, &references, ctx);
+    wake_dropped_owners(listener, &references, ctx);
     let mut finalizers = listener.finalizers().to_vec();
     finalizers.push(FINALIZER.to_owned());
     let patch = serde_json::json!({"metadata": {
         "finalizers": finalizers,
         "ownerReferences": references,
-        "resourceVersion": listener.resource_version(),
+        "resourceVersion": version,
     }});
-    let patched = api
-        .patch(id.name(), &PatchParams::default(), &Patch::Merge(&patch))
+    api.patch(id.name(), &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    Ok(Arc::new(patched))
+    ctx.adopting.insert(id.clone(), version);
+    Ok(Adoption::Pending)
 }
 
 async fn cleanup(listener: &Listener, id: &ListenerId, ctx: &Context) -> Result<Action, Error> {

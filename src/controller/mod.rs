@@ -34,7 +34,7 @@ pub use secrets::{
     credentials_owner, is_managed, managed_labels, run_secret_watch, SecretRefs, MANAGED_BY,
     USER_LABEL,
 };
-pub use status::StatusWriter;
+pub use status::{StatusPacing, StatusWriter};
 pub use webhook_user::{credentials_secret_name, run_webhook_user_controller, secret_value};
 
 use crate::clock::SharedClock;
@@ -78,10 +78,44 @@ pub struct Context {
     pub failures_in_a_row: DashMap<String, u32>,
     /// WebhookUsers whose listener count is due to be refreshed.
     pub count_refresh_pending: Arc<DashMap<OwnerKey, ()>>,
-    /// A digest of the status each reconciler last applied, per object. The cache may not show
-    /// a write yet, so a status counts as unchanged only against both.
-    pub last_applied: DashMap<String, u64>,
+    /// What each reconciler last did about an object's status. The cache may not show a write
+    /// yet, so a status counts as unchanged only against both.
+    pub last_applied: DashMap<String, AppliedStatus>,
+    /// New Listeners whose finalizer this process added, by the version of the object the patch
+    /// was made over: until the cache shows the patch, a reconcile waits instead of patching
+    /// again (which could only conflict).
+    pub adopting: DashMap<ListenerId, String>,
     pub triggers: Triggers,
+}
+
+/// What this process last did about an object's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppliedStatus {
+    /// The first write waits for a verdict (a new stream's outcome) or a timeout.
+    Deferred,
+    /// The status with this digest was applied over the object at `over_version`.
+    Written {
+        digest: u64,
+        over_version: Option<String>,
+    },
+}
+
+/// Whether a reconciler's status (its `digest`) needs no write: the cached object shows it
+/// (`cached_same`) and this process applied nothing else since; or this process applied exactly
+/// it over the very version the cache still holds, so the cache has not caught up yet.
+fn status_write_needless(
+    last: Option<&AppliedStatus>,
+    digest: u64,
+    cached_same: bool,
+    cached_version: Option<&str>,
+) -> bool {
+    match last {
+        None | Some(AppliedStatus::Deferred) => cached_same,
+        Some(AppliedStatus::Written {
+            digest: written,
+            over_version,
+        }) => *written == digest && (cached_same || over_version.as_deref() == cached_version),
+    }
 }
 
 /// Where to ask for a reconcile outside the controllers' own watches.
@@ -284,6 +318,7 @@ impl Context {
     /// no other Listener uses the token, its delivery state and its Secret reference.
     pub fn forget_listener(&self, id: &ListenerId) {
         self.last_applied.remove(&format!("listener/{id}"));
+        self.adopting.remove(id);
         if let Some(owner) = self.owned.remove(id) {
             self.wake_user(owner.namespace(), owner.name());
         }
@@ -304,14 +339,13 @@ impl Context {
         }
     }
 
-    /// Applies a reconciler's part of a status unless it is unchanged: the cached object shows
-    /// it (`cached_same`) and nothing else was applied by this process since. Returns whether it
-    /// wrote.
+    /// Applies a reconciler's part of the status of `cached` (the object as the cache holds
+    /// it) unless that is needless: see [`status_write_needless`]. Returns whether it wrote.
     async fn apply_status_if_changed<K, S>(
         &self,
         object: String,
         api: &Api<K>,
-        name: &str,
+        cached: &K,
         cached_same: bool,
         status: &S,
     ) -> Result<bool, Error>
@@ -327,12 +361,20 @@ impl Context {
                 .hash(&mut hasher);
             hasher.finish()
         };
-        let last = self.last_applied.get(&object).map(|d| *d);
-        if cached_same && last.is_none_or(|last| last == digest) {
+        let cached_version = cached.meta().resource_version.as_deref();
+        let last = self.last_applied.get(&object).map(|last| last.clone());
+        if status_write_needless(last.as_ref(), digest, cached_same, cached_version) {
             return Ok(false);
         }
+        let name = cached.meta().name.as_deref().unwrap_or_default();
         apply_status(api, name, resources::FIELD_MANAGER, status).await?;
-        self.last_applied.insert(object, digest);
+        self.last_applied.insert(
+            object,
+            AppliedStatus::Written {
+                digest,
+                over_version: cached_version.map(str::to_owned),
+            },
+        );
         Ok(true)
     }
 
@@ -471,6 +513,51 @@ mod tests {
             "the API server answered 409 (Conflict): the object has been modified"
         );
         assert!(!text.contains("Status {"));
+    }
+
+    #[test]
+    fn a_status_write_is_skipped_only_when_it_would_change_nothing() {
+        let written = |digest, over: &str| AppliedStatus::Written {
+            digest,
+            over_version: Some(over.to_owned()),
+        };
+        // Nothing written by this process: the cache decides.
+        assert!(status_write_needless(None, 1, true, Some("5")));
+        assert!(!status_write_needless(None, 1, false, Some("5")));
+        assert!(status_write_needless(
+            Some(&AppliedStatus::Deferred),
+            1,
+            true,
+            Some("5")
+        ));
+        // The same status was written over the version the cache still holds: it has not caught
+        // up yet, and writing again would change nothing.
+        assert!(status_write_needless(
+            Some(&written(1, "5")),
+            1,
+            false,
+            Some("5")
+        ));
+        // Written over an older version, and the cache shows something else since: write.
+        assert!(!status_write_needless(
+            Some(&written(1, "4")),
+            1,
+            false,
+            Some("5")
+        ));
+        // This process last wrote something else, which the cache may not show yet: write.
+        assert!(!status_write_needless(
+            Some(&written(2, "5")),
+            1,
+            true,
+            Some("5")
+        ));
+        assert!(status_write_needless(
+            Some(&written(1, "4")),
+            1,
+            true,
+            Some("6")
+        ));
     }
 
     #[test]

@@ -58,6 +58,12 @@ struct ListenerTotals {
     written_at: Option<Instant>,
 }
 
+/// Which due write goes first when a flush cannot make them all: failures, then counters never
+/// written by this process, then those written longest ago.
+fn write_order(urgent: bool, written_at: Option<Instant>) -> (bool, Option<Instant>) {
+    (!urgent, written_at)
+}
+
 /// Failures not yet reported as an Event.
 #[derive(Default)]
 struct PendingFailures {
@@ -66,31 +72,49 @@ struct PendingFailures {
     last_event: Option<Instant>,
 }
 
+/// How often the writer writes, and how much.
+#[derive(Clone, Copy, Debug)]
+pub struct StatusPacing {
+    /// Time between flushes.
+    pub interval: Duration,
+    /// How often a Listener's success counters alone are written.
+    pub counters_every: Duration,
+    /// Listener status writes a second, at most, on average over a flush.
+    pub writes_per_second: u32,
+}
+
+impl StatusPacing {
+    /// Listener status writes one flush may make.
+    fn writes_per_flush(&self) -> usize {
+        let writes = (f64::from(self.writes_per_second) * self.interval.as_secs_f64()).ceil();
+        (writes as usize).max(1)
+    }
+}
+
 /// Batches delivery outcomes and usage into status patches.
 pub struct StatusWriter {
     ctx: Arc<Context>,
     totals: HashMap<ListenerId, ListenerTotals>,
     failures: HashMap<ListenerId, PendingFailures>,
-    /// How often a Listener's success counters alone are written.
-    counters_every: Duration,
+    pacing: StatusPacing,
 }
 
 impl StatusWriter {
     /// A writer that writes failures at every flush and success counters alone at most every
-    /// `counters_every`.
-    pub fn new(ctx: Arc<Context>, counters_every: Duration) -> Self {
+    /// `pacing.counters_every`, within its writes a second.
+    pub fn new(ctx: Arc<Context>, pacing: StatusPacing) -> Self {
         StatusWriter {
             ctx,
             totals: HashMap::new(),
             failures: HashMap::new(),
-            counters_every,
+            pacing,
         }
     }
 
-    /// Flushes every `interval` until `stop` is cancelled; the caller flushes once more after
+    /// Flushes every interval until `stop` is cancelled; the caller flushes once more after
     /// the delivery engine has drained.
-    pub async fn run(&mut self, interval: Duration, stop: CancellationToken) {
-        let mut ticker = tokio::time::interval(interval);
+    pub async fn run(&mut self, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.pacing.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -118,18 +142,32 @@ impl StatusWriter {
             self.absorb(report);
         }
         self.prune();
-        let due: Vec<ListenerId> = self
+        let counters_every = self.pacing.counters_every;
+        let mut due: Vec<(bool, Option<Instant>, &ListenerId)> = self
             .totals
             .iter()
             .filter(|(_, t)| {
                 t.dirty
                     && (everything
                         || t.urgent
-                        || t.written_at
-                            .is_none_or(|at| at.elapsed() >= self.counters_every))
+                        || t.written_at.is_none_or(|at| at.elapsed() >= counters_every))
             })
-            .map(|(id, _)| id.clone())
+            .map(|(id, t)| (t.urgent, t.written_at, id))
             .collect();
+        let budget = if everything {
+            due.len()
+        } else {
+            self.pacing.writes_per_flush()
+        };
+        let due: Vec<ListenerId> = if due.len() > budget {
+            due.sort_unstable_by_key(|&(urgent, written_at, _)| write_order(urgent, written_at));
+            due.into_iter()
+                .take(budget)
+                .map(|(_, _, id)| id.clone())
+                .collect()
+        } else {
+            due.into_iter().map(|(_, _, id)| id.clone()).collect()
+        };
         for id in due {
             self.write_listener(id).await;
         }
@@ -293,5 +331,45 @@ impl StatusWriter {
             pending.count = 0;
             pending.last_event = Some(Instant::now());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_writes_within_the_budget() {
+        let pacing = |interval_ms, writes_per_second| StatusPacing {
+            interval: Duration::from_millis(interval_ms),
+            counters_every: Duration::from_secs(30),
+            writes_per_second,
+        };
+        assert_eq!(pacing(3000, 20).writes_per_flush(), 60);
+        assert_eq!(pacing(100, 1).writes_per_flush(), 1, "never zero");
+        assert_eq!(pacing(1500, 3).writes_per_flush(), 5, "rounded up");
+    }
+
+    #[test]
+    fn failures_go_first_then_the_counters_written_longest_ago() {
+        let now = Instant::now();
+        let old = now - Duration::from_secs(60);
+        let mut due = [
+            ("recent counters", false, Some(now)),
+            ("failure", true, Some(now)),
+            ("old counters", false, Some(old)),
+            ("never written", false, None),
+        ];
+        due.sort_by_key(|&(_, urgent, at)| write_order(urgent, at));
+        let order: Vec<&str> = due.iter().map(|(name, _, _)| *name).collect();
+        assert_eq!(
+            order,
+            [
+                "failure",
+                "never written",
+                "old counters",
+                "recent counters"
+            ]
+        );
     }
 }

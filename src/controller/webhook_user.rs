@@ -276,7 +276,7 @@ async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Act
     ctx.apply_status_if_changed(
         format!("webhookuser/{namespace}/{name}"),
         &api,
-        &name,
+        user,
         unchanged,
         &status,
     )
