@@ -15,7 +15,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PartialObjectMeta};
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::wait::{await_condition, conditions};
@@ -157,6 +157,12 @@ where
     }
 }
 
+/// Reconciles in flight per controller. Most reconciles answer from caches in microseconds;
+/// the rest wait on the API server, and each one in flight holds a connection to it: 10,000 at
+/// once (an operator starting over 10,000 Listeners) would open thousands of TLS connections,
+/// costing memory on both sides for no more throughput than a few dozen.
+const RECONCILE_CONCURRENCY: u16 = 32;
+
 /// Starts the controllers, forwarders, delivery engine and health server.
 pub async fn start(
     client: Client,
@@ -216,8 +222,11 @@ pub async fn start(
         predicates::generation.combine(predicates::finalizers),
         PredicateConfig::default(),
     );
-    let users_controller = Controller::for_stream(users_stream, users.clone());
-    let listeners_controller = Controller::for_stream(listeners_stream, listeners.clone());
+    let config = controller::Config::default().concurrency(RECONCILE_CONCURRENCY);
+    let users_controller =
+        Controller::for_stream(users_stream, users.clone()).with_config(config.clone());
+    let listeners_controller =
+        Controller::for_stream(listeners_stream, listeners.clone()).with_config(config);
     let reporter = Reporter {
         controller: "crownstone-webhooks".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -473,6 +482,7 @@ where
     let (reader, writer) = reflector::store();
     // Errors pass on to the controller, whose trigger backoff paces the retries.
     let stream = watcher(api, watcher::Config::default().any_semantic())
+        .modify(crate::resources::strip_bookkeeping)
         .reflect(writer)
         .inspect(move |event| {
             let health = watch(&health);

@@ -370,7 +370,9 @@ async fn run_watch<K>(
         .rsplit("::")
         .next()
         .unwrap_or("object");
-    let stream = watcher(api, config).default_backoff();
+    let stream = watcher(api, config)
+        .modify(crate::resources::strip_bookkeeping)
+        .default_backoff();
     let mut stream = std::pin::pin!(stream);
     loop {
         let event = tokio::select! {

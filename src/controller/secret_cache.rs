@@ -122,7 +122,8 @@ impl SecretCache {
     }
 
     /// Keeps a Secret just read.
-    pub fn put(&self, secret: Secret) -> Arc<Secret> {
+    pub fn put(&self, mut secret: Secret) -> Arc<Secret> {
+        crate::resources::strip_bookkeeping(&mut secret);
         let secret = Arc::new(secret);
         self.read
             .insert(SecretKey::of(secret.as_ref()), secret.clone());
