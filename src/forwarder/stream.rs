@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use super::http1::Http1Transport;
 use super::transport::{BoundedTransport, SharedTransport, TooLong};
 use super::{
     Backoff, InvalidTokenCause, Shared, StreamSettings, StreamState, Token, TokenHash, TokenNotice,
@@ -293,20 +294,33 @@ fn proxy_choice(settings: &StreamSettings) -> ProxyChoice {
 pub(super) fn endpoint(settings: &StreamSettings) -> Result<(Url, SharedTransport), String> {
     let url = stream_url(settings)?;
     let transport = build_transport(settings)?;
-    Ok((url, SharedTransport::new(transport)))
+    Ok((url, transport))
 }
 
-fn build_transport(settings: &StreamSettings) -> Result<impl HttpTransport, String> {
-    let builder = HyperTransport::builder().connect_timeout(CONNECT_TIMEOUT);
-    let builder = match proxy_choice(settings) {
-        ProxyChoice::Direct => builder.disable_proxy(),
-        ProxyChoice::Through(proxy) => builder.proxy_url(proxy),
-    };
-    // The error says what failed, never the proxy url (it may hold credentials).
-    let transport = builder
-        .build_https()
-        .map_err(|e| format!("could not set up the HTTP client: {e}"))?;
-    Ok(BoundedTransport::new(transport, settings.max_event_bytes))
+/// Direct streams get a connection of their own each, from the lean HTTP/1.1 client; through a
+/// proxy they go over hyper's client, which speaks to proxies.
+fn build_transport(settings: &StreamSettings) -> Result<SharedTransport, String> {
+    let bound = settings.max_event_bytes;
+    match proxy_choice(settings) {
+        ProxyChoice::Direct => {
+            let transport = Http1Transport::new(CONNECT_TIMEOUT)
+                .map_err(|e| format!("could not set up TLS: {e}"))?;
+            Ok(SharedTransport::new(BoundedTransport::new(
+                transport, bound,
+            )))
+        }
+        ProxyChoice::Through(proxy) => {
+            // The error says what failed, never the proxy url (it may hold credentials).
+            let transport = HyperTransport::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .proxy_url(proxy)
+                .build_https()
+                .map_err(|e| format!("could not set up the HTTP client: {e}"))?;
+            Ok(SharedTransport::new(BoundedTransport::new(
+                transport, bound,
+            )))
+        }
+    }
 }
 
 /// A client for one connection: the token in its header, no redirects, and no retries of its
