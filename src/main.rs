@@ -11,6 +11,9 @@ use crownstone_webhooks::operator::RunningOperator;
 use crownstone_webhooks::receiver::{self, ReceiveArgs};
 use crownstone_webhooks::simulator::{self, SimulatorArgs};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "crownstone-webhooks",
