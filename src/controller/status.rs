@@ -1,6 +1,7 @@
 //! Writes delivery outcomes and daily usage to status in batches: every few seconds, one patch
-//! per Listener or WebhookUser that changed, never one API call per delivery. Failures are also
-//! raised as Kubernetes Events, at most one per Listener per minute.
+//! per Listener or WebhookUser that changed, never one API call per delivery, and no more
+//! patches a second than the pacing allows, failures first. Failures are also raised as
+//! Kubernetes Events, at most one per Listener per minute.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use super::{apply_status, cap_message, describe_kube_error, is_not_found, Context};
 use crate::clock::format_day;
 use crate::delivery::ListenerReport;
-use crate::domain::ListenerId;
+use crate::domain::{ListenerId, OwnerKey};
+use crate::index::DayUsage;
 use crate::resources::{FailureWindow, Listener, Usage, WebhookUser};
 
 /// Field manager of the delivery counters: the reconcilers own the rest of the status.
@@ -64,6 +66,25 @@ fn write_order(urgent: bool, written_at: Option<Instant>) -> (bool, Option<Insta
     (!urgent, written_at)
 }
 
+/// An owner's usage as counted, and what was last written of it.
+struct PendingUsage {
+    usage: DayUsage,
+    written: Option<(DayUsage, Instant)>,
+}
+
+impl PendingUsage {
+    /// Unwritten usage is due at once on a new day (a rollover, or a first write); otherwise as
+    /// counters are.
+    fn is_due(&self, counters_due: &impl Fn(Option<Instant>) -> bool) -> bool {
+        match self.written {
+            None => true,
+            Some((written, _)) if written == self.usage => false,
+            Some((written, _)) if written.day != self.usage.day => true,
+            Some((_, at)) => counters_due(Some(at)),
+        }
+    }
+}
+
 /// Failures not yet reported as an Event.
 #[derive(Default)]
 struct PendingFailures {
@@ -96,6 +117,7 @@ pub struct StatusWriter {
     ctx: Arc<Context>,
     totals: HashMap<ListenerId, ListenerTotals>,
     failures: HashMap<ListenerId, PendingFailures>,
+    usage: HashMap<OwnerKey, PendingUsage>,
     pacing: StatusPacing,
 }
 
@@ -107,6 +129,7 @@ impl StatusWriter {
             ctx,
             totals: HashMap::new(),
             failures: HashMap::new(),
+            usage: HashMap::new(),
             pacing,
         }
     }
@@ -124,70 +147,95 @@ impl StatusWriter {
         }
     }
 
-    /// Writes what is due: failures and drops at once, success counters once they are
-    /// `counters_every` old; usage; and the failure Events whose rate-limit window has ended.
+    /// Writes what is due, within the writes a flush may make: failures and drops first, then
+    /// usage, then success counters once they are `counters_every` old; and the failure Events
+    /// whose rate-limit window has ended.
     pub async fn flush(&mut self) {
-        self.flush_listeners(false).await;
-        self.flush_rest().await;
+        self.flush_due(false).await;
+        self.publish_due_failures().await;
     }
 
     /// Writes everything not yet written, as the operator stops.
     pub async fn flush_all(&mut self) {
-        self.flush_listeners(true).await;
-        self.flush_rest().await;
+        self.flush_due(true).await;
+        self.publish_due_failures().await;
     }
 
-    async fn flush_listeners(&mut self, everything: bool) {
+    async fn flush_due(&mut self, everything: bool) {
         for report in self.ctx.engine.take_reports() {
             self.absorb(report);
         }
+        for (owner, usage) in self.ctx.index.take_usage_changes() {
+            self.usage
+                .entry(owner)
+                .or_insert(PendingUsage {
+                    usage,
+                    written: None,
+                })
+                .usage = usage;
+        }
         self.prune();
         let counters_every = self.pacing.counters_every;
-        let mut due: Vec<(bool, Option<Instant>, &ListenerId)> = self
+        let is_due = |written_at: Option<Instant>| {
+            everything || written_at.is_none_or(|at| at.elapsed() >= counters_every)
+        };
+        let mut listeners: Vec<(bool, Option<Instant>, ListenerId)> = self
             .totals
             .iter()
-            .filter(|(_, t)| {
-                t.dirty
-                    && (everything
-                        || t.urgent
-                        || t.written_at.is_none_or(|at| at.elapsed() >= counters_every))
-            })
-            .map(|(id, t)| (t.urgent, t.written_at, id))
+            .filter(|(_, t)| t.dirty && (t.urgent || is_due(t.written_at)))
+            .map(|(id, t)| (t.urgent, t.written_at, id.clone()))
             .collect();
-        let budget = if everything {
-            due.len()
+        listeners.sort_unstable_by_key(|&(urgent, written_at, _)| write_order(urgent, written_at));
+        let mut owners: Vec<(Option<Instant>, OwnerKey)> = self
+            .usage
+            .iter()
+            .filter(|(_, pending)| pending.is_due(&is_due))
+            .map(|(owner, pending)| (pending.written.map(|(_, at)| at), owner.clone()))
+            .collect();
+        owners.sort_unstable_by_key(|(written_at, _)| *written_at);
+
+        let mut budget = if everything {
+            usize::MAX
         } else {
             self.pacing.writes_per_flush()
         };
-        let due: Vec<ListenerId> = if due.len() > budget {
-            due.sort_unstable_by_key(|&(urgent, written_at, _)| write_order(urgent, written_at));
-            due.into_iter()
-                .take(budget)
-                .map(|(_, _, id)| id.clone())
-                .collect()
-        } else {
-            due.into_iter().map(|(_, _, id)| id.clone()).collect()
-        };
-        for id in due {
+        let urgent = listeners
+            .iter()
+            .take_while(|(urgent, _, _)| *urgent)
+            .count();
+        let mut listeners = listeners.into_iter().map(|(_, _, id)| id);
+        for id in listeners.by_ref().take(urgent.min(budget)) {
+            self.write_listener(id).await;
+            budget -= 1;
+        }
+        for (_, owner) in owners.into_iter().take(budget) {
+            self.write_usage(owner).await;
+            budget -= 1;
+        }
+        for id in listeners.take(budget) {
             self.write_listener(id).await;
         }
     }
 
-    async fn flush_rest(&mut self) {
-        self.publish_due_failures().await;
-        for (owner, usage) in self.ctx.index.take_usage_changes() {
-            let api: Api<WebhookUser> = Api::namespaced(self.ctx.client.clone(), owner.namespace());
-            let status = UsageStatus {
-                usage: Usage {
-                    day: format_day(usage.day),
-                    deliveries: usage.deliveries,
-                },
-            };
-            self.ctx.metrics.status_writes.inc();
-            if let Err(error) = apply_status(&api, owner.name(), USAGE_MANAGER, &status).await {
-                if !is_not_found(&error) {
-                    tracing::warn!(user = %owner, error = %describe_kube_error(&error), "Could not write the user's usage.");
-                }
+    async fn write_usage(&mut self, owner: OwnerKey) {
+        let Some(pending) = self.usage.get_mut(&owner) else {
+            return;
+        };
+        let api: Api<WebhookUser> = Api::namespaced(self.ctx.client.clone(), owner.namespace());
+        let status = UsageStatus {
+            usage: Usage {
+                day: format_day(pending.usage.day),
+                deliveries: pending.usage.deliveries,
+            },
+        };
+        self.ctx.metrics.status_writes.inc();
+        match apply_status(&api, owner.name(), USAGE_MANAGER, &status).await {
+            Ok(()) => pending.written = Some((pending.usage, Instant::now())),
+            Err(error) if is_not_found(&error) => {
+                self.usage.remove(&owner);
+            }
+            Err(error) => {
+                tracing::warn!(user = %owner, error = %describe_kube_error(&error), "Could not write the user's usage.");
             }
         }
     }
@@ -202,6 +250,12 @@ impl StatusWriter {
         };
         self.totals.retain(|id, _| exists(id));
         self.failures.retain(|id, _| exists(id));
+        let users = &self.ctx.users;
+        self.usage.retain(|owner, _| {
+            users
+                .get(&ObjectRef::new(owner.name()).within(owner.namespace()))
+                .is_some()
+        });
     }
 
     /// Adds a report to a Listener's totals.
@@ -348,6 +402,33 @@ mod tests {
         assert_eq!(pacing(3000, 20).writes_per_flush(), 60);
         assert_eq!(pacing(100, 1).writes_per_flush(), 1, "never zero");
         assert_eq!(pacing(1500, 3).writes_per_flush(), 5, "rounded up");
+    }
+
+    #[test]
+    fn usage_is_written_at_once_when_new_or_on_a_new_day_and_otherwise_like_counters() {
+        let day = |d| chrono::NaiveDate::from_ymd_opt(2026, 11, d).unwrap();
+        let usage = |d, deliveries| DayUsage {
+            day: day(d),
+            deliveries,
+        };
+        let never = |_: Option<Instant>| false;
+        let always = |_: Option<Instant>| true;
+        let now = Instant::now();
+        let pending = |counted, written| PendingUsage {
+            usage: counted,
+            written,
+        };
+        assert!(pending(usage(1, 5), None).is_due(&never), "never written");
+        assert!(
+            !pending(usage(1, 5), Some((usage(1, 5), now))).is_due(&always),
+            "unchanged since written"
+        );
+        assert!(
+            pending(usage(2, 0), Some((usage(1, 5), now))).is_due(&never),
+            "a new day"
+        );
+        assert!(!pending(usage(1, 6), Some((usage(1, 5), now))).is_due(&never));
+        assert!(pending(usage(1, 6), Some((usage(1, 5), now))).is_due(&always));
     }
 
     #[test]
