@@ -325,8 +325,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<DeliveryMetrics>,
     pub(crate) clock: Arc<dyn Clock>,
     runtime: tokio::runtime::Handle,
-    listeners: DashMap<ListenerId, Arc<ListenerEntry>>,
-    destinations: DashMap<DestinationKey, Arc<DestinationQueue>>,
+    // Looked up for every delivery: foldhash, randomly seeded, costs less than std's SipHash.
+    listeners: DashMap<ListenerId, Arc<ListenerEntry>, foldhash::fast::RandomState>,
+    destinations: DashMap<DestinationKey, Arc<DestinationQueue>, foldhash::fast::RandomState>,
     /// Serialises making and releasing queues (rare), so a queue is never made after shutdown
     /// began and a released queue's gauge is never handed to its successor.
     lifecycle: Mutex<()>,
@@ -370,8 +371,8 @@ impl DeliveryEngine {
                 metrics,
                 clock,
                 runtime,
-                listeners: DashMap::new(),
-                destinations: DashMap::new(),
+                listeners: DashMap::default(),
+                destinations: DashMap::default(),
                 lifecycle: Mutex::new(()),
                 shutting_down: AtomicBool::new(false),
                 stopping: CancellationToken::new(),
