@@ -12,6 +12,7 @@ pub mod health;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod net;
 pub mod operator;
 pub mod receiver;
 pub mod resources;

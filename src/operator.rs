@@ -253,14 +253,8 @@ pub async fn start(
     });
 
     let registry = Arc::new(Mutex::new(registry));
-    let listener = tokio::net::TcpListener::bind(args.health_listen)
+    let (listener, health_addr) = crate::net::bind(args.health_listen)
         .await
-        .map_err(|source| OperatorError::Listen {
-            addr: args.health_listen,
-            source,
-        })?;
-    let health_addr = listener
-        .local_addr()
         .map_err(|source| OperatorError::Listen {
             addr: args.health_listen,
             source,

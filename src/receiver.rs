@@ -117,18 +117,13 @@ struct Receiving {
 /// and a printed refusal for anything else. The first line printed is the address listened on.
 pub async fn run(args: ReceiveArgs, out: Box<dyn Write + Send>) -> Result<(), ReceiveError> {
     let key = key_of(&args.secret)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| ReceiveError::Listen {
-            addr: args.listen,
-            source,
-        })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| ReceiveError::Listen {
-            addr: args.listen,
-            source,
-        })?;
+    let (listener, addr) =
+        crate::net::bind(args.listen)
+            .await
+            .map_err(|source| ReceiveError::Listen {
+                addr: args.listen,
+                source,
+            })?;
     let state = Arc::new(Receiving {
         key,
         tolerance: args.tolerance,

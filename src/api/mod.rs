@@ -298,18 +298,13 @@ pub async fn start(
         forwarders,
         metrics.token_checks.clone(),
     )?;
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| ApiStartError::Listen {
-            addr: settings.listen,
-            source,
-        })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| ApiStartError::Listen {
-            addr: settings.listen,
-            source,
-        })?;
+    let (listener, addr) =
+        crate::net::bind(settings.listen)
+            .await
+            .map_err(|source| ApiStartError::Listen {
+                addr: settings.listen,
+                source,
+            })?;
 
     let stop = CancellationToken::new();
     let cache = Arc::new(FacadeCache::default());

@@ -29,7 +29,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use axum::serve::ListenerExt;
 use axum::Router;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -128,19 +127,13 @@ impl Simulator {
                 "the ping interval must be positive".into(),
             ));
         }
-        let listener =
-            TcpListener::bind(config.listen)
+        let (listener, addr) =
+            crate::net::bind(config.listen)
                 .await
                 .map_err(|source| SimulatorError::Bind {
                     addr: config.listen,
                     source,
                 })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| SimulatorError::Bind {
-                addr: config.listen,
-                source,
-            })?;
         let registry = Arc::new(Registry::new(config.stream_buffer, config.no_connection));
         let app = router(AppState {
             registry: Arc::clone(&registry),
