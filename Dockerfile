@@ -5,7 +5,13 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY crds ./crds
 COPY tests ./tests
-RUN cargo build --release --locked --bin crownstone-webhooks \
+# Release builds optimise across crates (Cargo.toml), which makes them slow to build; Tilt's
+# inner loop turns that off with these two build arguments.
+ARG RELEASE_LTO=fat
+ARG RELEASE_CODEGEN_UNITS=1
+RUN CARGO_PROFILE_RELEASE_LTO="$RELEASE_LTO" \
+    CARGO_PROFILE_RELEASE_CODEGEN_UNITS="$RELEASE_CODEGEN_UNITS" \
+    cargo build --release --locked --bin crownstone-webhooks \
  && cp target/release/crownstone-webhooks /crownstone-webhooks
 
 # Distroless: glibc and CA certificates, no shell, no package manager; runs as nonroot (65532).

@@ -78,6 +78,13 @@ impl Http1Transport {
         let roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
+        Self::with_roots(connect_timeout, roots)
+    }
+
+    fn with_roots(
+        connect_timeout: Duration,
+        roots: rustls::RootCertStore,
+    ) -> Result<Self, rustls::Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
@@ -597,6 +604,98 @@ mod tests {
         let text = error.inner().to_string();
         assert!(text.starts_with("could not connect"), "{text}");
         assert!(!text.contains("secret-token"), "{text}");
+    }
+
+    /// A self-signed certificate for `localhost`, made by `openssl` (which the test command
+    /// needs anyway), and its key.
+    fn localhost_certificate(
+        dir: &std::path::Path,
+    ) -> (
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        use rustls::pki_types::pem::PemObject;
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let cert = std::fs::read(dir.join("cert.pem")).unwrap();
+        let key = std::fs::read(dir.join("key.pem")).unwrap();
+        (
+            rustls::pki_types::CertificateDer::from_pem_slice(&cert).unwrap(),
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap(),
+        )
+    }
+
+    /// A TLS server on loopback that answers one request with a short event stream.
+    async fn serve_tls_once(
+        cert: rustls::pki_types::CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> String {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let Ok(mut tls) = acceptor.accept(socket).await else {
+                return;
+            };
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") {
+                tls.read_exact(&mut byte).await.unwrap();
+                request.push(byte[0]);
+            }
+            tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\ndata: secure\n\n")
+                .await
+                .unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        format!("https://localhost:{port}/sse")
+    }
+
+    #[tokio::test]
+    async fn https_is_spoken_and_the_server_certificate_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = localhost_certificate(dir.path());
+
+        // Trusted: the stream arrives over TLS.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.clone()).unwrap();
+        let trusting = Http1Transport::with_roots(Duration::from_secs(5), roots).unwrap();
+        let url = serve_tls_once(cert.clone(), key.clone_key()).await;
+        let response = trusting.request(get(&url)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(body_of(response).await.unwrap(), b"data: secure\n\n");
+
+        // Not signed by a root the operator trusts: refused before any request is sent.
+        let url = serve_tls_once(cert, key).await;
+        let error = transport().request(get(&url)).await.err().unwrap();
+        let text = error.inner().to_string();
+        assert!(text.starts_with("the TLS handshake failed"), "{text}");
     }
 
     #[test]

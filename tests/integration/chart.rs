@@ -194,6 +194,17 @@ fn the_dockerfile_and_tiltfile_agree_with_the_chart() {
         tiltfile.contains(&format!("IMAGE = '{image}'")),
         "Tilt image"
     );
+    // The build arguments Tilt passes are ones the Dockerfile reads.
+    for argument in ["RELEASE_LTO", "RELEASE_CODEGEN_UNITS"] {
+        assert!(
+            tiltfile.contains(&format!("'{argument}':")),
+            "Tilt sets {argument}"
+        );
+        assert!(
+            dockerfile.contains(&format!("ARG {argument}=")),
+            "the Dockerfile reads {argument}"
+        );
+    }
     for port in [api, health] {
         assert!(
             tiltfile.contains(&format!("'{port}:{port}'")),
