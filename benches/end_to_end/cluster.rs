@@ -629,6 +629,23 @@ impl Metrics {
             .sum()
     }
 
+    /// How much each series of `name` grew since `before`, by the value of `label`; series
+    /// that did not grow are left out.
+    pub fn growth_by_label(
+        &self,
+        before: &Metrics,
+        name: &str,
+        label: &str,
+    ) -> BTreeMap<String, f64> {
+        let earlier = before.by_label(name, label);
+        let mut grown = self.by_label(name, label);
+        for (key, value) in grown.iter_mut() {
+            *value -= earlier.get(key).copied().unwrap_or(0.0);
+        }
+        grown.retain(|_, v| *v > 0.0);
+        grown
+    }
+
     /// The values of `name` by the value of `label`.
     pub fn by_label(&self, name: &str, label: &str) -> BTreeMap<String, f64> {
         let mut out = BTreeMap::new();

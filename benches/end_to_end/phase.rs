@@ -238,15 +238,7 @@ pub async fn run(stage: &Stage<'_>, load: &Load<'_>) -> Result<Phase, BenchError
     let delta = |name: &str, label: Option<(&str, &str)>| {
         metrics_after.sum(name, label) - metrics_before.sum(name, label)
     };
-    let mut drops = metrics_after.by_label(DROPS, "reason");
-    for (reason, value) in drops.iter_mut() {
-        *value -= metrics_before
-            .by_label(DROPS, "reason")
-            .get(reason)
-            .copied()
-            .unwrap_or(0.0);
-    }
-    drops.retain(|_, v| *v > 0.0);
+    let drops = metrics_after.growth_by_label(&metrics_before, DROPS, "reason");
     let cpu_seconds = cpu_after.since(&cpu_before);
     let cpu_per_1000_deliveries = cpu_seconds
         .iter()

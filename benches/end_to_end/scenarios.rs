@@ -375,26 +375,16 @@ async fn bench_namespace(
     }
 
     if context.wants("a") {
-        println!(
-            "\n== (a) throughput: {} tokens -> {} receivers",
-            set.len(),
-            sizes.receivers_few
-        );
-        let rate = throughput(
+        sustained.few = throughput_to(
             report,
             &stage,
             sizes,
             &templates,
             &spheres,
             set.len(),
-            &format!(
-                "a {} tokens -> {} receivers",
-                set.len(),
-                sizes.receivers_few
-            ),
+            sizes.receivers_few,
         )
         .await?;
-        sustained.few = rate;
     }
 
     if context.wants("g") {
@@ -422,26 +412,16 @@ async fn bench_namespace(
     }
 
     if context.wants("a") {
-        println!(
-            "\n== (a) throughput: {} tokens -> {} receivers",
-            set.len(),
-            sizes.receivers_many
-        );
-        let rate = throughput(
+        sustained.many = throughput_to(
             report,
             &stage,
             sizes,
             &templates,
             &spheres,
             set.len(),
-            &format!(
-                "a {} tokens -> {} receivers",
-                set.len(),
-                sizes.receivers_many
-            ),
+            sizes.receivers_many,
         )
         .await?;
-        sustained.many = rate;
     }
 
     if context.wants_any(&["d", "e"]) {
@@ -503,6 +483,21 @@ fn fixed_load<'a>(
 }
 
 /// (a): the highest rate sustained for a whole phase, with its costs.
+/// Scenario (a) over `receivers` receivers: its heading, then [`throughput`].
+async fn throughput_to(
+    report: &mut Report,
+    stage: &Stage<'_>,
+    sizes: &Sizes,
+    templates: &Arc<EventTemplates>,
+    spheres: &Arc<Vec<usize>>,
+    tokens: usize,
+    receivers: usize,
+) -> Result<Option<f64>, BenchError> {
+    println!("\n== (a) throughput: {tokens} tokens -> {receivers} receivers");
+    let scenario = format!("a {tokens} tokens -> {receivers} receivers");
+    throughput(report, stage, sizes, templates, spheres, tokens, &scenario).await
+}
+
 async fn throughput(
     report: &mut Report,
     stage: &Stage<'_>,
@@ -840,15 +835,7 @@ async fn overload(
         last_late_low.map_or(0.0, |t| t.saturating_sub(overload_end) as f64 / 1e9);
     let backlog_seconds = last_overload_arrival.saturating_sub(overload_end) as f64 / 1e9;
 
-    let mut drops = metrics_after.by_label(DROPS, "reason");
-    for (reason, value) in drops.iter_mut() {
-        *value -= metrics_before
-            .by_label(DROPS, "reason")
-            .get(reason)
-            .copied()
-            .unwrap_or(0.0);
-    }
-    drops.retain(|_, v| *v > 0.0);
+    let drops = metrics_after.growth_by_label(&metrics_before, DROPS, "reason");
     let failed_metric = metrics_after.sum(phase::DELIVERIES, Some(("outcome", "failed")))
         - metrics_before.sum(phase::DELIVERIES, Some(("outcome", "failed")));
     let reconnects =
