@@ -41,10 +41,11 @@ pub struct OperatorArgs {
     #[arg(long, env = "COUNTERS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub counters_interval: Duration,
 
-    /// At most this many delivery-status and usage writes a second, spread over the flushes:
-    /// each is an API request that the API server and etcd pay for, and 10,000 busy Listeners
-    /// would otherwise write hundreds a second. Failures go first, then usage, then the counters
-    /// written longest ago; the rest wait for the next flush.
+    /// At most this many delivery-status writes, usage writes and `DeliveryFailed` Events a
+    /// second, spread over the flushes: each is an API request that the API server and etcd pay
+    /// for, and 10,000 busy Listeners would otherwise write hundreds a second. Failures go first,
+    /// then their Events, then usage, then the counters written longest ago; the rest wait for
+    /// the next flush.
     #[arg(long, env = "STATUS_WRITES_PER_SECOND", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub status_writes_per_second: u32,
 

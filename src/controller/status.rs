@@ -1,7 +1,8 @@
 //! Writes delivery outcomes and daily usage to status in batches: every few seconds, one patch
 //! per Listener or WebhookUser that changed, never one API call per delivery, and no more
 //! patches a second than the pacing allows, failures first. Failures are also raised as
-//! Kubernetes Events, at most one per Listener per minute.
+//! Kubernetes Events, at most one per Listener per minute and within the same pacing, so an
+//! overload that fails every Listener at once does not flood the API server with Events.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -93,6 +94,13 @@ struct PendingFailures {
     last_event: Option<Instant>,
 }
 
+impl PendingFailures {
+    /// There is something to report and the Listener's last Event is out of its window.
+    fn is_due(&self) -> bool {
+        self.count > 0 && self.last_event.is_none_or(|at| at.elapsed() >= EVENT_EVERY)
+    }
+}
+
 /// How often the writer writes, and how much.
 #[derive(Clone, Copy, Debug)]
 pub struct StatusPacing {
@@ -102,6 +110,35 @@ pub struct StatusPacing {
     pub counters_every: Duration,
     /// Listener status writes a second, at most, on average over a flush.
     pub writes_per_second: u32,
+}
+
+/// How one flush shares its writes, in the order they are made.
+#[derive(Debug, PartialEq, Eq)]
+struct FlushPlan {
+    /// Listener statuses with a new failure, drop or failure window.
+    failures: usize,
+    /// `DeliveryFailed` Events.
+    events: usize,
+    /// WebhookUser usage.
+    usage: usize,
+    /// Listener statuses with only success counters to write: whatever the rest left.
+    counters: usize,
+}
+
+impl FlushPlan {
+    fn within(budget: usize, failures: usize, events: usize, usage: usize) -> Self {
+        let failures = failures.min(budget);
+        let budget = budget - failures;
+        let events = events.min(budget);
+        let budget = budget - events;
+        let usage = usage.min(budget);
+        FlushPlan {
+            failures,
+            events,
+            usage,
+            counters: budget - usage,
+        }
+    }
 }
 
 impl StatusPacing {
@@ -148,17 +185,15 @@ impl StatusWriter {
     }
 
     /// Writes what is due, within the writes a flush may make: failures and drops first, then
-    /// usage, then success counters once they are `counters_every` old; and the failure Events
-    /// whose rate-limit window has ended.
+    /// the failure Events whose rate-limit window has ended, then usage, then success counters
+    /// once they are `counters_every` old.
     pub async fn flush(&mut self) {
         self.flush_due(false).await;
-        self.publish_due_failures().await;
     }
 
     /// Writes everything not yet written, as the operator stops.
     pub async fn flush_all(&mut self) {
         self.flush_due(true).await;
-        self.publish_due_failures().await;
     }
 
     async fn flush_due(&mut self, everything: bool) {
@@ -194,7 +229,7 @@ impl StatusWriter {
             .collect();
         owners.sort_unstable_by_key(|(written_at, _)| *written_at);
 
-        let mut budget = if everything {
+        let budget = if everything {
             usize::MAX
         } else {
             self.pacing.writes_per_flush()
@@ -203,16 +238,17 @@ impl StatusWriter {
             .iter()
             .take_while(|(urgent, _, _)| *urgent)
             .count();
+        let events = self.failures.values().filter(|p| p.is_due()).count();
+        let plan = FlushPlan::within(budget, urgent, events, owners.len());
         let mut listeners = listeners.into_iter().map(|(_, _, id)| id);
-        for id in listeners.by_ref().take(urgent.min(budget)) {
+        for id in listeners.by_ref().take(plan.failures) {
             self.write_listener(id).await;
-            budget -= 1;
         }
-        for (_, owner) in owners.into_iter().take(budget) {
+        self.publish_due_failures(plan.events).await;
+        for (_, owner) in owners.into_iter().take(plan.usage) {
             self.write_usage(owner).await;
-            budget -= 1;
         }
-        for id in listeners.take(budget) {
+        for id in listeners.take(plan.counters) {
             self.write_listener(id).await;
         }
     }
@@ -341,20 +377,18 @@ impl StatusWriter {
     }
 
     /// Raises one `DeliveryFailed` Event per Listener with failures not yet reported, once its
-    /// last Event is at least [`EVENT_EVERY`] old: failures inside the window wait, not vanish.
-    async fn publish_due_failures(&mut self) {
-        let due: Vec<ListenerId> = self
+    /// last Event is at least [`EVENT_EVERY`] old, at most `budget` of them, those never
+    /// reported or reported longest ago first: failures that wait are counted into the next
+    /// Event, not lost.
+    async fn publish_due_failures(&mut self, budget: usize) {
+        let mut due: Vec<(Option<Instant>, ListenerId)> = self
             .failures
             .iter()
-            .filter(|(_, pending)| {
-                pending.count > 0
-                    && pending
-                        .last_event
-                        .is_none_or(|at| at.elapsed() >= EVENT_EVERY)
-            })
-            .map(|(id, _)| id.clone())
+            .filter(|(_, pending)| pending.is_due())
+            .map(|(id, pending)| (pending.last_event, id.clone()))
             .collect();
-        for id in due {
+        due.sort_unstable_by_key(|(last_event, _)| *last_event);
+        for (_, id) in due.into_iter().take(budget) {
             let reference = ObjectRef::<Listener>::new(id.name()).within(id.namespace());
             let Some(listener) = self.ctx.listeners.get(&reference) else {
                 continue;
@@ -402,6 +436,32 @@ mod tests {
         assert_eq!(pacing(3000, 20).writes_per_flush(), 60);
         assert_eq!(pacing(100, 1).writes_per_flush(), 1, "never zero");
         assert_eq!(pacing(1500, 3).writes_per_flush(), 5, "rounded up");
+    }
+
+    #[test]
+    fn failures_then_events_then_usage_then_counters_share_a_flush() {
+        let plan = |budget, failures, events, usage| {
+            let FlushPlan {
+                failures,
+                events,
+                usage,
+                counters,
+            } = FlushPlan::within(budget, failures, events, usage);
+            (failures, events, usage, counters)
+        };
+        assert_eq!(plan(60, 5, 10, 3), (5, 10, 3, 42), "room for all");
+        assert_eq!(
+            plan(60, 0, 1000, 3),
+            (0, 60, 0, 0),
+            "an overload that fails every Listener raises Events within the budget"
+        );
+        assert_eq!(plan(60, 70, 1000, 3), (60, 0, 0, 0), "status before Events");
+        assert_eq!(plan(60, 50, 8, 3), (50, 8, 2, 0));
+        assert_eq!(
+            plan(usize::MAX, 7, 8, 9).3,
+            usize::MAX - 24,
+            "the last flush is unbounded"
+        );
     }
 
     #[test]
