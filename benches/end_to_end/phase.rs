@@ -347,9 +347,11 @@ pub struct SearchPlan<'a> {
 }
 
 pub async fn search(stage: &Stage<'_>, plan: &SearchPlan<'_>) -> Result<Search, BenchError> {
-    // Doubling from the start finds a failing rate within a few probes; then a few bisections.
+    // Doubling from the start finds a failing rate within a few probes; then bisections until
+    // the passing and failing rates are within about 6 % of each other.
     const MAX_PROBES: usize = 16;
-    const BISECTIONS: usize = 3;
+    const BISECTIONS: usize = 4;
+    const RESOLUTION: f64 = 1.06;
     const MAX_RATE: f64 = 1_000_000.0;
     let mut result = Search::default();
     let (mut pass, mut fail): (Option<f64>, Option<f64>) = (None, None);
@@ -359,7 +361,7 @@ pub async fn search(stage: &Stage<'_>, plan: &SearchPlan<'_>) -> Result<Search, 
             (None, None) => plan.start,
             (Some(p), None) => p * 2.0,
             (None, Some(f)) => f / 2.0,
-            (Some(p), Some(f)) if f / p > 1.15 && bisections < BISECTIONS => {
+            (Some(p), Some(f)) if f / p > RESOLUTION && bisections < BISECTIONS => {
                 bisections += 1;
                 (p + f) / 2.0
             }
