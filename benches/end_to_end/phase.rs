@@ -322,7 +322,7 @@ pub struct Probe {
 }
 
 /// The highest rate sustained: short probes doubling, then bisecting, then a full-length run
-/// at the best rate found (lowered by 20 % and run again, up to three times, if that fails).
+/// at the best rate found (lowered by 10 % and run again, up to three times, if that fails).
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Search {
@@ -417,7 +417,7 @@ pub async fn search(stage: &Stage<'_>, plan: &SearchPlan<'_>) -> Result<Search, 
             result.sustained = Some(phase);
             break;
         }
-        rate *= 0.8;
+        rate *= 0.9;
     }
     Ok(result)
 }
