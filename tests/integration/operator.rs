@@ -412,6 +412,70 @@ async fn failed_deliveries_are_recorded_on_the_listener() {
 }
 
 #[tokio::test]
+async fn failure_events_keep_within_the_status_write_budget() {
+    // Five writes a second over 200 ms flushes: one write or Event per flush.
+    let extra = [
+        "--allow-private-destinations",
+        "--status-writes-per-second",
+        "5",
+    ];
+    let h = Harness::start_with("op-event-budget", Arc::new(SystemClock), &extra).await;
+    let receiver = Receiver::counting(Reply::status(400)).await;
+    let names = ["hook-a", "hook-b", "hook-c", "hook-d"];
+    for name in names {
+        h.ready_listener(name, "acme", &["command"], &receiver.url())
+            .await;
+    }
+    // Every Listener's stream gets the event, and every delivery fails at once.
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
+    let events = h.ns.api::<k8s_openapi::api::events::v1::Event>();
+    let raised = eventually("a DeliveryFailed event per Listener", WAIT, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        let raised: Vec<_> = list
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("DeliveryFailed"))
+            .collect();
+        (raised.len() == names.len()).then_some(raised)
+    })
+    .await;
+    let mut regarding: Vec<_> = raised
+        .iter()
+        .filter_map(|e| e.regarding.as_ref()?.name.clone())
+        .collect();
+    regarding.sort();
+    assert_eq!(regarding, names);
+    // One a flush: four Events span at least three flushes. Unpaced, all four go out in one.
+    let times: Vec<_> = raised
+        .iter()
+        .filter_map(|e| Some(e.event_time.as_ref()?.0))
+        .collect();
+    assert_eq!(times.len(), names.len(), "every Event has its time");
+    let span = times
+        .iter()
+        .max()
+        .unwrap()
+        .duration_since(*times.iter().min().unwrap());
+    assert!(
+        span >= k8s_openapi::jiff::SignedDuration::from_millis(450),
+        "four Events within {span:?}: not paced"
+    );
+    for name in names {
+        let status =
+            h.ns.api::<Listener>()
+                .get(name)
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+        assert_eq!(status.failed, 1, "{name}");
+    }
+}
+
+#[tokio::test]
 async fn a_gone_receiver_makes_the_listener_not_ready_until_its_spec_changes() {
     let h = Harness::start("op-gone").await;
     let receiver = Receiver::counting(Reply::status(410)).await;
