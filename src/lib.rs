@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod domain;
 pub mod forwarder;
 pub mod health;
+mod http1;
 pub mod index;
 pub mod leader;
 pub mod metrics;

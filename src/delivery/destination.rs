@@ -2,8 +2,9 @@
 //! that hangs or fails only ever delays its own deliveries.
 //!
 //! The dispatcher keeps up to `concurrency_per_destination` attempts in flight, polled by itself
-//! (no task per delivery), and keeps deliveries waiting to retry in a timer heap, where they
-//! hold no concurrency slot. A destination with nothing to do for a while closes its queue and
+//! (no task per delivery), each on a keep-alive connection of its own that comes back to the
+//! dispatcher when the attempt ends, and keeps deliveries waiting to retry in a timer heap, where
+//! they hold no concurrency slot. A destination with nothing to do for a while closes its queue and
 //! ends its task; the next delivery to it makes a new one.
 
 use std::{
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::{
-    client::{self, AttemptRequest},
+    client::{self, AttemptRequest, Connection},
     listener::{FailureEffect, ListenerEntry},
     metrics::{DeliveryMetrics, Outcome},
     retry::{AttemptResult, Verdict},
@@ -326,6 +327,33 @@ struct Attempted {
     delivery: Delivery,
     result: AttemptResult,
     elapsed: Duration,
+    /// The connection, if it can carry another request.
+    connection: Option<Connection>,
+}
+
+/// The destination's connections not carrying a request, the most recently used last.
+struct IdleConnections {
+    connections: Vec<Connection>,
+    max: usize,
+}
+
+impl IdleConnections {
+    /// The most recently used connection that can still carry a request; the ones that cannot
+    /// are closed on the way.
+    fn take(&mut self, now: Instant) -> Option<Connection> {
+        while let Some(connection) = self.connections.pop() {
+            if connection.is_reusable(now) {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    fn put(&mut self, connection: Connection) {
+        if self.connections.len() < self.max {
+            self.connections.push(connection);
+        }
+    }
 }
 
 /// The dispatcher of one destination: runs until the queue is idle for
@@ -339,6 +367,10 @@ pub(crate) async fn dispatch(
     let concurrency = shared.config.concurrency_per_destination;
     let idle_timeout = shared.config.destination_idle_timeout;
     let mut in_flight = FuturesUnordered::new();
+    let mut connections = IdleConnections {
+        connections: Vec::with_capacity(concurrency),
+        max: concurrency,
+    };
     let mut retries: BinaryHeap<Reverse<ScheduledRetry>> = BinaryHeap::new();
     let mut batch: Vec<Delivery> = Vec::with_capacity(concurrency);
     let mut sequence = 0u64;
@@ -361,7 +393,7 @@ pub(crate) async fn dispatch(
                 break;
             };
             if let Some(delivery) = ready_for_attempt(next.delivery, &shared) {
-                in_flight.push(send(Arc::clone(&shared), delivery));
+                in_flight.push(send(Arc::clone(&shared), delivery, connections.take(now)));
             }
         }
         loop {
@@ -371,7 +403,7 @@ pub(crate) async fn dispatch(
             }
             for delivery in batch.drain(..) {
                 if let Some(delivery) = ready_for_attempt(delivery, &shared) {
-                    in_flight.push(send(Arc::clone(&shared), delivery));
+                    in_flight.push(send(Arc::clone(&shared), delivery, connections.take(now)));
                 }
             }
         }
@@ -406,7 +438,10 @@ pub(crate) async fn dispatch(
         tokio::select! {
             biased;
             _ = &mut aborted => break,
-            Some(attempted) = in_flight.next(), if !in_flight.is_empty() => {
+            Some(mut attempted) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Some(connection) = attempted.connection.take() {
+                    connections.put(connection);
+                }
                 if let Some(retry) = conclude(attempted, &shared) {
                     sequence += 1;
                     retries.push(Reverse(ScheduledRetry { due: retry.0, sequence, delivery: retry.1 }));
@@ -452,8 +487,13 @@ fn ready_for_attempt(mut delivery: Delivery, shared: &Shared) -> Option<Delivery
     Some(delivery)
 }
 
-/// Makes one attempt. The body is built on the first one and kept for the retries.
-async fn send(shared: Arc<Shared>, mut delivery: Delivery) -> Attempted {
+/// Makes one attempt, on `connection` if there is one. The body is built on the first attempt
+/// and kept for the retries.
+async fn send(
+    shared: Arc<Shared>,
+    mut delivery: Delivery,
+    connection: Option<Connection>,
+) -> Attempted {
     let body = match &delivery.body {
         Some(body) => body.clone(),
         None => {
@@ -464,8 +504,9 @@ async fn send(shared: Arc<Shared>, mut delivery: Delivery) -> Attempted {
         }
     };
     let started = Instant::now();
-    let result = client::attempt(
-        &shared.client,
+    let attempt = client::attempt(
+        &shared.connector,
+        connection,
         AttemptRequest {
             url: &delivery.target.request_url,
             authorization: delivery.target.authorization.as_ref(),
@@ -479,8 +520,9 @@ async fn send(shared: Arc<Shared>, mut delivery: Delivery) -> Attempted {
     .await;
     Attempted {
         delivery,
-        result,
+        result: attempt.result,
         elapsed: started.elapsed(),
+        connection: attempt.connection,
     }
 }
 
@@ -490,6 +532,7 @@ fn conclude(attempted: Attempted, shared: &Shared) -> Option<(Instant, Delivery)
         mut delivery,
         result,
         elapsed,
+        connection: _,
     } = attempted;
     delivery.attempts += 1;
     shared

@@ -191,9 +191,9 @@ pub enum DeliveryError {
     /// The engine spawns tasks, so it must be created inside a Tokio runtime.
     #[error("the delivery engine must be created inside a Tokio runtime")]
     NoRuntime,
-    /// The HTTP client could not be built.
-    #[error("could not build the HTTP client: {0}")]
-    HttpClient(#[source] reqwest::Error),
+    /// TLS for deliveries could not be set up.
+    #[error("could not set up TLS for deliveries: {0}")]
+    Tls(#[source] rustls::Error),
 }
 
 /// The source of wall-clock time: `webhook-timestamp`, `lastDeliveryTime` and the
@@ -321,7 +321,7 @@ pub(crate) struct Shared {
     pub(crate) config: DeliveryConfig,
     pub(crate) retry: RetryPolicy,
     policy: UrlPolicy,
-    pub(crate) client: reqwest::Client,
+    pub(crate) connector: client::Connector,
     pub(crate) metrics: Arc<DeliveryMetrics>,
     pub(crate) clock: Arc<dyn Clock>,
     runtime: tokio::runtime::Handle,
@@ -355,19 +355,15 @@ impl DeliveryEngine {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| DeliveryError::NoRuntime)?;
         let policy = config.url_policy();
-        let client = client::build_client(
-            Arc::new(policy.clone()),
-            config.timeout,
-            config.concurrency_per_destination,
-        )
-        .map_err(DeliveryError::HttpClient)?;
+        let connector =
+            client::Connector::new(Arc::new(policy.clone())).map_err(DeliveryError::Tls)?;
         let metrics = Arc::new(DeliveryMetrics::register(registry));
         Ok(Self {
             shared: Arc::new(Shared {
                 retry: config.retry_policy(),
                 config,
                 policy,
-                client,
+                connector,
                 metrics,
                 clock,
                 runtime,

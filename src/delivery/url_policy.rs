@@ -9,7 +9,6 @@
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -229,52 +228,40 @@ pub enum ResolveError {
         /// The name looked up.
         host: String,
     },
+    /// Every address of the name is refused.
+    #[error(transparent)]
+    Refused(DestinationRefused),
 }
 
-/// A DNS resolver for reqwest that drops every address the policy refuses, and fails with
-/// [`DestinationRefused`] when none is left; the connection is then never attempted.
-#[derive(Debug, Clone)]
-pub struct PolicyResolver {
-    policy: Arc<UrlPolicy>,
-}
-
-impl PolicyResolver {
-    /// A resolver applying `policy`.
-    pub fn new(policy: Arc<UrlPolicy>) -> Self {
-        Self { policy }
-    }
-}
-
-impl reqwest::dns::Resolve for PolicyResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = Arc::clone(&self.policy);
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let resolved = tokio::net::lookup_host((host.as_str(), 0))
-                .await
-                .map_err(|source| ResolveError::Lookup {
-                    host: host.clone(),
-                    source,
-                })?;
-            let mut allowed: Vec<SocketAddr> = Vec::new();
-            let mut refused = None;
-            for address in resolved {
-                match policy.check(address.ip()) {
-                    Ok(()) => allowed.push(address),
-                    Err(refusal) => {
-                        refused.get_or_insert(refusal);
-                    }
+impl UrlPolicy {
+    /// The addresses `host` resolves to that the policy allows, in the resolver's order; when
+    /// it allows none, the refusal of the first, and the connection is never attempted.
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+        let resolved = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|source| ResolveError::Lookup {
+                host: host.to_owned(),
+                source,
+            })?;
+        let mut allowed = Vec::new();
+        let mut refused = None;
+        for address in resolved {
+            match self.check(address.ip()) {
+                Ok(()) => allowed.push(address),
+                Err(refusal) => {
+                    refused.get_or_insert(refusal);
                 }
             }
-            if allowed.is_empty() {
-                return Err(match refused {
-                    Some(refusal) => refusal.into(),
-                    None => ResolveError::NoAddress { host }.into(),
-                });
-            }
-            let addresses: reqwest::dns::Addrs = Box::new(allowed.into_iter());
-            Ok(addresses)
-        })
+        }
+        if allowed.is_empty() {
+            return Err(match refused {
+                Some(refusal) => ResolveError::Refused(refusal),
+                None => ResolveError::NoAddress {
+                    host: host.to_owned(),
+                },
+            });
+        }
+        Ok(allowed)
     }
 }
 
@@ -469,33 +456,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn resolver_refuses_names_of_loopback() {
-        use reqwest::dns::Resolve;
-        let resolver = PolicyResolver::new(Arc::new(UrlPolicy::default()));
-        let name = match "localhost".parse::<reqwest::dns::Name>() {
-            Ok(name) => name,
-            Err(_) => panic!("invalid name"),
-        };
-        let error = match resolver.resolve(name).await {
-            Ok(_) => panic!("localhost resolved although loopback is refused"),
-            Err(error) => error,
-        };
-        let refused = error.downcast_ref::<DestinationRefused>();
-        assert_eq!(refused.map(|r| r.class), Some(AddressClass::Loopback));
+    async fn names_of_refused_addresses_resolve_to_a_refusal() {
+        let refused = UrlPolicy::default().resolve("localhost", 80).await;
+        match refused {
+            Err(ResolveError::Refused(refusal)) => {
+                assert_eq!(refusal.class, AddressClass::Loopback);
+            }
+            other => panic!("localhost resolved although loopback is refused: {other:?}"),
+        }
 
-        let permissive = PolicyResolver::new(Arc::new(UrlPolicy {
+        let permissive = UrlPolicy {
             allow_private_destinations: true,
             denied_networks: Vec::new(),
-        }));
-        let name = match "localhost".parse::<reqwest::dns::Name>() {
-            Ok(name) => name,
-            Err(_) => panic!("invalid name"),
         };
-        let addresses: Vec<SocketAddr> = match permissive.resolve(name).await {
-            Ok(addresses) => addresses.collect(),
+        let addresses = match permissive.resolve("localhost", 8080).await {
+            Ok(addresses) => addresses,
             Err(error) => panic!("{error}"),
         };
         assert!(!addresses.is_empty());
-        assert!(addresses.iter().all(|a| a.ip().is_loopback()));
+        assert!(addresses
+            .iter()
+            .all(|a| a.ip().is_loopback() && a.port() == 8080));
     }
 }

@@ -2,7 +2,6 @@
 //! the registry that starts a forwarder with the first Listener and stops it with the last.
 
 mod backoff;
-mod http1;
 mod stream;
 mod transport;
 

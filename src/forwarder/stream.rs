@@ -15,12 +15,12 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use super::http1::Http1Transport;
 use super::transport::{BoundedTransport, SharedTransport, TooLong};
 use super::{
     Backoff, InvalidTokenCause, Shared, StreamSettings, StreamState, Token, TokenHash, TokenNotice,
 };
 use crate::crownstone::{EventType, StreamFrame, SystemCode};
+use crate::http1::Http1Transport;
 use crate::index::{Routed, Skip};
 
 /// The longest `Reconnecting` reason, in characters: it ends up in a Listener condition, and

@@ -1,11 +1,14 @@
-//! A lean HTTP/1.1 client for event streams. An event stream is one long GET per connection, so
-//! it needs no pool, no request queue and no header buffer once the request is sent: here a
-//! connection holds its socket (with its TLS state over https) and one small read buffer.
-//! hyper's pooled client keeps about 25 KB per connection (a dispatch channel, an 8 KB header
-//! buffer and an 8 KB read buffer), which at 10,000 streams was most of the operator's memory.
+//! A lean HTTP/1.1 client: the event streams' transport, and the response parsing the delivery
+//! client shares with it.
 //!
-//! It speaks only what an event stream needs: a request with an optional body, a response head
-//! of bounded size, and a body framed by chunked encoding, a length, or the connection's end.
+//! An event stream is one long GET per connection, so it needs no pool, no request queue and no
+//! header buffer once the request is sent: here a connection holds its socket (with its TLS
+//! state over https) and one small read buffer. hyper's pooled client keeps about 25 KB per
+//! connection (a dispatch channel, an 8 KB header buffer and an 8 KB read buffer), which at
+//! 10,000 streams was most of the operator's memory.
+//!
+//! It speaks only what its callers need: a request with an optional body, a response head of
+//! bounded size, and a body framed by chunked encoding, a length, or the connection's end.
 //! Redirects are returned as they are (the caller does not follow them); no proxy is used
 //! (a configured proxy goes through the pooled client instead).
 
@@ -18,7 +21,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::Stream;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::{HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode, Version};
 use launchdarkly_sdk_transport::{
     ByteStream, HttpTransport, Request, ResponseFuture, TransportError,
 };
@@ -27,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 /// The largest response head accepted: status line and headers.
-const MAX_HEAD_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Headers a response head may have.
 const MAX_HEADERS: usize = 64;
 /// How much is read at a time. Events are a few hundred bytes; a longer one takes more reads.
@@ -85,17 +88,23 @@ impl Http1Transport {
         connect_timeout: Duration,
         roots: rustls::RootCertStore,
     ) -> Result<Self, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Http1Transport {
-            tls: TlsConnector::from(Arc::new(config)),
+            tls: tls_connector(roots)?,
             connect_timeout,
         })
     }
+}
+
+/// TLS for HTTP/1.1 only, trusting `roots`: by ALPN a server could otherwise pick h2, which
+/// this client does not speak.
+pub(crate) fn tls_connector(roots: rustls::RootCertStore) -> Result<TlsConnector, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 impl HttpTransport for Http1Transport {
@@ -169,8 +178,7 @@ impl Http1Transport {
         let body: ByteStream = Box::pin(Body {
             io,
             buf,
-            framing,
-            done: false,
+            decoder: ResponseBody::new(framing),
         });
         let (parts, ()) = response.into_parts();
         Ok(Response::from_parts(parts, body))
@@ -212,7 +220,7 @@ fn push_header(head: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
 
 /// How the response body ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     /// Chunked transfer coding, in the given state.
     Chunked(ChunkState),
     /// This many bytes are left.
@@ -222,7 +230,7 @@ enum Framing {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ChunkState {
+pub(crate) enum ChunkState {
     /// Expecting a chunk-size line.
     Size,
     /// This many bytes of chunk data are left.
@@ -234,7 +242,9 @@ enum ChunkState {
 }
 
 /// Parses a complete response head off the front of `buf`, if `buf` holds one.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<(Response<()>, Framing)>, Http1Error> {
+pub(crate) fn parse_head(
+    buf: &mut BytesMut,
+) -> Result<Option<(Response<()>, Framing)>, Http1Error> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut headers);
     let length = match parsed.parse(buf) {
@@ -245,7 +255,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Response<()>, Framing)>, Htt
     let code = parsed.code.unwrap_or_default();
     let status = StatusCode::from_u16(code)
         .map_err(|_| Http1Error::BadHead(format!("status {code} is not valid")))?;
-    let mut response = Response::builder().status(status);
+    let version = if parsed.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let mut response = Response::builder().status(status).version(version);
     let mut framing = Framing::UntilClose;
     for header in parsed.headers.iter() {
         let name = HeaderName::from_bytes(header.name.as_bytes())
@@ -287,12 +302,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Response<()>, Framing)>, Htt
 
 /// Reads what the connection has into `buf`, growing it by at most [`READ_CHUNK`]. Returns the
 /// bytes read; 0 at the connection's end.
-async fn read_some(io: &mut Box<dyn Io>, buf: &mut BytesMut) -> Result<usize, Http1Error> {
-    std::future::poll_fn(|cx| poll_read_some(io.as_mut(), buf, cx)).await
+pub(crate) async fn read_some<R: AsyncRead + Unpin + ?Sized>(
+    io: &mut R,
+    buf: &mut BytesMut,
+) -> Result<usize, Http1Error> {
+    std::future::poll_fn(|cx| poll_read_some(io, buf, cx)).await
 }
 
-fn poll_read_some(
-    io: &mut (dyn Io + '_),
+fn poll_read_some<R: AsyncRead + Unpin + ?Sized>(
+    io: &mut R,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<Result<usize, Http1Error>> {
@@ -302,40 +320,98 @@ fn poll_read_some(
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf).map_err(Http1Error::Read)
 }
 
-/// A response body, as the chunks of data arrive.
-struct Body {
-    io: Box<dyn Io>,
-    /// Bytes read and not yet handed out or consumed by framing.
-    buf: BytesMut,
+/// Where a response body is in its framing: it takes the body's data off a read buffer, and
+/// leaves whatever follows the body there.
+pub(crate) struct ResponseBody {
     framing: Framing,
     done: bool,
 }
 
-impl Body {
+impl ResponseBody {
+    pub(crate) fn new(framing: Framing) -> Self {
+        ResponseBody {
+            framing,
+            done: false,
+        }
+    }
+
+    /// The body ended where its framing says it does (not merely with the connection).
+    pub(crate) fn is_complete(&self) -> bool {
+        self.done && self.framing != Framing::UntilClose
+    }
+
+    /// The next piece of body data, reading from `io` into `buf` as needed; `None` at the
+    /// body's end.
+    pub(crate) async fn next<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Bytes>, Http1Error> {
+        std::future::poll_fn(|cx| self.poll_next(io, buf, cx)).await
+    }
+
+    fn poll_next<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Bytes>, Http1Error>> {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(None));
+            }
+            match self.take_buffered(buf) {
+                Ok(Some(data)) => return Poll::Ready(Ok(Some(data))),
+                Ok(None) if self.done => return Poll::Ready(Ok(None)),
+                Ok(None) => {}
+                Err(error) => {
+                    self.done = true;
+                    return Poll::Ready(Err(error));
+                }
+            }
+            // Between events the buffer is empty: give back what a long one made it grow to.
+            if buf.is_empty() && buf.capacity() > 4 * READ_CHUNK {
+                *buf = BytesMut::new();
+            }
+            match ready!(poll_read_some(io, buf, cx)) {
+                Ok(0) => {
+                    self.done = true;
+                    return Poll::Ready(match self.framing {
+                        Framing::UntilClose => Ok(None),
+                        _ => Err(Http1Error::Incomplete),
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.done = true;
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
+    }
+
     /// The next piece of body data from what is buffered, advancing the framing; `None` when
     /// more bytes must be read first (or the body is complete: see `done`).
-    fn take_buffered(&mut self) -> Result<Option<Bytes>, Http1Error> {
+    fn take_buffered(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, Http1Error> {
         loop {
             match self.framing {
                 Framing::UntilClose => {
-                    return Ok((!self.buf.is_empty()).then(|| self.buf.split().freeze()));
+                    return Ok((!buf.is_empty()).then(|| buf.split().freeze()));
                 }
                 Framing::Length(0) => {
                     self.done = true;
                     return Ok(None);
                 }
                 Framing::Length(left) => {
-                    if self.buf.is_empty() {
+                    if buf.is_empty() {
                         return Ok(None);
                     }
-                    let n = usize::try_from(left)
-                        .unwrap_or(usize::MAX)
-                        .min(self.buf.len());
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
                     self.framing = Framing::Length(left - n as u64);
-                    return Ok(Some(self.buf.split_to(n).freeze()));
+                    return Ok(Some(buf.split_to(n).freeze()));
                 }
                 Framing::Chunked(ChunkState::Size) => {
-                    let Some(line) = take_line(&mut self.buf)? else {
+                    let Some(line) = take_line(buf)? else {
                         return Ok(None);
                     };
                     let size = parse_chunk_size(&line)?;
@@ -346,22 +422,20 @@ impl Body {
                     });
                 }
                 Framing::Chunked(ChunkState::Data(left)) => {
-                    if self.buf.is_empty() {
+                    if buf.is_empty() {
                         return Ok(None);
                     }
-                    let n = usize::try_from(left)
-                        .unwrap_or(usize::MAX)
-                        .min(self.buf.len());
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
                     let left = left - n as u64;
                     self.framing = Framing::Chunked(if left == 0 {
                         ChunkState::DataEnd
                     } else {
                         ChunkState::Data(left)
                     });
-                    return Ok(Some(self.buf.split_to(n).freeze()));
+                    return Ok(Some(buf.split_to(n).freeze()));
                 }
                 Framing::Chunked(ChunkState::DataEnd) => {
-                    let Some(line) = take_line(&mut self.buf)? else {
+                    let Some(line) = take_line(buf)? else {
                         return Ok(None);
                     };
                     if !line.is_empty() {
@@ -370,7 +444,7 @@ impl Body {
                     self.framing = Framing::Chunked(ChunkState::Size);
                 }
                 Framing::Chunked(ChunkState::Trailer) => {
-                    let Some(line) = take_line(&mut self.buf)? else {
+                    let Some(line) = take_line(buf)? else {
                         return Ok(None);
                     };
                     if line.is_empty() {
@@ -406,48 +480,88 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, Http1Error> {
     u64::from_str_radix(digits.trim(), 16).map_err(|_| Http1Error::BadChunk)
 }
 
+/// An event stream's body, as the chunks of data arrive.
+struct Body {
+    io: Box<dyn Io>,
+    /// Bytes read and not yet handed out or consumed by framing.
+    buf: BytesMut,
+    decoder: ResponseBody,
+}
+
 impl Stream for Body {
     type Item = Result<Bytes, TransportError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        loop {
-            if this.done {
-                return Poll::Ready(None);
-            }
-            match this.take_buffered() {
-                Ok(Some(data)) => return Poll::Ready(Some(Ok(data))),
-                Ok(None) if this.done => return Poll::Ready(None),
-                Ok(None) => {}
-                Err(error) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(TransportError::new(error))));
-                }
-            }
-            // Between events the buffer is empty: give back what a long one made it grow to.
-            if this.buf.is_empty() && this.buf.capacity() > 4 * READ_CHUNK {
-                this.buf = BytesMut::new();
-            }
-            match ready!(poll_read_some(this.io.as_mut(), &mut this.buf, cx)) {
-                Ok(0) => {
-                    this.done = true;
-                    return match this.framing {
-                        Framing::UntilClose => Poll::Ready(None),
-                        _ => Poll::Ready(Some(Err(TransportError::new(Http1Error::Incomplete)))),
-                    };
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(TransportError::new(error))));
-                }
-            }
+        match ready!(this.decoder.poll_next(this.io.as_mut(), &mut this.buf, cx)) {
+            Ok(Some(data)) => Poll::Ready(Some(Ok(data))),
+            Ok(None) => Poll::Ready(None),
+            Err(error) => Poll::Ready(Some(Err(TransportError::new(error)))),
         }
+    }
+}
+
+/// TLS for tests: a certificate for `localhost` and a server that presents it.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    /// A self-signed certificate for `localhost`, made by `openssl` (which the test command
+    /// needs anyway), and its key.
+    pub(crate) fn localhost_certificate(
+        dir: &std::path::Path,
+    ) -> (
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        use rustls::pki_types::pem::PemObject;
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let cert = std::fs::read(dir.join("cert.pem")).unwrap();
+        let key = std::fs::read(dir.join("key.pem")).unwrap();
+        (
+            rustls::pki_types::CertificateDer::from_pem_slice(&cert).unwrap(),
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap(),
+        )
+    }
+
+    /// A TLS acceptor presenting `cert`.
+    pub(crate) fn tls_acceptor(
+        cert: rustls::pki_types::CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> tokio_rustls::TlsAcceptor {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::testing::{localhost_certificate, tls_acceptor};
     use super::*;
     use futures::StreamExt;
     use tokio::io::AsyncReadExt;
@@ -606,56 +720,12 @@ mod tests {
         assert!(!text.contains("secret-token"), "{text}");
     }
 
-    /// A self-signed certificate for `localhost`, made by `openssl` (which the test command
-    /// needs anyway), and its key.
-    fn localhost_certificate(
-        dir: &std::path::Path,
-    ) -> (
-        rustls::pki_types::CertificateDer<'static>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    ) {
-        use rustls::pki_types::pem::PemObject;
-        let status = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-            ])
-            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-            .args(["-addext", "subjectAltName=DNS:localhost"])
-            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-            .arg("-keyout")
-            .arg(dir.join("key.pem"))
-            .arg("-out")
-            .arg(dir.join("cert.pem"))
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let cert = std::fs::read(dir.join("cert.pem")).unwrap();
-        let key = std::fs::read(dir.join("key.pem")).unwrap();
-        (
-            rustls::pki_types::CertificateDer::from_pem_slice(&cert).unwrap(),
-            rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap(),
-        )
-    }
-
     /// A TLS server on loopback that answers one request with a short event stream.
     async fn serve_tls_once(
         cert: rustls::pki_types::CertificateDer<'static>,
         key: rustls::pki_types::PrivateKeyDer<'static>,
     ) -> String {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tls_acceptor(cert, key);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
