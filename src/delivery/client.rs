@@ -12,12 +12,13 @@
 use std::io::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use http::{header, HeaderValue, StatusCode, Version};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
@@ -153,19 +154,26 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// Whether an idle connection can carry the next request: not idle too long, and not closed
-    /// by the receiver nor holding bytes nobody asked for (which only a closing connection,
-    /// or a broken receiver, sends between requests).
+    /// by the receiver. Over plain HTTP, bytes nobody asked for also rule it out (only a broken
+    /// receiver sends them); over TLS they can be a record such as a session ticket, which the
+    /// next read takes in its stride.
     pub(crate) fn is_reusable(&self, now: Instant) -> bool {
         if now.saturating_duration_since(self.idle_since) >= IDLE_TIMEOUT {
             return false;
         }
-        let tcp = match &self.io {
-            Either::Left(tcp) => tcp,
-            Either::Right(tls) => tls.get_ref().0,
+        let (tcp, tls) = match &self.io {
+            Either::Left(tcp) => (tcp, false),
+            Either::Right(stream) => (stream.get_ref().0, true),
         };
+        // A look without waiting or taking anything: the socket's state as last reported.
         let mut probe = [0u8; 1];
-        // Without waiting: nothing to read is the one healthy answer.
-        matches!(tcp.try_read(&mut probe), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
+        let mut probe = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        match tcp.poll_peek(&mut cx, &mut probe) {
+            Poll::Pending => true,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(_)) => tls,
+        }
     }
 }
 
