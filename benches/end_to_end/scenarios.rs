@@ -742,6 +742,9 @@ fn describe(values: &BTreeMap<String, f64>) -> String {
         .join(", ")
 }
 
+/// How long (h) waits at most for the Listeners' statuses to count the overload's failures.
+const STATUS_CATCH_UP_LIMIT: Duration = Duration::from_secs(180);
+
 /// (h): twice the sustained rate for a phase, then a tenth of it: the peak memory, the drops
 /// and whether statuses count them, and how soon deliveries keep up again.
 #[allow(clippy::too_many_arguments)]
@@ -841,9 +844,35 @@ async fn overload(
     let reconnects =
         metrics_after.sum(phase::RECONNECTS, None) - metrics_before.sum(phase::RECONNECTS, None);
 
-    // Statuses are written every few seconds: give them two intervals.
-    tokio::time::sleep(Duration::from_secs(7)).await;
-    let listeners = cluster::listeners(parts.client, &set.namespace, &selector).await?;
+    // Status writes keep within the operator's budget (failures first), so with every Listener
+    // failing they take a while: wait until the statuses count what the metrics counted, or
+    // stop changing.
+    let counted = drops.values().sum::<f64>() + failed_metric;
+    let grown = |listeners: &[Listener]| -> u64 {
+        failed_of(listeners)
+            .iter()
+            .map(|(name, after)| {
+                after.saturating_sub(failed_before.get(name).copied().unwrap_or(0))
+            })
+            .sum()
+    };
+    let status_wait = Instant::now();
+    let (mut listeners, mut changed) = (Vec::new(), Instant::now());
+    let mut last_sum = None;
+    while status_wait.elapsed() < STATUS_CATCH_UP_LIMIT {
+        listeners = cluster::listeners(parts.client, &set.namespace, &selector).await?;
+        let sum = grown(&listeners);
+        if sum as f64 >= counted {
+            break;
+        }
+        if last_sum != Some(sum) {
+            (last_sum, changed) = (Some(sum), Instant::now());
+        } else if changed.elapsed() > Duration::from_secs(15) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let status_seconds = status_wait.elapsed().as_secs_f64();
     // Only the Listeners whose count grew: lastError stays from earlier scenarios otherwise.
     let mut status_failed = 0;
     let mut newly_failing = 0;
@@ -904,6 +933,12 @@ async fn overload(
     );
     report.figure(
         &scenario,
+        "status.failed caught up with the metrics after",
+        status_seconds,
+        "s",
+    );
+    report.figure(
+        &scenario,
         "Listeners whose status.failed grew",
         newly_failing as f64,
         "",
@@ -946,7 +981,7 @@ async fn overload(
         &scenario,
         json!({
             "high": high, "low": low, "receivedHigh": received_high, "receivedLow": received_low,
-            "drops": drops, "failedMetric": failed_metric, "statusFailed": status_failed, "arrivedDuringHigh": arrived_during_high,
+            "drops": drops, "failedMetric": failed_metric, "statusFailed": status_failed, "statusSeconds": status_seconds, "arrivedDuringHigh": arrived_during_high,
             "lastErrors": last_errors, "peakRssMb": peak_kb as f64 / 1024.0, "rssBeforeMb": rss_before as f64 / 1024.0,
             "backlogSeconds": backlog_seconds, "keepUpSeconds": keep_up_seconds, "reconnects": reconnects,
             "simulator": stats,
