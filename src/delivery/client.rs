@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
+use futures::stream::{FuturesUnordered, StreamExt};
 use http::{header, HeaderValue, StatusCode, Version};
 use tokio::io::{AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -43,6 +44,9 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024;
 /// An idle connection older than this is closed rather than reused: receivers close theirs
 /// after a while, and a request on a connection closing under it would fail.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How long a connection attempt runs alone before the next address is tried beside it.
+const CONNECT_FALLBACK: Duration = Duration::from_millis(250);
 
 /// Makes the connections of every destination: resolution under the policy, TCP, TLS.
 pub(crate) struct Connector {
@@ -83,22 +87,9 @@ impl Connector {
                 .await
                 .map_err(ConnectError::Resolve)?,
         };
-        let mut last_error = None;
-        let mut connected = None;
-        for address in addresses {
-            match TcpStream::connect(address).await {
-                Ok(tcp) => {
-                    connected = Some(tcp);
-                    break;
-                }
-                Err(error) => last_error = Some(error),
-            }
-        }
-        let tcp = match (connected, last_error) {
-            (Some(tcp), _) => tcp,
-            (None, Some(error)) => return Err(ConnectError::Connect(error)),
-            (None, None) => return Err(ConnectError::NoHost),
-        };
+        let tcp = connect_any(addresses)
+            .await
+            .map_err(ConnectError::Connect)?;
         // Every request is one small write: it must not wait for the previous one's ACK.
         tcp.set_nodelay(true).map_err(ConnectError::Connect)?;
         let io = if https {
@@ -128,6 +119,38 @@ impl Connector {
     fn allowed(&self, ip: IpAddr, port: u16) -> Result<SocketAddr, ConnectError> {
         self.policy.check(ip).map_err(ConnectError::Refused)?;
         Ok(SocketAddr::new(ip, port))
+    }
+}
+
+/// Connects to the first of `addresses` that answers. The next address is tried when one fails,
+/// or when one has not answered within [`CONNECT_FALLBACK`] (the first still runs), so an
+/// address family that drops packets costs a fraction of a second, not the attempt's timeout.
+async fn connect_any(addresses: Vec<SocketAddr>) -> io::Result<TcpStream> {
+    let mut untried = addresses.into_iter();
+    let mut connecting = FuturesUnordered::new();
+    let mut last_error = None;
+    loop {
+        if connecting.is_empty() {
+            match untried.next() {
+                Some(address) => connecting.push(TcpStream::connect(address)),
+                None => {
+                    return Err(last_error.unwrap_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, "no address to connect to")
+                    }))
+                }
+            }
+        }
+        tokio::select! {
+            Some(result) = connecting.next() => match result {
+                Ok(tcp) => return Ok(tcp),
+                Err(error) => last_error = Some(error),
+            },
+            () = tokio::time::sleep(CONNECT_FALLBACK), if untried.len() > 0 => {
+                if let Some(address) = untried.next() {
+                    connecting.push(TcpStream::connect(address));
+                }
+            }
+        }
     }
 }
 
@@ -770,6 +793,47 @@ mod tests {
             AttemptResult::ConnectionFailed(reason) => assert_eq!(reason, "connection refused"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// An address whose connection attempts hang: a listener that never accepts, with its
+    /// backlog full, so the kernel drops further handshakes.
+    async fn silent_address() -> (TcpListener, Vec<TcpStream>, SocketAddr) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..16 {
+            let attempt = TcpStream::connect(address);
+            match tokio::time::timeout(Duration::from_millis(200), attempt).await {
+                Ok(Ok(stream)) => held.push(stream),
+                _ => return (listener, held, address),
+            }
+        }
+        panic!("the backlog never filled");
+    }
+
+    #[tokio::test]
+    async fn the_next_address_is_tried_when_one_fails_or_does_not_answer() {
+        let good = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_address = good.local_addr().unwrap();
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_address = closed.local_addr().unwrap();
+        drop(closed);
+        let (_listener, _held, silent) = silent_address().await;
+        let started = Instant::now();
+        let connected = tokio::time::timeout(
+            Duration::from_secs(3),
+            connect_any(vec![silent, closed_address, good_address]),
+        )
+        .await
+        .expect("an answering address is reached without waiting for the silent one")
+        .unwrap();
+        assert_eq!(connected.peer_addr().unwrap(), good_address);
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        let error = connect_any(vec![closed_address]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
 
     #[tokio::test]
