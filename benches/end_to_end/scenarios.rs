@@ -774,8 +774,20 @@ async fn overload(
             })
             .collect()
     };
-    let failed_before =
+    // Failures of earlier probes may still be on their way to the statuses (the write budget
+    // spreads them out): start from statuses that have stopped changing.
+    let mut failed_before =
         failed_of(&cluster::listeners(parts.client, &set.namespace, &selector).await?);
+    let (settling, mut unchanged_since) = (Instant::now(), Instant::now());
+    while settling.elapsed() < STATUS_CATCH_UP_LIMIT
+        && unchanged_since.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = failed_of(&cluster::listeners(parts.client, &set.namespace, &selector).await?);
+        if now != failed_before {
+            (failed_before, unchanged_since) = (now, Instant::now());
+        }
+    }
     parts.receivers.reset(&[], Duration::ZERO).await?;
     let metrics_before = operator.metrics().await?;
     let rss = RssPeak::start(operator.pid());
