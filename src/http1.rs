@@ -78,10 +78,7 @@ pub struct Http1Transport {
 impl Http1Transport {
     /// A transport that trusts the webpki root certificates over https.
     pub fn new(connect_timeout: Duration) -> Result<Self, rustls::Error> {
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        Self::with_roots(connect_timeout, roots)
+        Self::with_roots(connect_timeout, webpki_roots())
     }
 
     fn with_roots(
@@ -92,6 +89,13 @@ impl Http1Transport {
             tls: tls_connector(roots)?,
             connect_timeout,
         })
+    }
+}
+
+/// The public web's root certificates, as browsers trust them.
+pub(crate) fn webpki_roots() -> rustls::RootCertStore {
+    rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     }
 }
 

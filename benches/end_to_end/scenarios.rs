@@ -482,7 +482,6 @@ fn fixed_load<'a>(
     }
 }
 
-/// (a): the highest rate sustained for a whole phase, with its costs.
 /// Scenario (a) over `receivers` receivers: its heading, then [`throughput`].
 async fn throughput_to(
     report: &mut Report,
@@ -498,6 +497,7 @@ async fn throughput_to(
     throughput(report, stage, sizes, templates, spheres, tokens, &scenario).await
 }
 
+/// (a): the highest rate sustained for a whole phase, with its costs.
 async fn throughput(
     report: &mut Report,
     stage: &Stage<'_>,

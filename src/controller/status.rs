@@ -238,13 +238,21 @@ impl StatusWriter {
             .iter()
             .take_while(|(urgent, _, _)| *urgent)
             .count();
-        let events = self.failures.values().filter(|p| p.is_due()).count();
-        let plan = FlushPlan::within(budget, urgent, events, owners.len());
+        let mut events: Vec<(Option<Instant>, ListenerId)> = self
+            .failures
+            .iter()
+            .filter(|(_, pending)| pending.is_due())
+            .map(|(id, pending)| (pending.last_event, id.clone()))
+            .collect();
+        events.sort_unstable_by_key(|(last_event, _)| *last_event);
+        let plan = FlushPlan::within(budget, urgent, events.len(), owners.len());
         let mut listeners = listeners.into_iter().map(|(_, _, id)| id);
         for id in listeners.by_ref().take(plan.failures) {
             self.write_listener(id).await;
         }
-        self.publish_due_failures(plan.events).await;
+        for (_, id) in events.into_iter().take(plan.events) {
+            self.publish_failures(id).await;
+        }
         for (_, owner) in owners.into_iter().take(plan.usage) {
             self.write_usage(owner).await;
         }
@@ -376,49 +384,39 @@ impl StatusWriter {
         }
     }
 
-    /// Raises one `DeliveryFailed` Event per Listener with failures not yet reported, once its
-    /// last Event is at least [`EVENT_EVERY`] old, at most `budget` of them, those never
-    /// reported or reported longest ago first: failures that wait are counted into the next
-    /// Event, not lost.
-    async fn publish_due_failures(&mut self, budget: usize) {
-        let mut due: Vec<(Option<Instant>, ListenerId)> = self
-            .failures
-            .iter()
-            .filter(|(_, pending)| pending.is_due())
-            .map(|(id, pending)| (pending.last_event, id.clone()))
-            .collect();
-        due.sort_unstable_by_key(|(last_event, _)| *last_event);
-        for (_, id) in due.into_iter().take(budget) {
-            let reference = ObjectRef::<Listener>::new(id.name()).within(id.namespace());
-            let Some(listener) = self.ctx.listeners.get(&reference) else {
-                continue;
-            };
-            let Some(pending) = self.failures.get_mut(&id) else {
-                continue;
-            };
-            let note = format!(
-                "{} deliveries failed; last error: {}",
-                pending.count, pending.last_error
-            );
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "DeliveryFailed".into(),
-                note: Some(note),
-                action: "Deliver".into(),
-                secondary: None,
-            };
-            if let Err(error) = self
-                .ctx
-                .recorder
-                .publish(&event, &listener.object_ref(&()))
-                .await
-            {
-                tracing::warn!(listener = %id, error = %describe_kube_error(&error), "Could not record a DeliveryFailed event.");
-                continue;
-            }
-            pending.count = 0;
-            pending.last_event = Some(Instant::now());
+    /// Raises one `DeliveryFailed` Event for the Listener's failures not yet reported. The
+    /// flush picks which Listeners, at most one Event each per [`EVENT_EVERY`]: failures that
+    /// wait are counted into the next Event, not lost.
+    async fn publish_failures(&mut self, id: ListenerId) {
+        let reference = ObjectRef::<Listener>::new(id.name()).within(id.namespace());
+        let Some(listener) = self.ctx.listeners.get(&reference) else {
+            return;
+        };
+        let Some(pending) = self.failures.get_mut(&id) else {
+            return;
+        };
+        let note = format!(
+            "{} deliveries failed; last error: {}",
+            pending.count, pending.last_error
+        );
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "DeliveryFailed".into(),
+            note: Some(note),
+            action: "Deliver".into(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .ctx
+            .recorder
+            .publish(&event, &listener.object_ref(&()))
+            .await
+        {
+            tracing::warn!(listener = %id, error = %describe_kube_error(&error), "Could not record a DeliveryFailed event.");
+            return;
         }
+        pending.count = 0;
+        pending.last_event = Some(Instant::now());
     }
 }
 

@@ -57,10 +57,7 @@ pub(crate) struct Connector {
 impl Connector {
     /// A connector that trusts the webpki root certificates over https.
     pub(crate) fn new(policy: Arc<UrlPolicy>) -> Result<Self, rustls::Error> {
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        Self::with_roots(policy, roots)
+        Self::with_roots(policy, http1::webpki_roots())
     }
 
     pub(crate) fn with_roots(
@@ -243,25 +240,27 @@ async fn exchange(
     let message_id = request.message_id.to_str().unwrap_or_default();
     let signature = request.signing_key.sign(message_id, unix, request.body);
 
-    if let Some(mut connection) = idle {
+    let mut idle = idle;
+    loop {
+        let reused = idle.is_some();
+        let mut connection = match idle.take() {
+            Some(connection) => connection,
+            None => match connector.connect(request.url).await {
+                Ok(connection) => connection,
+                Err(error) => return (describe_connect(error), None),
+            },
+        };
         connection.write_request(request, unix, &signature);
         match connection.round_trip().await {
             Ok(answer) => return connection.conclude(answer, request.timestamp).await,
             // The receiver closed the idle connection as we sent on it: nothing was answered,
             // so the request goes once more, on a new connection.
-            Err(RoundTripError::ClosedUnanswered) => {}
+            Err(RoundTripError::ClosedUnanswered) if reused => {}
+            Err(RoundTripError::ClosedUnanswered) => {
+                return (describe_http1(&Http1Error::Incomplete), None)
+            }
             Err(RoundTripError::Failed(error)) => return (describe_http1(&error), None),
         }
-    }
-    let mut connection = match connector.connect(request.url).await {
-        Ok(connection) => connection,
-        Err(error) => return (describe_connect(error), None),
-    };
-    connection.write_request(request, unix, &signature);
-    match connection.round_trip().await {
-        Ok(answer) => connection.conclude(answer, request.timestamp).await,
-        Err(RoundTripError::ClosedUnanswered) => (describe_http1(&Http1Error::Incomplete), None),
-        Err(RoundTripError::Failed(error)) => (describe_http1(&error), None),
     }
 }
 

@@ -331,29 +331,15 @@ struct Attempted {
     connection: Option<Connection>,
 }
 
-/// The destination's connections not carrying a request, the most recently used last.
-struct IdleConnections {
-    connections: Vec<Connection>,
-    max: usize,
-}
-
-impl IdleConnections {
-    /// The most recently used connection that can still carry a request; the ones that cannot
-    /// are closed on the way.
-    fn take(&mut self, now: Instant) -> Option<Connection> {
-        while let Some(connection) = self.connections.pop() {
-            if connection.is_reusable(now) {
-                return Some(connection);
-            }
-        }
-        None
-    }
-
-    fn put(&mut self, connection: Connection) {
-        if self.connections.len() < self.max {
-            self.connections.push(connection);
+/// The most recently used of a destination's idle connections that can still carry a request;
+/// the ones that cannot are closed on the way.
+fn take_reusable(idle: &mut Vec<Connection>, now: Instant) -> Option<Connection> {
+    while let Some(connection) = idle.pop() {
+        if connection.is_reusable(now) {
+            return Some(connection);
         }
     }
+    None
 }
 
 /// The dispatcher of one destination: runs until the queue is idle for
@@ -367,10 +353,9 @@ pub(crate) async fn dispatch(
     let concurrency = shared.config.concurrency_per_destination;
     let idle_timeout = shared.config.destination_idle_timeout;
     let mut in_flight = FuturesUnordered::new();
-    let mut connections = IdleConnections {
-        connections: Vec::with_capacity(concurrency),
-        max: concurrency,
-    };
+    // Connections not carrying a request, the most recently used last. A connection is made
+    // only when none is idle, so they never outnumber the attempts in flight at once.
+    let mut idle_connections: Vec<Connection> = Vec::with_capacity(concurrency);
     let mut retries: BinaryHeap<Reverse<ScheduledRetry>> = BinaryHeap::new();
     let mut batch: Vec<Delivery> = Vec::with_capacity(concurrency);
     let mut sequence = 0u64;
@@ -393,7 +378,11 @@ pub(crate) async fn dispatch(
                 break;
             };
             if let Some(delivery) = ready_for_attempt(next.delivery, &shared) {
-                in_flight.push(send(Arc::clone(&shared), delivery, connections.take(now)));
+                in_flight.push(send(
+                    Arc::clone(&shared),
+                    delivery,
+                    take_reusable(&mut idle_connections, now),
+                ));
             }
         }
         loop {
@@ -403,7 +392,11 @@ pub(crate) async fn dispatch(
             }
             for delivery in batch.drain(..) {
                 if let Some(delivery) = ready_for_attempt(delivery, &shared) {
-                    in_flight.push(send(Arc::clone(&shared), delivery, connections.take(now)));
+                    in_flight.push(send(
+                        Arc::clone(&shared),
+                        delivery,
+                        take_reusable(&mut idle_connections, now),
+                    ));
                 }
             }
         }
@@ -439,9 +432,7 @@ pub(crate) async fn dispatch(
             biased;
             _ = &mut aborted => break,
             Some(mut attempted) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Some(connection) = attempted.connection.take() {
-                    connections.put(connection);
-                }
+                idle_connections.extend(attempted.connection.take());
                 if let Some(retry) = conclude(attempted, &shared) {
                     sequence += 1;
                     retries.push(Reverse(ScheduledRetry { due: retry.0, sequence, delivery: retry.1 }));
