@@ -45,6 +45,10 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024;
 /// after a while, and a request on a connection closing under it would fail.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Interim (1xx) answers accepted before the final one: a receiver cannot keep an attempt busy
+/// with them until its timeout.
+const MAX_INTERIM_ANSWERS: usize = 8;
+
 /// How long a connection attempt runs alone before the next address is tried beside it.
 const CONNECT_FALLBACK: Duration = Duration::from_millis(250);
 
@@ -326,12 +330,19 @@ impl Connection {
             .await
             .map_err(|error| RoundTripError::Failed(Http1Error::Write(error)))?;
         let mut answered = false;
+        let mut interim = 0;
         loop {
             if let Some((head, framing)) =
                 http1::parse_head(&mut self.read).map_err(RoundTripError::Failed)?
             {
                 let status = head.status();
                 if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                    interim += 1;
+                    if interim > MAX_INTERIM_ANSWERS {
+                        return Err(RoundTripError::Failed(Http1Error::BadHead(
+                            "too many interim answers".into(),
+                        )));
+                    }
                     continue;
                 }
                 return Ok(Answer {
@@ -742,6 +753,24 @@ mod tests {
         }
         assert!(second.connection.is_some());
         assert_eq!(receiver.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn endless_interim_answers_end_the_attempt() {
+        const INTERIM: &[u8] = b"HTTP/1.1 102 Processing\r\n\r\n";
+        let endless: &'static [u8] = INTERIM.repeat(MAX_INTERIM_ANSWERS + 1).leak();
+        let receiver = receiver(vec![endless], None).await;
+        let sender = Sender::new();
+        let attempt = sender
+            .send(&permissive(), &receiver.url, None, Duration::from_secs(5))
+            .await;
+        match attempt.result {
+            AttemptResult::ConnectionFailed(reason) => {
+                assert!(reason.contains("too many interim answers"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(attempt.connection.is_none());
     }
 
     #[tokio::test]
