@@ -164,6 +164,32 @@ impl fmt::Debug for TokenHash {
     }
 }
 
+/// Why routing skipped a listener for an event; counted in metrics, never logged per event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    NotSubscribed,
+    OwnerMissing,
+    /// The owner has no usable client secret, so nothing could be signed.
+    OwnerWithoutCredentials,
+    OwnerDisabled,
+    AllowanceUsed,
+    Expired,
+}
+
+impl Skip {
+    /// The metric label.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Skip::NotSubscribed => "not_subscribed",
+            Skip::OwnerMissing => "owner_missing",
+            Skip::OwnerWithoutCredentials => "owner_without_credentials",
+            Skip::OwnerDisabled => "owner_disabled",
+            Skip::AllowanceUsed => "allowance_used",
+            Skip::Expired => "expired",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use url::Url;
 use crate::clock::SharedClock;
 use crate::crownstone::EventType;
 use crate::delivery::DeliveryTarget;
-use crate::domain::{ClientSecret, ListenerId, OwnerKey, TokenHash};
+use crate::domain::{ClientSecret, ListenerId, OwnerKey, Skip, TokenHash};
 
 /// A set of event types, as a bitmask: checked for every event and every listener.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -172,32 +172,6 @@ pub struct RoutingIndex {
     /// Kept apart from `owners`: usage is seeded before, and outlives changes of, the owner entry.
     usage: Mutex<HashMap<OwnerKey, Arc<UsageCounter>>>,
     clock: SharedClock,
-}
-
-/// Why `route` skipped a listener; counted in metrics, never logged per event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Skip {
-    NotSubscribed,
-    OwnerMissing,
-    /// The owner has no usable client secret, so nothing could be signed.
-    OwnerWithoutCredentials,
-    OwnerDisabled,
-    AllowanceUsed,
-    Expired,
-}
-
-impl Skip {
-    /// The metric label.
-    pub fn as_label(self) -> &'static str {
-        match self {
-            Skip::NotSubscribed => "not_subscribed",
-            Skip::OwnerMissing => "owner_missing",
-            Skip::OwnerWithoutCredentials => "owner_without_credentials",
-            Skip::OwnerDisabled => "owner_disabled",
-            Skip::AllowanceUsed => "allowance_used",
-            Skip::Expired => "expired",
-        }
-    }
 }
 
 impl RoutingIndex {

@@ -14,7 +14,7 @@ use kube::Client;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::describe_kube_error;
+use crate::conventions::describe_kube_error;
 
 /// How replicas elect a leader.
 #[derive(clap::Args, Clone, Debug)]

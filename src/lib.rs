@@ -4,6 +4,7 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod controller;
+pub mod conventions;
 pub mod crownstone;
 pub mod delivery;
 pub mod domain;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crownstone_webhooks::controller::MANAGED_BY;
+use crownstone_webhooks::conventions::MANAGED_BY;
 use crownstone_webhooks::resources::{Listener, WebhookUser};
 use crownstone_webhooks::simulator::{Scope, SimulatorClient, TokenRequest};
 use futures::{StreamExt, TryStreamExt};

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crownstone_webhooks::controller::API_KEY;
+use crownstone_webhooks::conventions::API_KEY;
 use crownstone_webhooks::resources::Listener;
 use crownstone_webhooks::simulator::{Scope, TokenRequest};
 use k8s_openapi::api::core::v1::Secret;

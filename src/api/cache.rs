@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::{
+use crate::conventions::{
     credentials_owner, credentials_secret_name, is_managed, secret_value, API_KEY, CLIENT_SECRET,
     MANAGED_BY,
 };
@@ -402,7 +402,7 @@ async fn run_watch<K>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::USER_LABEL;
+    use crate::conventions::USER_ANNOTATION;
     use k8s_openapi::ByteString;
     use kube::api::ObjectMeta;
     use std::collections::BTreeMap;
@@ -437,7 +437,10 @@ mod tests {
                         .unwrap_or_else(|| credentials_secret_name(user)),
                 ),
                 labels: Some(labels),
-                annotations: Some(BTreeMap::from([(USER_LABEL.to_owned(), user.to_owned())])),
+                annotations: Some(BTreeMap::from([(
+                    USER_ANNOTATION.to_owned(),
+                    user.to_owned(),
+                )])),
                 ..ObjectMeta::default()
             },
             data: Some(BTreeMap::from([

@@ -26,8 +26,8 @@ use super::input::{
 use super::names;
 use super::token_check::TokenVerdict;
 use super::{AppState, FIELD_MANAGER};
-use crate::controller::{
-    describe_kube_error, is_managed, managed_labels, secret_value, USER_LABEL,
+use crate::conventions::{
+    describe_kube_error, is_managed, managed_labels, secret_value, USER_ANNOTATION,
 };
 use crate::crownstone::EventType;
 use crate::domain::Token;
@@ -86,7 +86,7 @@ fn is_credentials(secret: &Secret) -> bool {
         .metadata
         .annotations
         .as_ref()
-        .is_some_and(|a| a.contains_key(USER_LABEL))
+        .is_some_and(|a| a.contains_key(USER_ANNOTATION))
 }
 
 /// The token of a Listener, from the cache of managed Secrets; one the operator does not

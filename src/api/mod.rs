@@ -405,7 +405,7 @@ async fn follow_admin_key(
         let Some(event) = event else { return };
         health.record(event.is_ok());
         let key_of = |secret: &Secret| {
-            let key = crate::controller::secret_value(secret, &reference.key);
+            let key = crate::conventions::secret_value(secret, &reference.key);
             if key.is_none() {
                 tracing::warn!(secret = %reference.name, key = %reference.key, "The admin key Secret has no such key: the /api/users routes answer 401.");
             }

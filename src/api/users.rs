@@ -20,7 +20,7 @@ use super::error::{ApiError, ErrorBody};
 use super::input::{JsonBody, NewUserRequest, PathId, UserPatchRequest};
 use super::names;
 use super::{AppState, FIELD_MANAGER};
-use crate::controller::{credentials_secret_name, managed_labels, secret_value, CLIENT_SECRET};
+use crate::conventions::{credentials_secret_name, managed_labels, secret_value, CLIENT_SECRET};
 use crate::resources::{WebhookUser, WebhookUserSpec};
 
 /// A client of the service, as upstream shows it.
@@ -159,7 +159,7 @@ pub async fn create(
         None => {
             // Nothing half made stays behind: the admin retries from a clean slate.
             if let Err(error) = api.delete(&name, &DeleteParams::default()).await {
-                tracing::warn!(user = %name, error = %crate::controller::describe_kube_error(&error), "Could not remove a user whose credentials never came.");
+                tracing::warn!(user = %name, error = %crate::conventions::describe_kube_error(&error), "Could not remove a user whose credentials never came.");
             }
             Err(ApiError::Unavailable(format!(
                 "The operator did not create the user's credentials within {}; is the controller running?",

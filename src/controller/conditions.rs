@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use super::cap_message;
+use crate::conventions::cap_message;
 use crate::delivery::Suspension;
 use crate::forwarder::{InvalidTokenCause, StreamState};
 

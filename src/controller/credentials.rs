@@ -2,11 +2,6 @@
 
 use rand::RngCore;
 
-/// Secret key holding the API key.
-pub const API_KEY: &str = "apiKey";
-/// Secret key holding the client secret.
-pub const CLIENT_SECRET: &str = "clientSecret";
-
 /// A WebhookUser's credentials: the API key it calls the REST API with, and the secret sent in
 /// (and signing) every delivery.
 pub struct Credentials {

@@ -23,9 +23,8 @@ use super::conditions::{
     listener_conditions, same_conditions, to_conditions, DesiredCondition, ListenerObservation,
     OwnerState, TokenState,
 };
-use super::secrets::{credentials_owner, is_managed};
-use super::webhook_user::secret_value;
 use super::{delete_if_present, Context, Error, FINALIZER};
+use crate::conventions::{credentials_owner, is_managed, secret_value};
 use crate::delivery::Suspension;
 use crate::domain::{ListenerId, OwnerKey, Token};
 use crate::forwarder::{StreamState, TokenNotice};

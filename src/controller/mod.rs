@@ -25,19 +25,17 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use conditions::{listener_conditions, ListenerObservation, OwnerState, TokenState};
-pub use credentials::{generate_credentials, Credentials, API_KEY, CLIENT_SECRET};
+pub use credentials::{generate_credentials, Credentials};
 pub use listener::run_listener_controller;
 pub use owners::ListenersByOwner;
 pub use secret_cache::SecretCache;
 pub use secret_cache::SecretKey;
-pub use secrets::{
-    credentials_owner, is_managed, managed_labels, run_secret_watch, SecretRefs, MANAGED_BY,
-    USER_LABEL,
-};
+pub use secrets::{run_secret_watch, SecretRefs};
 pub use status::{StatusPacing, StatusWriter};
-pub use webhook_user::{credentials_secret_name, run_webhook_user_controller, secret_value};
+pub use webhook_user::run_webhook_user_controller;
 
 use crate::clock::SharedClock;
+use crate::conventions::describe_kube_error;
 use crate::delivery::DeliveryEngine;
 use crate::domain::{ListenerId, OwnerKey};
 use crate::forwarder::ForwarderRegistry;
@@ -50,10 +48,6 @@ pub const FINALIZER: &str = "webhooks.crownstone.rocks/cleanup";
 
 /// How long listener-count refreshes of a WebhookUser are gathered before one reconcile.
 pub const COUNT_REFRESH: Duration = Duration::from_millis(500);
-
-/// The longest message the operator copies into a condition, `lastError` or an Event: text that
-/// comes from outside (an event server, a receiver) never grows status without bound.
-pub const MAX_MESSAGE_CHARS: usize = 256;
 
 /// What the reconcilers share.
 pub struct Context {
@@ -207,30 +201,6 @@ impl Error {
     }
 }
 
-/// One readable sentence for a Kubernetes API error: what the server said, not a struct dump.
-pub fn describe_kube_error(error: &kube::Error) -> String {
-    match error {
-        kube::Error::Api(status) => {
-            let message = if status.message.is_empty() {
-                "no message"
-            } else {
-                &status.message
-            };
-            format!(
-                "the API server answered {} ({}): {}",
-                status.code,
-                if status.reason.is_empty() {
-                    "no reason"
-                } else {
-                    &status.reason
-                },
-                cap_message(message)
-            )
-        }
-        other => cap_message(&other.to_string()),
-    }
-}
-
 fn describe_finalizer_error(error: &finalizer::Error<Error>) -> String {
     match error {
         finalizer::Error::ApplyFailed(inner) => inner.to_string(),
@@ -253,14 +223,6 @@ fn describe_finalizer_error(error: &finalizer::Error<Error>) -> String {
 impl From<finalizer::Error<Error>> for Error {
     fn from(error: finalizer::Error<Error>) -> Self {
         Error::Finalizer(Box::new(error))
-    }
-}
-
-/// Text from outside, cut to [`MAX_MESSAGE_CHARS`] characters on a character boundary.
-pub fn cap_message(text: &str) -> String {
-    match text.char_indices().nth(MAX_MESSAGE_CHARS) {
-        None => text.to_owned(),
-        Some((end, _)) => format!("{}…", &text[..end]),
     }
 }
 
@@ -566,13 +528,5 @@ mod tests {
         assert_eq!(transient_backoff(2), Duration::from_secs(2));
         assert_eq!(transient_backoff(5), Duration::from_secs(16));
         assert_eq!(transient_backoff(50), Duration::from_secs(300));
-    }
-
-    #[test]
-    fn messages_from_outside_are_capped() {
-        assert_eq!(cap_message("short"), "short");
-        let long = "é".repeat(1000);
-        let capped = cap_message(&long);
-        assert_eq!(capped.chars().count(), MAX_MESSAGE_CHARS + 1);
     }
 }

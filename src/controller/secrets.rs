@@ -7,45 +7,16 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PartialObjectMeta};
+use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, WatchStreamExt};
 
 use super::secret_cache::SecretKey;
-use super::webhook_user::user_of_credentials_secret;
 use super::Context;
+use crate::conventions::user_of_credentials_secret;
 use crate::domain::ListenerId;
 use crate::health::WatchHealth;
 use crate::resources::WebhookUser;
-
-/// Label on every object the operator created, and the mark that lets it delete or rewrite a
-/// Secret: a token Secret carrying it is deleted with the last Listener that names it. A Secret
-/// without it is only ever read.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "crownstone-webhooks");
-/// Annotation on a credentials Secret naming the WebhookUser it belongs to. An annotation, not a
-/// label: WebhookUser names may be longer than a label value may be.
-pub const USER_LABEL: &str = "webhooks.crownstone.rocks/webhookuser";
-
-/// The labels that mark an object as the operator's: `{MANAGED_BY}`.
-pub fn managed_labels() -> std::collections::BTreeMap<String, String> {
-    std::collections::BTreeMap::from([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())])
-}
-
-/// Whether the operator created, or was explicitly given, this object.
-pub fn is_managed(meta: &ObjectMeta) -> bool {
-    meta.labels
-        .as_ref()
-        .and_then(|labels| labels.get(MANAGED_BY.0))
-        .is_some_and(|value| value == MANAGED_BY.1)
-}
-
-/// The WebhookUser a managed credentials Secret says it belongs to.
-pub fn credentials_owner(meta: &ObjectMeta) -> Option<&str> {
-    meta.annotations
-        .as_ref()?
-        .get(USER_LABEL)
-        .map(String::as_str)
-}
 
 /// Listeners by the token Secret they name, kept by the Listener reconciler.
 #[derive(Default)]
@@ -149,23 +120,6 @@ pub async fn run_secret_watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
-
-    #[test]
-    fn only_the_managed_by_label_makes_a_secret_managed() {
-        let mut meta = ObjectMeta::default();
-        assert!(!is_managed(&meta));
-        meta.labels = Some(BTreeMap::from([(
-            MANAGED_BY.0.to_owned(),
-            "someone-else".to_owned(),
-        )]));
-        assert!(!is_managed(&meta));
-        meta.labels = Some(BTreeMap::from([(
-            MANAGED_BY.0.to_owned(),
-            MANAGED_BY.1.to_owned(),
-        )]));
-        assert!(is_managed(&meta));
-    }
 
     #[test]
     fn secret_refs_find_listeners_by_secret_and_follow_changes() {

@@ -16,8 +16,9 @@ use kube::Resource;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{apply_status, cap_message, describe_kube_error, is_not_found, Context};
+use super::{apply_status, is_not_found, Context};
 use crate::clock::format_day;
+use crate::conventions::{cap_message, describe_kube_error};
 use crate::delivery::ListenerReport;
 use crate::domain::{ListenerId, OwnerKey};
 use crate::index::DayUsage;

@@ -18,27 +18,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::conditions::{same_conditions, to_conditions, DesiredCondition};
-use super::credentials::{generate_credentials, API_KEY, CLIENT_SECRET};
-use super::secrets::{credentials_owner, is_managed, managed_labels, USER_LABEL};
+use super::credentials::generate_credentials;
 use super::{delete_if_present, Context, Error, FINALIZER};
+use crate::conventions::{
+    credentials_owner, credentials_secret_name, is_managed, managed_labels, secret_value, API_KEY,
+    CLIENT_SECRET, USER_ANNOTATION,
+};
 use crate::domain::{ClientSecret, OwnerKey};
 use crate::index::{OwnerEntry, RoutingIndex};
 use crate::resources::{Listener, WebhookUser};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-
-const CREDENTIALS_SUFFIX: &str = "-credentials";
-
-/// The name of a WebhookUser's credentials Secret.
-pub fn credentials_secret_name(user: &str) -> String {
-    format!("{user}{CREDENTIALS_SUFFIX}")
-}
-
-/// The WebhookUser whose credentials Secret this could be, by its name.
-pub(super) fn user_of_credentials_secret(secret: &str) -> Option<&str> {
-    secret
-        .strip_suffix(CREDENTIALS_SUFFIX)
-        .filter(|user| !user.is_empty())
-}
 
 /// Runs the WebhookUser controller until `shutdown` resolves. `triggers` come from the Secret
 /// watch (a credentials Secret changed) and the Listener reconciler (a Listener came or went).
@@ -151,7 +140,10 @@ fn credentials_secret(user: &WebhookUser, name: &str, credentials: &super::Crede
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             labels: Some(managed_labels()),
-            annotations: Some(BTreeMap::from([(USER_LABEL.to_owned(), user.name_any())])),
+            annotations: Some(BTreeMap::from([(
+                USER_ANNOTATION.to_owned(),
+                user.name_any(),
+            )])),
             owner_references: user.controller_owner_ref(&()).map(|r| vec![r]),
             ..ObjectMeta::default()
         },
@@ -168,13 +160,6 @@ fn credentials_secret(user: &WebhookUser, name: &str, credentials: &super::Crede
         type_: Some("Opaque".to_owned()),
         ..Secret::default()
     }
-}
-
-/// A non-empty UTF-8 value of a Secret key, trimmed.
-pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
-    let bytes = secret.data.as_ref()?.get(key)?;
-    let value = std::str::from_utf8(&bytes.0).ok()?.trim();
-    (!value.is_empty()).then(|| value.to_owned())
 }
 
 /// The part of a WebhookUser's status its reconciler owns.
@@ -309,17 +294,4 @@ async fn cleanup(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<A
     }
     tracing::info!(namespace, user = %name, "Deleted the WebhookUser with its listeners and credentials.");
     Ok(Action::await_change())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_secrets_name_their_user() {
-        assert_eq!(credentials_secret_name("acme"), "acme-credentials");
-        assert_eq!(user_of_credentials_secret("acme-credentials"), Some("acme"));
-        assert_eq!(user_of_credentials_secret("-credentials"), None);
-        assert_eq!(user_of_credentials_secret("acme-token"), None);
-    }
 }

@@ -20,8 +20,9 @@ use super::{
     Backoff, InvalidTokenCause, Shared, StreamSettings, StreamState, Token, TokenHash, TokenNotice,
 };
 use crate::crownstone::{EventType, StreamFrame, SystemCode};
+use crate::domain::Skip;
 use crate::http1::Http1Transport;
-use crate::index::{Routed, Skip};
+use crate::index::Routed;
 
 /// The longest `Reconnecting` reason, in characters: it ends up in a Listener condition, and
 /// part of it can come from the event server or the network.

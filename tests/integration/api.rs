@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crownstone_webhooks::api::AdminKeySource;
-use crownstone_webhooks::controller::MANAGED_BY;
+use crownstone_webhooks::conventions::MANAGED_BY;
 use crownstone_webhooks::crownstone::samples;
 use crownstone_webhooks::delivery::SigningKey;
 use crownstone_webhooks::resources::{Listener, WebhookUser};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use crownstone_webhooks::clock::{SharedClock, SystemClock};
 use crownstone_webhooks::config::OperatorArgs;
-use crownstone_webhooks::controller::{managed_labels, CLIENT_SECRET};
+use crownstone_webhooks::conventions::{managed_labels, CLIENT_SECRET};
 use crownstone_webhooks::operator::{self, RunningOperator};
 use crownstone_webhooks::resources::{Listener, ListenerStatus, WebhookUser};
 use crownstone_webhooks::simulator::{RunningSimulator, Scope, SimulatorClient};
