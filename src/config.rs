@@ -23,9 +23,10 @@ pub struct OperatorArgs {
     #[arg(long, env = "DAILY_ALLOWANCE", default_value_t = 1000)]
     pub daily_allowance: u64,
 
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    pub watch_namespace: Option<String>,
+    /// Watch only these namespaces: a comma-separated list, and the flag may repeat. Unset or
+    /// empty: every namespace.
+    #[arg(long, env = "WATCH_NAMESPACE", value_parser = NamespaceList::parse)]
+    pub watch_namespace: Vec<NamespaceList>,
 
     /// Address of /healthz, /readyz and /metrics; on every interface by default, so a kubelet's
     /// probes and a Prometheus scrape reach it.
@@ -82,6 +83,97 @@ pub struct OperatorArgs {
     pub leader: LeaderArgs,
 }
 
+impl OperatorArgs {
+    /// Where the controllers watch, from every `--watch-namespace` given.
+    pub fn watch_scope(&self) -> WatchScope {
+        let mut namespaces: Vec<String> = Vec::new();
+        for name in self.watch_namespace.iter().flat_map(|list| &list.0) {
+            if !namespaces.contains(name) {
+                namespaces.push(name.clone());
+            }
+        }
+        if namespaces.is_empty() {
+            WatchScope::AllNamespaces
+        } else {
+            WatchScope::Namespaces(namespaces)
+        }
+    }
+}
+
+/// One `--watch-namespace` value: namespace names separated by commas; empty for none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceList(Vec<String>);
+
+impl NamespaceList {
+    /// Parses `team-a,team-b`; refuses an empty item and a name Kubernetes would refuse.
+    pub fn parse(value: &str) -> Result<NamespaceList, String> {
+        if value.trim().is_empty() {
+            return Ok(NamespaceList(Vec::new()));
+        }
+        value
+            .split(',')
+            .map(|name| {
+                let name = name.trim();
+                if name.is_empty() {
+                    Err(format!(
+                        "{value:?} has an empty namespace name between commas"
+                    ))
+                } else if is_dns_label(name) {
+                    Ok(name.to_owned())
+                } else {
+                    Err(format!(
+                        "{name:?} is not a namespace name: at most 63 lower-case letters, digits \
+                         and '-', starting and ending with a letter or digit"
+                    ))
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map(NamespaceList)
+    }
+}
+
+/// Whether `name` is an RFC 1123 label, as namespace names are.
+fn is_dns_label(name: &str) -> bool {
+    let alphanumeric = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let bytes = name.as_bytes();
+    match (bytes.first(), bytes.last()) {
+        (Some(&first), Some(&last)) => {
+            bytes.len() <= 63
+                && alphanumeric(first)
+                && alphanumeric(last)
+                && bytes.iter().all(|&c| alphanumeric(c) || c == b'-')
+        }
+        _ => false,
+    }
+}
+
+/// The namespaces the operator watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchScope {
+    /// Every namespace: one cluster-wide watch per resource.
+    AllNamespaces,
+    /// These namespaces, each with its own watch per resource; never a cluster-wide list.
+    Namespaces(Vec<String>),
+}
+
+impl WatchScope {
+    /// Whether objects of `namespace` are watched.
+    pub fn contains(&self, namespace: &str) -> bool {
+        match self {
+            WatchScope::AllNamespaces => true,
+            WatchScope::Namespaces(namespaces) => namespaces.iter().any(|n| n == namespace),
+        }
+    }
+
+    /// The watched namespaces in the order given; `None` when every namespace is watched.
+    pub fn namespaces(&self) -> Option<&[String]> {
+        match self {
+            WatchScope::AllNamespaces => None,
+            WatchScope::Namespaces(namespaces) => Some(namespaces),
+        }
+    }
+}
+
 /// How logs are written.
 #[derive(clap::Args, Clone, Debug)]
 pub struct LogArgs {
@@ -128,7 +220,65 @@ mod tests {
         );
         assert_eq!(cli.operator.daily_allowance, 1000);
         assert_eq!(cli.operator.silence_timeout, Duration::from_secs(35));
-        assert!(cli.operator.watch_namespace.is_none());
+        assert_eq!(cli.operator.watch_scope(), WatchScope::AllNamespaces);
+    }
+
+    fn scope(args: &[&str]) -> Result<WatchScope, clap::Error> {
+        let mut all = vec!["x"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|cli| cli.operator.watch_scope())
+    }
+
+    fn namespaces(names: &[&str]) -> WatchScope {
+        WatchScope::Namespaces(names.iter().map(|n| (*n).to_owned()).collect())
+    }
+
+    #[test]
+    fn watched_namespaces_are_a_list_the_flag_repeats_and_empty_means_all() {
+        assert_eq!(
+            scope(&["--watch-namespace", "a"]).unwrap(),
+            namespaces(&["a"])
+        );
+        assert_eq!(
+            scope(&["--watch-namespace", "team-a,team-b"]).unwrap(),
+            namespaces(&["team-a", "team-b"])
+        );
+        assert_eq!(
+            scope(&["--watch-namespace", "b, a", "--watch-namespace", "c,a"]).unwrap(),
+            namespaces(&["b", "a", "c"]),
+            "in the order given, each once"
+        );
+        assert_eq!(
+            scope(&["--watch-namespace", ""]).unwrap(),
+            WatchScope::AllNamespaces
+        );
+        assert_eq!(
+            scope(&["--watch-namespace", " "]).unwrap(),
+            WatchScope::AllNamespaces
+        );
+        let two = namespaces(&["a", "b"]);
+        assert!(two.contains("a") && two.contains("b") && !two.contains("c"));
+        assert!(WatchScope::AllNamespaces.contains("kube-system"));
+        assert_eq!(WatchScope::AllNamespaces.namespaces(), None);
+    }
+
+    #[test]
+    fn a_bad_namespace_list_is_refused_naming_the_culprit() {
+        for (value, culprit) in [
+            ("a,,b", "empty namespace name"),
+            ("a,", "empty namespace name"),
+            ("Team-A", "\"Team-A\" is not a namespace name"),
+            ("a,b_c", "\"b_c\" is not a namespace name"),
+            ("-a", "\"-a\" is not a namespace name"),
+            ("a-", "\"a-\" is not a namespace name"),
+        ] {
+            let flag = format!("--watch-namespace={value}");
+            let error = scope(&[&flag]).unwrap_err().to_string();
+            assert!(error.contains(culprit), "{value}: {error}");
+        }
+        let long = "a".repeat(64);
+        assert!(scope(&["--watch-namespace", &long]).is_err());
+        assert!(scope(&["--watch-namespace", &"a".repeat(63)]).is_ok());
     }
 
     #[test]

@@ -31,8 +31,9 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::SharedClock;
 use crate::config::OperatorArgs;
 use crate::controller::{
-    run_listener_controller, run_secret_watch, run_webhook_user_controller, Context, SecretCache,
-    SecretRefs, StatusPacing, StatusWriter, TriggerStreams, Triggers,
+    run_listener_controller, run_secret_watch, run_webhook_user_controller, scoped_apis,
+    scoped_watch, Context, SecretCache, SecretRefs, StatusPacing, StatusWriter, TriggerStreams,
+    Triggers,
 };
 use crate::delivery::{DeliveryConfig, DeliveryEngine, DeliveryError};
 use crate::domain::ListenerId;
@@ -146,17 +147,6 @@ async fn wait_for_crds(client: &Client) -> Result<(), OperatorError> {
     Ok(())
 }
 
-fn api_in<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    <K as kube::Resource>::DynamicType: Default,
-{
-    match namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    }
-}
-
 /// Reconciles in flight per controller. Most reconciles answer from caches in microseconds;
 /// the rest wait on the API server, and each one in flight holds a connection to it: 10,000 at
 /// once (an operator starting over 10,000 Listeners) would open thousands of TLS connections,
@@ -194,16 +184,16 @@ pub async fn start(
         forwarder_metrics,
     );
 
-    let namespace = args.watch_namespace.as_deref();
+    let scope = args.watch_scope();
     let health = Arc::new(Health::default());
     let (users, users_stream) = reflected(
-        api_in::<WebhookUser>(&client, namespace),
+        scoped_apis::<WebhookUser>(&client, &scope),
         health.clone(),
         |h| &h.users,
     );
     let (listener_events, listener_event_stream) = mpsc::unbounded_channel();
     let (listeners, listeners_stream) = reflected(
-        api_in::<Listener>(&client, namespace),
+        scoped_apis::<Listener>(&client, &scope),
         health.clone(),
         |h| &h.listeners,
     );
@@ -267,7 +257,7 @@ pub async fn start(
                 .leader_election_namespace
                 .clone()
                 .or_else(|| std::env::var("POD_NAMESPACE").ok())
-                .or_else(|| args.watch_namespace.clone())
+                .or_else(|| scope.namespaces().and_then(|n| n.first()).cloned())
                 .unwrap_or_else(|| "default".to_owned());
             let lock = LeaseLock::new(
                 client.clone(),
@@ -305,7 +295,7 @@ pub async fn start(
         trigger_streams,
         notices,
         listener_event_stream,
-        secrets_api: api_in::<PartialObjectMeta<Secret>>(&client, namespace),
+        secrets_apis: scoped_apis::<PartialObjectMeta<Secret>>(&client, &scope),
         secrets_health: health.secrets.clone(),
         status_pacing: StatusPacing {
             interval: args.status_interval,
@@ -341,7 +331,7 @@ struct ActiveParts {
     trigger_streams: TriggerStreams,
     notices: mpsc::UnboundedReceiver<TokenNotice>,
     listener_event_stream: mpsc::UnboundedReceiver<ListenerWatchEvent>,
-    secrets_api: Api<PartialObjectMeta<Secret>>,
+    secrets_apis: Vec<Api<PartialObjectMeta<Secret>>>,
     secrets_health: Arc<WatchHealth>,
     status_pacing: StatusPacing,
 }
@@ -371,7 +361,7 @@ async fn lead(
         trigger_streams,
         notices,
         listener_event_stream,
-        secrets_api,
+        secrets_apis,
         secrets_health,
         status_pacing,
     } = parts;
@@ -391,7 +381,7 @@ async fn lead(
             controllers_stop.clone().cancelled_owned(),
         )),
         tokio::spawn(run_secret_watch(
-            secrets_api,
+            secrets_apis,
             ctx.clone(),
             secrets_health,
             controllers_stop.clone().cancelled_owned(),
@@ -460,9 +450,10 @@ async fn lead(
     }
 }
 
-/// A cache of `K` fed by a watch whose health (first full list, errors) is recorded in `watch`.
+/// A cache of `K` fed by a watch of `apis` (one per watched namespace, or one for all) whose
+/// health (first full list, errors) is recorded in `watch`.
 fn reflected<K>(
-    api: Api<K>,
+    apis: Vec<Api<K>>,
     health: Arc<Health>,
     watch: fn(&Health) -> &WatchHealth,
 ) -> (
@@ -475,16 +466,18 @@ where
 {
     let (reader, writer) = reflector::store();
     // Errors pass on to the controller, whose trigger backoff paces the retries.
-    let stream = watcher(api, watcher::Config::default().any_semantic())
-        .modify(crate::resources::strip_bookkeeping)
-        .reflect(writer)
-        .inspect(move |event| {
-            let health = watch(&health);
-            health.record(event.is_ok());
-            if matches!(event, Ok(watcher::Event::InitDone)) {
-                health.mark_synced();
-            }
-        });
+    let stream = scoped_watch(apis, |api| {
+        watcher(api, watcher::Config::default().any_semantic())
+            .modify(crate::resources::strip_bookkeeping)
+    })
+    .reflect(writer)
+    .inspect(move |event| {
+        let health = watch(&health);
+        health.record(event.is_ok());
+        if matches!(event, Ok(watcher::Event::InitDone)) {
+            health.mark_synced();
+        }
+    });
     (reader, stream)
 }
 

@@ -4,6 +4,7 @@ mod conditions;
 mod credentials;
 mod listener;
 mod owners;
+mod scoped_watch;
 mod secret_cache;
 mod secrets;
 mod status;
@@ -28,6 +29,7 @@ pub use conditions::{listener_conditions, ListenerObservation, OwnerState, Token
 pub use credentials::{generate_credentials, Credentials};
 pub use listener::run_listener_controller;
 pub use owners::ListenersByOwner;
+pub use scoped_watch::{scoped_apis, scoped_watch};
 pub use secret_cache::SecretCache;
 pub use secret_cache::SecretKey;
 pub use secrets::{run_secret_watch, SecretRefs};

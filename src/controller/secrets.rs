@@ -78,12 +78,14 @@ impl SecretRefs {
 /// changed Secret and the WebhookUser whose credentials Secret changed. Runs until the stream
 /// of `shutdown` ends.
 pub async fn run_secret_watch(
-    api: Api<PartialObjectMeta<Secret>>,
+    apis: Vec<Api<PartialObjectMeta<Secret>>>,
     ctx: Arc<Context>,
     health: Arc<WatchHealth>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let stream = watcher(api, watcher::Config::default().any_semantic()).default_backoff();
+    let stream = super::scoped_watch(apis, |api| {
+        watcher(api, watcher::Config::default().any_semantic()).default_backoff()
+    });
     let mut stream = std::pin::pin!(stream);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
