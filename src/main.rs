@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use crownstone_webhooks::api::{self, ApiArgs, ApiEventsArgs, ApiSettings};
+use crownstone_webhooks::api::{self, ApiArgs, ApiEventsArgs, ApiMetricsExport, ApiSettings};
 use crownstone_webhooks::clock::SystemClock;
 use crownstone_webhooks::config::{LogArgs, OperatorArgs, WatchScope};
 use crownstone_webhooks::operator::RunningOperator;
@@ -190,7 +190,7 @@ async fn run_all(operator_args: OperatorArgs, api_args: ApiArgs) -> Result<(), S
         },
         (None, WatchScope::AllNamespaces) => client.default_namespace().to_owned(),
     };
-    let settings = ApiSettings::new(
+    let mut settings = ApiSettings::new(
         &api_args,
         namespace,
         operator_args.events_url.clone(),
@@ -200,6 +200,8 @@ async fn run_all(operator_args: OperatorArgs, api_args: ApiArgs) -> Result<(), S
         crownstone_webhooks::operator::start(client.clone(), operator_args, Arc::new(SystemClock))
             .await
             .map_err(|e| e.to_string())?;
+    // One metrics port for the whole process: the operator's, off the public API port.
+    settings.metrics = ApiMetricsExport::Registry(operator.metrics_registry());
     let facade = match api::start(client, settings, Some(operator.forwarders().clone())).await {
         Ok(facade) => facade,
         Err(error) => {

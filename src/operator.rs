@@ -97,6 +97,7 @@ struct HealthState {
 /// A running operator.
 pub struct RunningOperator {
     health_addr: SocketAddr,
+    registry: Arc<Mutex<Registry>>,
     forwarders: ForwarderRegistry,
     stop: CancellationToken,
     /// Cancelled when this replica lost its lease and stopped leading.
@@ -108,6 +109,12 @@ impl RunningOperator {
     /// Where /healthz, /readyz and /metrics are served.
     pub fn health_addr(&self) -> SocketAddr {
         self.health_addr
+    }
+
+    /// The registry served on /metrics at [`Self::health_addr`]: the REST facade of the same
+    /// process registers its metrics here, so one port serves them all.
+    pub fn metrics_registry(&self) -> Arc<Mutex<Registry>> {
+        self.registry.clone()
     }
 
     /// The forwarders: which tokens stream, and in what state. The REST facade trusts a token
@@ -279,7 +286,7 @@ pub async fn start(
         .route("/metrics", get(metrics))
         .with_state(HealthState {
             health: health.clone(),
-            registry,
+            registry: registry.clone(),
         });
     let server_stop = stop.clone();
     let server = tokio::spawn(async move {
@@ -315,6 +322,7 @@ pub async fn start(
     tracing::info!(%health_addr, events_url = %args.events_url, "Operator started.");
     Ok(RunningOperator {
         health_addr,
+        registry,
         forwarders: registry_handle,
         stop,
         lost,

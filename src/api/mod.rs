@@ -102,9 +102,14 @@ impl FromStr for SecretKeyName {
 /// Settings of the REST facade, from flags or the environment.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ApiArgs {
-    /// Address of the REST API (and of its /healthz, /readyz and /metrics).
+    /// Address of the REST API (and of its /healthz and /readyz; never of its metrics).
     #[arg(long, env = "API_LISTEN", default_value = "0.0.0.0:8082")]
     pub api_listen: SocketAddr,
+
+    /// Address of the REST API's /metrics in the `api` process, apart from the public port. In
+    /// `run` the API's metrics are served with the operator's, on HEALTH_LISTEN.
+    #[arg(long, env = "API_METRICS_LISTEN", default_value = "0.0.0.0:8083")]
+    pub api_metrics_listen: SocketAddr,
 
     /// The namespace the facade's WebhookUsers, Listeners and Secrets live in (default: the
     /// namespace the controller watches, else the one the process runs in, else `default`).
@@ -159,10 +164,21 @@ pub enum AdminKeySource {
     Secret(SecretKeyName),
 }
 
+/// Where the facade's metrics are served: never on the public REST port, which anyone who may
+/// call the API reaches.
+#[derive(Clone, Debug)]
+pub enum ApiMetricsExport {
+    /// On `/metrics` of a server of their own at this address.
+    Listen(SocketAddr),
+    /// In this registry, which the operator of the same process serves on its metrics port.
+    Registry(Arc<Mutex<Registry>>),
+}
+
 /// Everything the facade runs with.
 #[derive(Clone, Debug)]
 pub struct ApiSettings {
     pub listen: SocketAddr,
+    pub metrics: ApiMetricsExport,
     pub namespace: String,
     pub admin_key: AdminKeySource,
     pub events_url: Url,
@@ -186,6 +202,7 @@ impl ApiSettings {
         };
         ApiSettings {
             listen: args.api_listen,
+            metrics: ApiMetricsExport::Listen(args.api_metrics_listen),
             namespace,
             admin_key,
             events_url,
@@ -218,7 +235,6 @@ pub(crate) struct Shared {
     checker: TokenChecker,
     credentials_wait: Duration,
     write_wait: Duration,
-    registry: Mutex<Registry>,
     document: String,
 }
 
@@ -252,6 +268,7 @@ pub(crate) fn router_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 /// A running facade.
 pub struct RunningApi {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     cache: Arc<FacadeCache>,
     admin_watch: Option<Arc<WatchHealth>>,
     stop: CancellationToken,
@@ -262,6 +279,12 @@ impl RunningApi {
     /// Where the REST API is served.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the facade's own metrics server listens; `None` when they are in the operator's
+    /// registry.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Waits until the caches have listed once; false after `deadline`.
@@ -289,8 +312,14 @@ pub async fn start(
     settings: ApiSettings,
     forwarders: Option<ForwarderRegistry>,
 ) -> Result<RunningApi, ApiStartError> {
-    let mut registry = Registry::with_prefix("crownstone_webhooks");
-    let metrics = ApiMetrics::register(&mut registry);
+    let (registry, own_metrics) = match &settings.metrics {
+        ApiMetricsExport::Listen(addr) => (
+            Arc::new(Mutex::new(Registry::with_prefix("crownstone_webhooks"))),
+            Some(*addr),
+        ),
+        ApiMetricsExport::Registry(registry) => (registry.clone(), None),
+    };
+    let metrics = ApiMetrics::register(&mut registry.lock());
     let checker = TokenChecker::new(
         &settings.events_url,
         settings.events_proxy.as_ref(),
@@ -305,6 +334,16 @@ pub async fn start(
                 addr: settings.listen,
                 source,
             })?;
+
+    let metrics_server = match own_metrics {
+        Some(addr) => Some(
+            crate::net::bind(addr)
+                .await
+                .map_err(|source| ApiStartError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_server.as_ref().map(|(_, addr)| *addr);
 
     let stop = CancellationToken::new();
     let cache = Arc::new(FacadeCache::default());
@@ -343,14 +382,12 @@ pub async fn start(
         checker,
         credentials_wait: settings.credentials_wait,
         write_wait: WRITE_WAIT,
-        registry: Mutex::new(registry),
         document,
     }));
     let app = routes
         .route("/api/openapi.json", get(openapi_json))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -360,6 +397,17 @@ pub async fn start(
         .layer(DefaultBodyLimit::max(input::MAX_BODY_BYTES))
         .with_state(state);
 
+    if let Some((metrics_listener, _)) = metrics_server {
+        let metrics_app = Router::new()
+            .route("/metrics", get(metrics_text))
+            .with_state(registry);
+        let metrics_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(metrics_listener, metrics_app)
+                .with_graceful_shutdown(metrics_stop.cancelled_owned())
+                .await;
+        }));
+    }
     let server_stop = stop.clone();
     let task = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app)
@@ -376,6 +424,7 @@ pub async fn start(
     tracing::info!(%addr, namespace = %settings.namespace, "REST API started.");
     Ok(RunningApi {
         addr,
+        metrics_addr,
         cache,
         admin_watch,
         stop,
@@ -463,10 +512,10 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+async fn metrics_text(State(registry): State<Arc<Mutex<Registry>>>) -> impl IntoResponse {
     let mut body = String::new();
     let encoded = {
-        let registry = state.registry.lock();
+        let registry = registry.lock();
         prometheus_client::encoding::text::encode(&mut body, &registry)
     };
     match encoded {
@@ -509,6 +558,7 @@ mod tests {
     fn defaults_and_the_two_admin_key_sources() {
         let cli = Cli::try_parse_from(["x"]).unwrap();
         assert_eq!(cli.api.api_listen.port(), 8082);
+        assert_eq!(cli.api.api_metrics_listen.port(), 8083);
         assert!(cli.api.api_namespace.is_none());
         let cli = Cli::try_parse_from(["x", "--admin-key-secret", "admin/key"]).unwrap();
         assert_eq!(

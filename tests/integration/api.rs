@@ -1135,7 +1135,14 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     assert!(f.listeners(&acme).await.is_empty());
     // Each refusal was counted by status, none as a server error.
     let metrics = f
-        .call_at(f.base(), Method::GET, "/metrics", Key::None, None, None)
+        .call_at(
+            f.metrics_base(),
+            Method::GET,
+            "/metrics",
+            Key::None,
+            None,
+            None,
+        )
         .await
         .text;
     let route =
@@ -1306,7 +1313,14 @@ async fn the_openapi_document_health_and_metrics_are_served() {
         .await
         .expect(404);
     let text = f
-        .call_at(f.base(), Method::GET, "/metrics", Key::None, None, None)
+        .call_at(
+            f.metrics_base(),
+            Method::GET,
+            "/metrics",
+            Key::None,
+            None,
+            None,
+        )
         .await
         .text;
     for series in [

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crownstone_webhooks::api::{self, AdminKeySource, ApiSettings, RunningApi, SecretKeyName};
+use crownstone_webhooks::api::{
+    self, AdminKeySource, ApiMetricsExport, ApiSettings, RunningApi, SecretKeyName,
+};
 use crownstone_webhooks::forwarder::ForwarderRegistry;
 use crownstone_webhooks::resources::Listener;
 use k8s_openapi::api::core::v1::Secret;
@@ -82,6 +84,7 @@ pub struct Facade {
     _api: RunningApi,
     pub admin_key: String,
     base: String,
+    metrics_base: String,
     http: reqwest::Client,
 }
 
@@ -89,6 +92,7 @@ pub struct Facade {
 pub fn test_settings(h: &Harness, admin_key: AdminKeySource) -> ApiSettings {
     ApiSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
+        metrics: ApiMetricsExport::Listen("127.0.0.1:0".parse().unwrap()),
         namespace: h.ns.name.clone(),
         admin_key,
         events_url: Url::parse(&h.sim.base_url()).unwrap(),
@@ -133,8 +137,10 @@ impl Facade {
 
     fn around(h: Harness, api: RunningApi, admin_key: String) -> Facade {
         let base = format!("http://{}", api.addr());
+        let metrics_base = format!("http://{}", api.metrics_addr().expect("own metrics server"));
         Facade {
             h,
+            metrics_base,
             _api: api,
             admin_key,
             base,
@@ -148,6 +154,11 @@ impl Facade {
     /// `http://127.0.0.1:<port>`.
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// `http://127.0.0.1:<port>` of the facade's metrics server.
+    pub fn metrics_base(&self) -> &str {
+        &self.metrics_base
     }
 
     /// Sends `method path` with `key` and an optional JSON body.
@@ -288,7 +299,14 @@ impl Facade {
     /// The value of one series of the facade's `/metrics`; 0 when absent.
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self
-            .call_at(&self.base, Method::GET, "/metrics", Key::None, None, None)
+            .call_at(
+                &self.metrics_base,
+                Method::GET,
+                "/metrics",
+                Key::None,
+                None,
+                None,
+            )
             .await
             .text;
         metric_value(&text, series)
