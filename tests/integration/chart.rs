@@ -33,7 +33,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// `helm template` of the chart as release `release` in `namespace`, with `args`.
-fn render(release: &str, namespace: &str, args: &[&str]) -> String {
+pub(crate) fn render(release: &str, namespace: &str, args: &[&str]) -> String {
     run_ok(
         Command::new(helm())
             .args(["template", release])
@@ -44,7 +44,7 @@ fn render(release: &str, namespace: &str, args: &[&str]) -> String {
 }
 
 /// Applies manifests with kubectl, server-side; `dry_run` asks the server to check them only.
-fn apply(kubeconfig: &Path, manifests: &str, dry_run: bool) {
+pub(crate) fn apply(kubeconfig: &Path, manifests: &str, dry_run: bool) {
     let mut child = Command::new(&control_plane().kubectl)
         .arg("--kubeconfig")
         .arg(kubeconfig)
@@ -261,7 +261,7 @@ async fn both_renders_apply_to_a_real_api_server() {
                     "-f",
                     all.to_str().unwrap(),
                     "--set",
-                    &format!("watchNamespace={}", ns.name),
+                    &format!("watchNamespaces={{{}}}", ns.name),
                 ],
             ),
         ),
@@ -315,7 +315,7 @@ async fn both_renders_apply_to_a_real_api_server() {
 }
 
 /// A kubeconfig for the test run's control plane that authenticates with `token` alone.
-fn kubeconfig_with_token(dir: &Path, token: &str) -> PathBuf {
+pub(crate) fn kubeconfig_with_token(dir: &Path, token: &str) -> PathBuf {
     let admin = std::fs::read_to_string(&control_plane().kubeconfig).unwrap();
     let text: String = admin
         .lines()
@@ -343,7 +343,7 @@ struct Replica {
 
 const ADMIN_KEY: &str = "chart-test-admin-key";
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -360,6 +360,7 @@ impl Drop for Replica {
 
 fn start_replica(
     name: &'static str,
+    lease: &str,
     kubeconfig: &Path,
     events_url: &str,
     namespace: &str,
@@ -387,7 +388,7 @@ fn start_replica(
             "--leader-election-namespace",
             namespace,
             "--leader-election-lease",
-            "chart-test",
+            lease,
             "--lease-duration",
             "3s",
             "--lease-renew-deadline",
@@ -436,7 +437,7 @@ async fn two_replicas_run_on_the_charts_service_account_alone() {
         &ns.name,
         &[
             "--set",
-            &format!("watchNamespace={}", ns.name),
+            &format!("watchNamespaces={{{}}}", ns.name),
             "--set",
             &format!("fullnameOverride={release}"),
         ],
@@ -484,6 +485,7 @@ async fn two_replicas_run_on_the_charts_service_account_alone() {
     let mut replicas = vec![
         start_replica(
             "replica-a",
+            &release,
             &sa_kubeconfig,
             &events_url,
             &h.ns.name,
@@ -491,6 +493,7 @@ async fn two_replicas_run_on_the_charts_service_account_alone() {
         ),
         start_replica(
             "replica-b",
+            &release,
             &sa_kubeconfig,
             &events_url,
             &h.ns.name,
@@ -545,12 +548,7 @@ async fn two_replicas_run_on_the_charts_service_account_alone() {
     // Kill the leader outright: the standby takes over once the lease runs out.
     let leases = h.ns.api::<Lease>();
     let holder = eventually("a lease holder", WAIT, || async {
-        leases
-            .get_opt("chart-test")
-            .await
-            .ok()??
-            .spec?
-            .holder_identity
+        leases.get_opt(&release).await.ok()??.spec?.holder_identity
     })
     .await;
     let leader = replicas
@@ -562,7 +560,7 @@ async fn two_replicas_run_on_the_charts_service_account_alone() {
     killed.child.wait().unwrap();
     eventually("the standby leads", WAIT, || async {
         let holder = leases
-            .get_opt("chart-test")
+            .get_opt(&release)
             .await
             .ok()??
             .spec?

@@ -32,9 +32,38 @@ app.kubernetes.io/part-of: crownstone-webhooks
 {{- end }}
 {{- end }}
 
+{{/* The namespaces listed to watch, as JSON: watchNamespaces, else the deprecated
+watchNamespace, else the release namespace. */}}
+{{- define "crownstone-webhooks.listedNamespaces" -}}
+{{- $list := .Values.watchNamespaces | default list }}
+{{- if and (not $list) .Values.watchNamespace }}{{ $list = list .Values.watchNamespace }}{{ end }}
+{{- if not $list }}{{ $list = list .Release.Namespace }}{{ end }}
+{{- toJson (uniq $list) }}
+{{- end }}
+
 {{/* The namespace of the REST API's resources. */}}
 {{- define "crownstone-webhooks.apiNamespace" -}}
-{{- .Values.apiNamespace | default .Values.watchNamespace | default .Release.Namespace }}
+{{- .Values.apiNamespace | default (first (include "crownstone-webhooks.listedNamespaces" . | fromJsonArray)) }}
+{{- end }}
+
+{{/* Whether the pod serves the REST API. */}}
+{{- define "crownstone-webhooks.servesApi" -}}
+{{- if ne .Values.mode "controller" }}true{{ end }}
+{{- end }}
+
+{{/* The namespaces the operator makes Secrets in, each with a Role, as JSON: the listed ones
+and, when the REST API is served, its namespace, which is then watched too. */}}
+{{- define "crownstone-webhooks.roleNamespaces" -}}
+{{- $list := include "crownstone-webhooks.listedNamespaces" . | fromJsonArray }}
+{{- if include "crownstone-webhooks.servesApi" . }}
+{{- $list = append $list (include "crownstone-webhooks.apiNamespace" .) }}
+{{- end }}
+{{- toJson (uniq $list) }}
+{{- end }}
+
+{{/* The Lease the replicas elect a leader with, in the release namespace. */}}
+{{- define "crownstone-webhooks.leaseName" -}}
+{{- include "crownstone-webhooks.fullname" . }}
 {{- end }}
 
 {{- define "crownstone-webhooks.adminSecretName" -}}
@@ -45,18 +74,46 @@ app.kubernetes.io/part-of: crownstone-webhooks
 {{- if .Values.adminKey.existingSecret }}{{ .Values.adminKey.existingSecretKey }}{{ else }}adminKey{{ end }}
 {{- end }}
 
-{{/* What the operator may do with the resources of one namespace, or all. */}}
-{{- define "crownstone-webhooks.rules" -}}
+{{/* What the controller reads and writes in a namespace it watches (or in all), Secret
+writes aside: each verb is one the code uses. Listeners are deleted on expiry and with their
+WebhookUser; finalizers and ownerReferences are patched; status is server-side applied; Events
+are created and patched as kube's Recorder does. */}}
+{{- define "crownstone-webhooks.operatorRules" -}}
 - apiGroups: [webhooks.crownstone.rocks]
-  resources: [listeners, webhookusers]
-  verbs: [get, list, watch, create, patch, update, delete]
+  resources: [listeners]
+  verbs: [list, watch, patch, delete]
+- apiGroups: [webhooks.crownstone.rocks]
+  resources: [webhookusers]
+  verbs: [list, watch, patch]
 - apiGroups: [webhooks.crownstone.rocks]
   resources: [listeners/status, webhookusers/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- end }}
+
+{{/* Secret writes of the controller: a WebhookUser's credentials Secret is created, and deleted
+with the WebhookUser, as is a managed token Secret no Listener reads any more. */}}
+{{- define "crownstone-webhooks.secretWriteRules" -}}
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, delete]
+{{- end }}
+
+{{/* What the REST API does in its namespace: users and listeners are created, patched and
+deleted; token Secrets are created, rewritten (patch) and removed when a create is undone. */}}
+{{- define "crownstone-webhooks.apiRules" -}}
+- apiGroups: [webhooks.crownstone.rocks]
+  resources: [webhookusers]
+  verbs: [list, watch, create, patch, delete]
+- apiGroups: [webhooks.crownstone.rocks]
+  resources: [listeners]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch, create, patch, delete]
 {{- end }}
