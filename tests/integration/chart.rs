@@ -151,6 +151,9 @@ fn the_schema_refuses_bad_values_with_a_clear_message() {
         ("eventsUrl=ftp://x", "/eventsUrl"),
         ("containerPorts.api=70000", "/containerPorts/api"),
         ("replicas=2", "replicas"),
+        ("watchNamespaces={team-a,Team_B}", "/watchNamespaces/1"),
+        ("watchNamespaces=team-a", "/watchNamespaces"),
+        ("clusterWide=maybe", "/clusterWide"),
     ] {
         let output = Command::new(helm())
             .args(["template", "r"])
