@@ -86,7 +86,7 @@ crownstone-webhooks runs locally.
   Kubernetes API    export KUBECONFIG=$KUBECONFIG   (kubectl: $kubectl)
   Simulator         http://127.0.0.1:$sim_port      (Crownstone event server stand-in)
   REST API          $api  (OpenAPI: $api/openapi.json; namespace demo)
-  Operator          http://127.0.0.1:$health_port/metrics
+  Metrics           http://127.0.0.1:$health_port/metrics (operator and REST API)
   Demo receiver     http://127.0.0.1:$receiver_port  (crownstone-webhooks receive: verifies and prints deliveries to $state/logs/receiver.log)
   Logs              $state/logs/
 
