@@ -165,6 +165,28 @@ impl WatchScope {
         }
     }
 
+    /// The REST API's namespace when the API runs beside this controller: `requested` if the
+    /// controller watches it, else the one watched namespace, else `fallback` when every
+    /// namespace is watched. `Err` says why none fits.
+    pub fn api_namespace(&self, requested: Option<&str>, fallback: &str) -> Result<String, String> {
+        match (requested, self) {
+            (Some(api), scope) if !scope.contains(api) => Err(format!(
+                "the REST API's namespace ({api}) is not one the controller watches: its \
+                 Listeners would never be reconciled"
+            )),
+            (Some(namespace), _) => Ok(namespace.to_owned()),
+            (None, WatchScope::Namespaces(watched)) => match watched.as_slice() {
+                [only] => Ok(only.clone()),
+                _ => Err(
+                    "the controller watches several namespaces: set the REST API's namespace \
+                     (--api-namespace, API_NAMESPACE) to one of them"
+                        .to_owned(),
+                ),
+            },
+            (None, WatchScope::AllNamespaces) => Ok(fallback.to_owned()),
+        }
+    }
+
     /// The watched namespaces in the order given; `None` when every namespace is watched.
     pub fn namespaces(&self) -> Option<&[String]> {
         match self {
@@ -260,6 +282,23 @@ mod tests {
         assert!(two.contains("a") && two.contains("b") && !two.contains("c"));
         assert!(WatchScope::AllNamespaces.contains("kube-system"));
         assert_eq!(WatchScope::AllNamespaces.namespaces(), None);
+    }
+
+    #[test]
+    fn the_apis_namespace_must_be_a_watched_one() {
+        let two = namespaces(&["a", "b"]);
+        assert_eq!(two.api_namespace(Some("b"), "pod").unwrap(), "b");
+        let outside = two.api_namespace(Some("c"), "pod").unwrap_err();
+        assert!(
+            outside.contains("(c) is not one the controller watches"),
+            "{outside}"
+        );
+        let unset = two.api_namespace(None, "pod").unwrap_err();
+        assert!(unset.contains("set the REST API's namespace"), "{unset}");
+        assert_eq!(namespaces(&["a"]).api_namespace(None, "pod").unwrap(), "a");
+        let all = WatchScope::AllNamespaces;
+        assert_eq!(all.api_namespace(None, "pod").unwrap(), "pod");
+        assert_eq!(all.api_namespace(Some("x"), "pod").unwrap(), "x");
     }
 
     #[test]

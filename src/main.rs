@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use crownstone_webhooks::api::{self, ApiArgs, ApiEventsArgs, ApiMetricsExport, ApiSettings};
 use crownstone_webhooks::clock::SystemClock;
-use crownstone_webhooks::config::{LogArgs, OperatorArgs, WatchScope};
+use crownstone_webhooks::config::{LogArgs, OperatorArgs};
 use crownstone_webhooks::operator::RunningOperator;
 use crownstone_webhooks::receiver::{self, ReceiveArgs};
 use crownstone_webhooks::simulator::{self, SimulatorArgs};
@@ -170,26 +170,10 @@ async fn run_api(args: ApiArgs, events: ApiEventsArgs) -> Result<(), String> {
 /// process's forwarders already stream.
 async fn run_all(operator_args: OperatorArgs, api_args: ApiArgs) -> Result<(), String> {
     let client = kube_client().await?;
-    let namespace = match (&api_args.api_namespace, operator_args.watch_scope()) {
-        (Some(api), scope) if !scope.contains(api) => {
-            return Err(format!(
-                "the REST API's namespace ({api}) is not one the controller watches: its \
-                 Listeners would never be reconciled"
-            ))
-        }
-        (Some(namespace), _) => namespace.clone(),
-        (None, WatchScope::Namespaces(watched)) => match watched.as_slice() {
-            [only] => only.clone(),
-            _ => {
-                return Err(
-                    "the controller watches several namespaces: set the REST API's namespace \
-                     (--api-namespace, API_NAMESPACE) to one of them"
-                        .to_owned(),
-                )
-            }
-        },
-        (None, WatchScope::AllNamespaces) => client.default_namespace().to_owned(),
-    };
+    let namespace = operator_args.watch_scope().api_namespace(
+        api_args.api_namespace.as_deref(),
+        client.default_namespace(),
+    )?;
     let mut settings = ApiSettings::new(
         &api_args,
         namespace,
