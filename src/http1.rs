@@ -513,7 +513,7 @@ impl Stream for Body {
 }
 
 #[cfg(test)]
-mod proptests;
+pub(crate) mod proptests;
 
 /// TLS for tests: a certificate for `localhost` and a server that presents it.
 #[cfg(test)]
