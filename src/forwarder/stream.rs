@@ -7,7 +7,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::events::{EventStreamClient, OpenError, StreamEnded};
+use super::events::{EventStreamClient, StreamEnded};
 use super::{Backoff, InvalidTokenCause, Shared, StreamState, Token, TokenHash, TokenNotice};
 use crate::crownstone::{EventType, StreamFrame, SystemCode};
 use crate::domain::Skip;
@@ -166,10 +166,10 @@ async fn connect_and_forward(
         reason,
         was_streaming,
     };
+    // The token was checked before the first connection, so a failure here is only a second
+    // line of defence, reported like any failed connection.
     let mut stream = match client.open(token) {
         Ok(stream) => stream,
-        // Checked before the first connection, so this is only a second line of defence.
-        Err(OpenError::NotAHeaderValue) => return StreamEnd::InvalidToken,
         Err(error) => return retry(error.to_string(), false),
     };
     let mut streaming = false;
