@@ -252,6 +252,11 @@ pub(crate) fn parse_head(
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut headers);
     let length = match parsed.parse(buf) {
+        // The bound is on the head, not on what one read brought in: a head over it is refused
+        // however it arrived.
+        Ok(httparse::Status::Complete(length)) if length > MAX_HEAD_BYTES => {
+            return Err(Http1Error::HeadTooLong)
+        }
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(error) => return Err(Http1Error::BadHead(error.to_string())),
@@ -464,6 +469,8 @@ impl ResponseBody {
 /// Takes one CRLF- (or LF-) terminated line off the front of `buf`, without its line end.
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, Http1Error> {
     match buf.iter().position(|&b| b == b'\n') {
+        // The bound is on the line, not on what one read brought in.
+        Some(end) if end > MAX_CHUNK_LINE => Err(Http1Error::BadChunk),
         Some(end) => {
             let mut line = buf.split_to(end + 1);
             line.truncate(end);
@@ -504,6 +511,9 @@ impl Stream for Body {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod proptests;
 
 /// TLS for tests: a certificate for `localhost` and a server that presents it.
 #[cfg(test)]
@@ -770,6 +780,44 @@ mod tests {
         let error = transport().request(get(&url)).await.err().unwrap();
         let text = error.inner().to_string();
         assert!(text.starts_with("the TLS handshake failed"), "{text}");
+    }
+
+    #[test]
+    fn a_head_over_the_bound_is_refused_even_when_it_arrives_in_one_read() {
+        let head = |len: usize| {
+            let start = b"HTTP/1.1 200 OK\r\nx: ";
+            let end = b"\r\n\r\n";
+            let mut head = start.to_vec();
+            head.resize(len - end.len(), b'a');
+            head.extend_from_slice(end);
+            BytesMut::from(&head[..])
+        };
+        assert!(parse_head(&mut head(MAX_HEAD_BYTES)).unwrap().is_some());
+        assert!(matches!(
+            parse_head(&mut head(MAX_HEAD_BYTES + 1)),
+            Err(Http1Error::HeadTooLong)
+        ));
+    }
+
+    #[test]
+    fn a_chunk_line_over_the_bound_is_refused_even_when_it_arrives_in_one_read() {
+        let line = |len: usize| {
+            let mut line = b"1;".to_vec();
+            line.resize(len, b'a');
+            line.extend_from_slice(b"\r\nx\r\n");
+            BytesMut::from(&line[..])
+        };
+        // The line with its `\r`, before the `\n`.
+        let mut within = line(MAX_CHUNK_LINE - 1);
+        assert_eq!(
+            take_line(&mut within).unwrap().unwrap().len(),
+            MAX_CHUNK_LINE - 1
+        );
+        assert_eq!(&within[..], b"x\r\n");
+        assert!(matches!(
+            take_line(&mut line(MAX_CHUNK_LINE)),
+            Err(Http1Error::BadChunk)
+        ));
     }
 
     #[test]

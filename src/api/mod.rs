@@ -133,6 +133,11 @@ pub struct ApiArgs {
     #[arg(long, env = "TOKEN_CHECK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub token_check_timeout: Duration,
 
+    /// At most this many token checks (streams opened to Crownstone) at once; a check beyond it
+    /// waits up to a second for a slot, then is answered 503.
+    #[arg(long, env = "TOKEN_CHECK_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub token_check_concurrency: u32,
+
     /// How long POST /users waits for the operator to make the new user's credentials.
     #[arg(long, env = "API_CREDENTIALS_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub credentials_wait: Duration,
@@ -184,6 +189,8 @@ pub struct ApiSettings {
     pub events_url: Url,
     pub events_proxy: Option<Url>,
     pub token_check_timeout: Duration,
+    /// At most this many token checks at once.
+    pub token_check_concurrency: usize,
     pub credentials_wait: Duration,
 }
 
@@ -208,6 +215,7 @@ impl ApiSettings {
             events_url,
             events_proxy,
             token_check_timeout: args.token_check_timeout,
+            token_check_concurrency: args.token_check_concurrency as usize,
             credentials_wait: args.credentials_wait,
         }
     }
@@ -324,6 +332,7 @@ pub async fn start(
         &settings.events_url,
         settings.events_proxy.as_ref(),
         settings.token_check_timeout,
+        settings.token_check_concurrency,
         forwarders,
         metrics.token_checks.clone(),
     )?;

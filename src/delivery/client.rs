@@ -500,6 +500,9 @@ fn shorten(mut message: String) -> String {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::http1::testing::{localhost_certificate, tls_acceptor};

@@ -2,6 +2,7 @@
 //! the registry that starts a forwarder with the first Listener and stops it with the last.
 
 mod backoff;
+mod events;
 mod stream;
 mod transport;
 
@@ -16,6 +17,7 @@ use url::Url;
 
 pub use crate::domain::{Token, TokenHash};
 pub use backoff::Backoff;
+pub use events::{EventStream, EventStreamClient, EventStreamSetupError, OpenError, StreamEnded};
 
 use crate::delivery::DeliveryEngine;
 use crate::domain::ListenerId;
@@ -80,8 +82,8 @@ struct Shared {
     index: Arc<RoutingIndex>,
     engine: DeliveryEngine,
     settings: StreamSettings,
-    /// The stream url and the transport every stream shares, made once.
-    endpoint: Result<(Url, transport::SharedTransport), String>,
+    /// The client every stream opens with, made once; `Err` says why streams cannot be opened.
+    endpoint: Result<EventStreamClient, String>,
     notices: mpsc::UnboundedSender<TokenNotice>,
     metrics: ForwarderMetrics,
 }
@@ -107,7 +109,13 @@ impl ForwarderRegistry {
             shared: Arc::new(Shared {
                 index,
                 engine,
-                endpoint: stream::endpoint(&settings),
+                endpoint: EventStreamClient::new(
+                    &settings.events_url,
+                    &settings.project_name,
+                    settings.proxy.as_ref(),
+                    settings.max_event_bytes,
+                )
+                .map_err(|e| e.to_string()),
                 settings,
                 notices,
                 metrics,

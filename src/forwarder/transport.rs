@@ -197,6 +197,9 @@ impl<T: HttpTransport> HttpTransport for BoundedTransport<T> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use futures::StreamExt;

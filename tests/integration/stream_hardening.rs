@@ -1,6 +1,7 @@
 //! The forwarder against event servers that misbehave: a redirect, a proxy in the environment,
-//! a token no header can carry, an endless line, and data events with unexpected field types.
-//! Every server here is a real one on 127.0.0.1.
+//! a token no header can carry, an endless line, and data events with unexpected field types;
+//! and the facade's token checks against an event server that does not answer. Every server
+//! here is a real one on 127.0.0.1.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use crownstone_webhooks::api::{self, AdminKeySource};
 use crownstone_webhooks::clock::SystemClock;
 use crownstone_webhooks::crownstone::{StreamFrame, SystemCode};
 use crownstone_webhooks::operator;
@@ -20,7 +22,9 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use url::Url;
 
+use crate::support::api::{registration, test_settings, Facade, Key};
 use crate::support::cluster::{control_plane, eventually, TestNamespace};
 use crate::support::operator::{test_args, Harness, ALLOW_LOOPBACK, WAIT};
 use crate::support::receiver::{Receiver, Reply};
@@ -492,4 +496,90 @@ async fn a_data_event_with_odd_field_types_arrives_unchanged() {
     assert_eq!(String::from_utf8_lossy(&requests[0].body), expected);
     let body: Value = requests[0].json();
     assert_eq!(body["data"], event);
+}
+
+#[tokio::test]
+async fn token_checks_beyond_the_bound_are_refused_and_the_running_one_goes_on() {
+    // Every stream is answered 200 and then nothing, until the test lets STREAM_START through.
+    let (release, released) = watch::channel(false);
+    let server = EventServer::start(move |_token| {
+        let mut released = released.clone();
+        let start = StreamFrame::system(SystemCode::StreamStart).to_sse_bytes();
+        let first = futures::stream::once(async move {
+            let _ = released.wait_for(|r| *r).await;
+            Ok::<_, Infallible>(start)
+        });
+        Body::from_stream(first.chain(futures::stream::pending()))
+    })
+    .await;
+    let f = Arc::new(Facade::start("sh-check-bound").await);
+    let acme = f.new_user("Acme").await;
+    // A second facade on the same namespace, checking tokens one at a time with that server.
+    let mut settings = test_settings(&f.h, AdminKeySource::None);
+    settings.events_url = Url::parse(&server.url()).unwrap();
+    settings.token_check_concurrency = 1;
+    settings.token_check_timeout = WAIT;
+    let bounded = api::start(f.h.ns.client.clone(), settings, None)
+        .await
+        .expect("the facade starts");
+    assert!(bounded.wait_ready(WAIT).await, "the facade's caches sync");
+    let base = format!("http://{}", bounded.addr());
+    let receiver = Receiver::start().await;
+    let register = |user_id: &str| {
+        let (f, base, key) = (f.clone(), base.clone(), acme.api_key.clone());
+        let body = registration("some-token", user_id, &["command"], receiver.url().as_str());
+        async move {
+            f.call_at(
+                &base,
+                reqwest::Method::POST,
+                "/api/listeners",
+                Key::Header("API_KEY", &key),
+                Some(body.to_string().into_bytes()),
+                Some("application/json"),
+            )
+            .await
+        }
+    };
+
+    let first = tokio::spawn(register("user-1"));
+    server.wait_for_connections(1).await;
+    // The bound is taken: refused without a stream of its own, the first left as it was.
+    let second = register("user-2").await;
+    second.expect(503);
+    assert!(
+        second.message().contains("too many tokens"),
+        "{}",
+        second.text
+    );
+    assert!(!first.is_finished(), "the running check goes on");
+    assert_eq!(
+        *server.connections.borrow(),
+        1,
+        "the refused check opened no stream"
+    );
+
+    release.send(true).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.expect(200).json["userId"], "user-1");
+    let metrics = f
+        .call_at(
+            &base,
+            reqwest::Method::GET,
+            "/metrics",
+            Key::None,
+            None,
+            None,
+        )
+        .await
+        .text;
+    for series in [
+        r#"crownstone_webhooks_api_token_checks_total{outcome="unreachable",via="busy"} 1"#,
+        r#"crownstone_webhooks_api_token_checks_total{outcome="valid",via="stream"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "{series} in:\n{metrics}"
+        );
+    }
+    bounded.shutdown().await;
 }

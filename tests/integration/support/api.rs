@@ -98,6 +98,7 @@ pub fn test_settings(h: &Harness, admin_key: AdminKeySource) -> ApiSettings {
         events_url: Url::parse(&h.sim.base_url()).unwrap(),
         events_proxy: None,
         token_check_timeout: Duration::from_secs(5),
+        token_check_concurrency: 32,
         credentials_wait: WAIT,
     }
 }
