@@ -23,6 +23,12 @@ pub struct OperatorArgs {
     #[arg(long, env = "DAILY_ALLOWANCE", default_value_t = 1000)]
     pub daily_allowance: u64,
 
+    /// Listeners per WebhookUser, unless the WebhookUser sets its own `spec.maxListeners`: the
+    /// newest past it are not streamed (`Ready=False`, `ListenerLimitExceeded`) and the REST API
+    /// refuses to register more.
+    #[arg(long, env = "MAX_LISTENERS_PER_USER", default_value_t = 1000)]
+    pub max_listeners_per_user: u32,
+
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
