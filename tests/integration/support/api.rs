@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crownstone_webhooks::api::{self, AdminKeySource, ApiSettings, RunningApi, SecretKeyName};
+use crownstone_webhooks::api::{
+    self, AdminKeySource, ApiSettings, RateLimit, RunningApi, SecretKeyName,
+};
 use crownstone_webhooks::forwarder::ForwarderRegistry;
 use crownstone_webhooks::resources::Listener;
 use k8s_openapi::api::core::v1::Secret;
@@ -95,6 +97,15 @@ pub fn test_settings(h: &Harness, admin_key: AdminKeySource) -> ApiSettings {
         events_proxy: None,
         token_check_timeout: Duration::from_secs(5),
         credentials_wait: WAIT,
+        delete_wait: WAIT,
+        // Far above what any test but the rate limit's own sends.
+        rate_limit: RateLimit {
+            per_second: 10_000,
+            burst: 10_000,
+        },
+        request_timeout: WAIT,
+        header_read_timeout: WAIT,
+        max_listeners_per_user: 1000,
     }
 }
 
