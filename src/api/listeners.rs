@@ -209,12 +209,16 @@ pub async fn create(
     ))
 }
 
-/// After losing a create race: waits until the winner's Listener is visible (then dedup finds
-/// it), or, when the name belongs to a Listener on its way out, until it is gone.
+/// After losing a create race: waits until the winner's Listener and the token Secret it
+/// stores next are visible (then dedup finds it), or, when the name belongs to a Listener on
+/// its way out, until it is gone.
 async fn settle_race(state: &AppState, name: &str) {
     let cache: &FacadeCache = &state.cache;
     if cache
-        .wait_for(state.write_wait, |c| c.listener(name))
+        .wait_for(state.write_wait, |c| {
+            c.listener(name)
+                .filter(|l| c.secret(&l.spec.token_secret_ref.name).is_some())
+        })
         .await
         .is_none()
     {

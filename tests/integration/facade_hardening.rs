@@ -140,7 +140,7 @@ async fn a_listener_naming_a_secret_the_facade_did_not_make_never_shows_its_valu
                 &token,
                 "user-1",
                 &["command"],
-                &receiver.url_with_path("/own").to_string(),
+                receiver.url_with_path("/own").as_ref(),
             ),
         )
         .await;
@@ -276,7 +276,7 @@ async fn the_facade_refuses_a_listener_past_the_owners_ceiling_and_creates_nothi
             &token,
             "user-1",
             &["command"],
-            &receiver.url_with_path("/1").to_string(),
+            receiver.url_with_path("/1").as_ref(),
         ),
     )
     .await
@@ -290,7 +290,7 @@ async fn the_facade_refuses_a_listener_past_the_owners_ceiling_and_creates_nothi
                     &token,
                     "user-1",
                     &["command"],
-                    &receiver.url_with_path("/2").to_string(),
+                    receiver.url_with_path("/2").as_ref(),
                 ),
             )
             .await;
@@ -311,7 +311,7 @@ async fn the_facade_refuses_a_listener_past_the_owners_ceiling_and_creates_nothi
             &token,
             "user-1",
             &["command"],
-            &receiver.url_with_path("/1").to_string(),
+            receiver.url_with_path("/1").as_ref(),
         ),
     )
     .await
@@ -441,7 +441,7 @@ async fn a_client_that_sends_half_a_request_head_is_disconnected() {
     let mut answer = Vec::new();
     let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
     assert!(
-        matches!(read, Ok(_)),
+        read.is_ok(),
         "the connection stays open for a head that never ends"
     );
     assert!(
@@ -549,7 +549,7 @@ async fn a_token_secret_is_owned_by_its_listener_and_a_failed_create_leaves_none
                 &token,
                 "user-1",
                 &["command"],
-                &receiver.url_with_path("/1").to_string(),
+                receiver.url_with_path("/1").as_ref(),
             ),
         )
         .await;
@@ -601,7 +601,7 @@ async fn a_token_secret_is_owned_by_its_listener_and_a_failed_create_leaves_none
                 &token,
                 "user-1",
                 &["command"],
-                &receiver.url_with_path("/refused").to_string(),
+                receiver.url_with_path("/refused").as_ref(),
             ),
         )
         .await;
