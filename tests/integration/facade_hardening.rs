@@ -184,9 +184,9 @@ async fn a_listener_naming_a_secret_the_facade_did_not_make_never_shows_its_valu
 
 /// The deliveries `receiver` has after `control` received its next one: `before` when the
 /// listener of `receiver` is no longer routed.
-async fn publish_and_count(f: &Facade, control: &Receiver, receiver: &Receiver) -> usize {
+async fn publish_and_count(h: &Harness, control: &Receiver, receiver: &Receiver) -> usize {
     let seen = control.request_count();
-    f.h.admin
+    h.admin
         .publish(&[samples::multi_switch(SPHERE)])
         .await
         .expect("publish");
@@ -256,7 +256,7 @@ async fn no_event_reaches_what_a_delete_route_deleted_once_it_answered() {
         assert!(answer.status.is_success(), "{route}: {}", answer.text);
         let delivered = receiver.request_count();
         assert_eq!(
-            publish_and_count(&f, &control, &receiver).await,
+            publish_and_count(&f.h, &control, &receiver).await,
             delivered,
             "an event published after DELETE ({route}) answered was delivered"
         );
@@ -670,4 +670,112 @@ async fn a_user_change_the_api_server_refuses_changes_nothing() {
         "Accepted"
     );
     policy.remove().await;
+}
+
+#[tokio::test]
+async fn a_user_being_deleted_is_not_routed_even_while_its_listeners_cannot_be_deleted() {
+    let h = Harness::start("facade-user-deleting").await;
+    let victim = Receiver::start().await;
+    let control = Receiver::start().await;
+    h.ready_listener("victim-l", "victim", &["command"], &victim.url())
+        .await;
+    h.ready_listener("control-l", "control", &["command"], &control.url())
+        .await;
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
+    victim.wait_for_requests(1, WAIT).await;
+    control.wait_for_requests(1, WAIT).await;
+
+    // The API server refuses to delete Listeners: the user's cleanup cannot get past them.
+    let policy = refuse(&h, "listeners", "DELETE", "false").await;
+    let listeners = h.ns.api::<Listener>();
+    let dry_run = DeleteParams {
+        dry_run: true,
+        ..DeleteParams::default()
+    };
+    eventually("the policy in force", WAIT, || async {
+        listeners
+            .delete("control-l", &dry_run)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    h.ns.api::<WebhookUser>()
+        .delete("victim", &DeleteParams::default())
+        .await
+        .unwrap();
+    // Routing forgot the owner first: its Listener says so, and gets no event.
+    h.wait_condition("victim-l", "Ready", "False", "OwnerCredentialsMissing")
+        .await;
+    let delivered = victim.request_count();
+    assert_eq!(
+        publish_and_count(&h, &control, &victim).await,
+        delivered,
+        "an event was delivered for a user being deleted"
+    );
+    policy.remove().await;
+}
+
+#[tokio::test]
+async fn a_delete_answers_503_while_the_operator_has_not_confirmed_it() {
+    let mut h = Harness::start("facade-delete-unconfirmed").await;
+    h.create_user("acme", true, None).await;
+    let key = api_key_of(&h, "acme").await;
+    let mut settings = test_settings(&h, AdminKeySource::None);
+    settings.delete_wait = Duration::from_secs(2);
+    let facade = api::start(h.ns.client.clone(), settings, None)
+        .await
+        .expect("the facade starts");
+    assert!(facade.wait_ready(WAIT).await);
+    let base = format!("http://{}", facade.addr());
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let receiver = Receiver::start().await;
+    let token = h.token("user-1", SPHERE).await;
+    let answer: serde_json::Value = http
+        .post(format!("{base}/api/listeners"))
+        .header("API_KEY", &key)
+        .json(&registration(
+            &token,
+            "user-1",
+            &["command"],
+            receiver.url().as_str(),
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = answer["id"].as_str().expect("an id").to_owned();
+    h.wait_ready(&id).await;
+
+    // Without the operator nothing confirms that routing stopped: no success is claimed.
+    h.stop_operator().await;
+    let delete = || {
+        http.delete(format!("{base}/api/listeners/{id}"))
+            .header("API_KEY", &key)
+            .send()
+    };
+    let answer = delete().await.unwrap();
+    assert_eq!(answer.status(), 503);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["name"], "ServiceUnavailableError");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not confirm"),
+        "{body}"
+    );
+    // The deletion goes on once the operator runs.
+    h.restart_operator().await;
+    h.wait_gone(&id).await;
+    eventually("the deleted listener unknown", WAIT, || async {
+        (delete().await.ok()?.status() == 404).then_some(())
+    })
+    .await;
+    facade.shutdown().await;
 }
