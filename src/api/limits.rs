@@ -162,6 +162,46 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_request_past_the_timeout_is_answered_503_in_upstreams_shape() {
+        let app = axum::Router::new()
+            .route(
+                "/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "too late"
+                }),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                Duration::from_millis(100),
+                request_timeout,
+            ));
+        let (listener, addr) = crate::net::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(super::super::server::serve(
+            listener,
+            app,
+            Duration::from_secs(5),
+            stop.clone(),
+        ));
+        let answer = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{addr}/slow"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 503);
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(body["error"]["statusCode"], 503);
+        assert_eq!(body["error"]["name"], "ServiceUnavailableError");
+        stop.cancel();
+        server.await.unwrap();
+    }
+
     #[test]
     fn a_rate_of_zero_is_refused() {
         let extractor =

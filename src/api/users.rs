@@ -253,7 +253,7 @@ pub async fn patch(
         {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => return Err(not_found()),
-            Err(kube::Error::Api(status)) if matches!(status.code, 400 | 403 | 422) => {
+            Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => {
                 tracing::info!(
                     user = %id,
                     error = %crate::conventions::describe_kube_error(&kube::Error::Api(status)),
