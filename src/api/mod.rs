@@ -586,6 +586,13 @@ mod tests {
         let cli = Cli::try_parse_from(["x"]).unwrap();
         assert_eq!(cli.api.api_listen.port(), 8082);
         assert!(cli.api.api_namespace.is_none());
+        assert_eq!(cli.api.delete_wait, Duration::from_secs(10));
+        assert_eq!((cli.api.rate_limit, cli.api.rate_burst), (20, 40));
+        assert_eq!(cli.api.request_timeout, Duration::from_secs(60));
+        assert_eq!(cli.api.header_read_timeout, Duration::from_secs(10));
+        // A rate or burst of zero would refuse every request: refused at start instead.
+        assert!(Cli::try_parse_from(["x", "--rate-limit", "0"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--rate-burst", "0"]).is_err());
         let cli = Cli::try_parse_from(["x", "--admin-key-secret", "admin/key"]).unwrap();
         assert_eq!(
             cli.api.admin_key_secret,
