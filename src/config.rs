@@ -28,6 +28,12 @@ pub struct OperatorArgs {
     #[arg(long, env = "WATCH_NAMESPACE", value_parser = NamespaceList::parse)]
     pub watch_namespace: Vec<NamespaceList>,
 
+    /// Listeners per WebhookUser, unless the WebhookUser sets its own `spec.maxListeners`: the
+    /// newest past it are not streamed (`Ready=False`, `ListenerLimitExceeded`) and the REST API
+    /// refuses to register more.
+    #[arg(long, env = "MAX_LISTENERS_PER_USER", default_value_t = 1000)]
+    pub max_listeners_per_user: u32,
+
     /// Address of /healthz, /readyz and /metrics; on every interface by default, so a kubelet's
     /// probes and a Prometheus scrape reach it.
     #[arg(long, env = "HEALTH_LISTEN", default_value = "0.0.0.0:8081")]

@@ -25,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; boxing the settings would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run everything: controllers, forwarders, delivery and the REST API.
@@ -157,7 +159,13 @@ async fn run_api(args: ApiArgs, events: ApiEventsArgs) -> Result<(), String> {
         .api_namespace
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_owned());
-    let settings = ApiSettings::new(&args, namespace, events.events_url, events.events_proxy);
+    let settings = ApiSettings::new(
+        &args,
+        namespace,
+        events.events_url,
+        events.events_proxy,
+        events.max_listeners_per_user,
+    );
     let facade = api::start(client, settings, None)
         .await
         .map_err(|e| e.to_string())?;
@@ -179,6 +187,7 @@ async fn run_all(operator_args: OperatorArgs, api_args: ApiArgs) -> Result<(), S
         namespace,
         operator_args.events_url.clone(),
         operator_args.events_proxy.clone(),
+        operator_args.max_listeners_per_user,
     );
     let operator =
         crownstone_webhooks::operator::start(client.clone(), operator_args, Arc::new(SystemClock))

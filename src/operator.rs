@@ -237,6 +237,7 @@ pub async fn start(
         clock,
         metrics: controller_metrics,
         default_daily_allowance: args.daily_allowance,
+        default_max_listeners: args.max_listeners_per_user,
         listeners,
         users,
         secrets: SecretCache::default(),

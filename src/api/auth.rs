@@ -18,11 +18,11 @@ use super::AppState;
 
 /// Headers an API key is read from, in order; then query `api_key`. (`API_KEY` and `api_key`
 /// are one header: names are case-insensitive.)
-const API_KEY_HEADERS: [&str; 3] = ["api_key", "access_token", "authorization"];
-const API_KEY_QUERY: &str = "api_key";
+pub(super) const API_KEY_HEADERS: [&str; 3] = ["api_key", "access_token", "authorization"];
+pub(super) const API_KEY_QUERY: &str = "api_key";
 /// Headers the admin key is read from, in order; then query `admin_key`.
-const ADMIN_KEY_HEADERS: [&str; 3] = ["admin_key", "access_token", "authorization"];
-const ADMIN_KEY_QUERY: &str = "admin_key";
+pub(super) const ADMIN_KEY_HEADERS: [&str; 3] = ["admin_key", "access_token", "authorization"];
+pub(super) const ADMIN_KEY_QUERY: &str = "admin_key";
 
 /// The first non-empty key among `headers` (a leading `Bearer ` stripped) and `query`.
 pub fn presented_key(

@@ -247,6 +247,11 @@ impl FacadeCache {
         self.users.read().get(name).filter(|u| is_live(u.as_ref()))
     }
 
+    /// A WebhookUser as the cache has it, being deleted or not.
+    pub fn user_any_state(&self, name: &str) -> Option<Arc<WebhookUser>> {
+        self.users.read().get(name)
+    }
+
     /// Every WebhookUser not being deleted.
     pub fn users(&self) -> Vec<Arc<WebhookUser>> {
         self.users

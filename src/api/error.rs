@@ -36,6 +36,9 @@ pub enum ApiError {
     /// Well-formed JSON that fails validation.
     #[error("{0}")]
     Unprocessable(String),
+    /// The caller is past a limit: its request rate, or its number of listeners.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// The Kubernetes API, the caches or Crownstone's event server cannot answer now.
     #[error("{0}")]
     Unavailable(String),
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -72,6 +76,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "PayloadTooLargeError",
             ApiError::UnsupportedMediaType => "UnsupportedMediaTypeError",
             ApiError::Unprocessable(_) => "UnprocessableEntityError",
+            ApiError::TooManyRequests(_) => "TooManyRequestsError",
             ApiError::Unavailable(_) => "ServiceUnavailableError",
         }
     }
@@ -170,6 +175,7 @@ mod tests {
             ApiError::PayloadTooLarge(1),
             ApiError::UnsupportedMediaType,
             ApiError::Unprocessable(String::new()),
+            ApiError::TooManyRequests(String::new()),
             ApiError::Unavailable(String::new()),
         ];
         for error in all {

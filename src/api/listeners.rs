@@ -27,16 +27,13 @@ use super::names;
 use super::token_check::TokenVerdict;
 use super::{AppState, FIELD_MANAGER};
 use crate::conventions::{
-    describe_kube_error, is_managed, managed_labels, secret_value, USER_ANNOTATION,
+    describe_kube_error, is_managed_token_secret_of, managed_labels, secret_value,
+    LISTENER_ANNOTATION, TOKEN_KEY,
 };
 use crate::crownstone::EventType;
 use crate::domain::Token;
 use crate::resources::{Listener, ListenerSpec, SecretKeyRef};
 
-/// The Secret key of the facade's token Secrets.
-const TOKEN_KEY: &str = "token";
-/// Annotation on a token Secret naming the Listener it was made for.
-const LISTENER_ANNOTATION: &str = "webhooks.crownstone.rocks/listener";
 /// How often a registration is retried when another request changes the same Listener.
 const MAX_ATTEMPTS: usize = 3;
 
@@ -46,7 +43,8 @@ const MAX_ATTEMPTS: usize = 3;
 pub struct ListenerView {
     /// The listener's id: the Listener's name.
     pub id: String,
-    /// The access token the listener streams with; `null` when its Secret cannot be read.
+    /// The access token the listener streams with; `null` unless it is in a token Secret the
+    /// facade made for this listener.
     pub token: Option<String>,
     /// The user's id on the Crownstone cloud.
     pub user_id: String,
@@ -79,35 +77,17 @@ fn view(listener: &Listener, token: Option<String>) -> ListenerView {
     }
 }
 
-/// A token Secret the facade may rewrite or that a Listener's token may be shown from: never a
-/// WebhookUser's credentials.
-fn is_credentials(secret: &Secret) -> bool {
-    secret
-        .metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(USER_ANNOTATION))
-}
-
-/// The token of a Listener, from the cache of managed Secrets; one the operator does not
-/// manage (a Listener made with kubectl) is read from the API server.
-async fn token_of(state: &AppState, listener: &Listener) -> Result<Option<String>, ApiError> {
+/// The token of a Listener, shown only from a token Secret the facade made for that very
+/// Listener (`is_managed_token_secret_of`), as the cache of managed Secrets holds it. Any other
+/// Secret a Listener names (one a tenant made with kubectl, or another Listener's) is never
+/// read here: its value is neither shown nor compared, and the listener's token is `None`.
+fn token_of(state: &AppState, listener: &Listener) -> Option<String> {
     let reference = &listener.spec.token_secret_ref;
-    let secret = match state.cache.secret(&reference.name) {
-        Some(secret) => secret,
-        None => {
-            let api: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
-            match api.get_opt(&reference.name).await {
-                Ok(Some(secret)) => Arc::new(secret),
-                Ok(None) => return Ok(None),
-                Err(error) => return Err(ApiError::kube("read a listener's token", &error)),
-            }
-        }
-    };
-    if is_credentials(&secret) {
-        return Ok(None);
+    let secret = state.cache.secret(&reference.name)?;
+    if !is_managed_token_secret_of(&secret, &listener.name_any()) {
+        return None;
     }
-    Ok(secret_value(&secret, &reference.key))
+    secret_value(&secret, &reference.key)
 }
 
 fn sorted(mut listeners: Vec<Arc<Listener>>) -> Vec<Arc<Listener>> {
@@ -133,7 +113,7 @@ pub async fn list(
 ) -> Result<Json<Vec<ListenerView>>, ApiError> {
     let mut views = Vec::new();
     for listener in sorted(state.cache.listeners_of(&client.user)) {
-        let token = token_of(&state, &listener).await?;
+        let token = token_of(&state, &listener);
         views.push(view(&listener, token));
     }
     Ok(Json(views))
@@ -183,7 +163,8 @@ pub async fn active(
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
         (status = 415, description = "The body is not JSON", body = ErrorBody),
-        (status = 422, description = "A field is missing, unknown or invalid", body = ErrorBody),
+        (status = 422, description = "A field is missing, unknown or invalid, or the caller has \
+         as many listeners as it may have", body = ErrorBody),
         (status = 503, description = "Crownstone or the Kubernetes API cannot be reached now",
          body = ErrorBody),
     )
@@ -197,7 +178,7 @@ pub async fn create(
     let token = request.token.expose().to_owned();
     let mut verified = false;
     for _ in 0..MAX_ATTEMPTS {
-        let candidates = candidates(&state, &client.user, &request).await?;
+        let candidates = candidates(&state, &client.user, &request);
         match dedup(&candidates, &request) {
             Dedup::Unchanged(index) => {
                 return Ok(Json(view(&candidates[index].listener, Some(token))));
@@ -211,6 +192,7 @@ pub async fn create(
                 return Ok(Json(view(&listener, Some(token))));
             }
             Dedup::New => {
+                ensure_room(&state, &client.user)?;
                 if !verified {
                     ensure_valid(&state, &request.token).await?;
                     verified = true;
@@ -227,12 +209,16 @@ pub async fn create(
     ))
 }
 
-/// After losing a create race: waits until the winner's Listener is visible (then dedup finds
-/// it), or, when the name belongs to a Listener on its way out, until it is gone.
+/// After losing a create race: waits until the winner's Listener and the token Secret it
+/// stores next are visible (then dedup finds it), or, when the name belongs to a Listener on
+/// its way out, until it is gone.
 async fn settle_race(state: &AppState, name: &str) {
     let cache: &FacadeCache = &state.cache;
     if cache
-        .wait_for(state.write_wait, |c| c.listener(name))
+        .wait_for(state.write_wait, |c| {
+            c.listener(name)
+                .filter(|l| c.secret(&l.spec.token_secret_ref.name).is_some())
+        })
         .await
         .is_none()
     {
@@ -242,6 +228,24 @@ async fn settle_race(state: &AppState, name: &str) {
             })
             .await;
     }
+}
+
+/// Refuses a new listener past the owner's ceiling (`spec.maxListeners`, else the operator's
+/// default). Two racing registrations may both pass; the controller then leaves the newest
+/// unstreamed, so the ceiling holds for routing either way.
+fn ensure_room(state: &AppState, owner: &str) -> Result<(), ApiError> {
+    let ceiling = state
+        .cache
+        .user(owner)
+        .and_then(|user| user.spec.max_listeners)
+        .unwrap_or(state.max_listeners_per_user);
+    let count = state.cache.listeners_of(owner).len();
+    if count >= ceiling as usize {
+        return Err(ApiError::Unprocessable(format!(
+            "You have {count} listeners, the most you may have ({ceiling}); delete one first."
+        )));
+    }
+    Ok(())
 }
 
 async fn ensure_valid(state: &AppState, token: &Token) -> Result<(), ApiError> {
@@ -260,19 +264,15 @@ pub struct Candidate {
     pub token: Option<String>,
 }
 
-async fn candidates(
-    state: &AppState,
-    owner: &str,
-    request: &NewListener,
-) -> Result<Vec<Candidate>, ApiError> {
+fn candidates(state: &AppState, owner: &str, request: &NewListener) -> Vec<Candidate> {
     let mut found = Vec::new();
     for listener in state.cache.listeners_of(owner) {
         if covers(&listener.spec, request) {
-            let token = token_of(state, &listener).await?;
+            let token = token_of(state, &listener);
             found.push(Candidate { listener, token });
         }
     }
-    Ok(found)
+    found
 }
 
 /// Same Crownstone user, same url, and every requested type among its types.
@@ -334,16 +334,29 @@ fn patch_params() -> PatchParams {
     }
 }
 
-/// A managed token Secret for Listener `listener`.
-fn token_secret(name: &str, listener: &str, token: &Token) -> Secret {
-    Secret {
+/// A managed token Secret for `listener`, owned by it: the garbage collector removes the Secret
+/// with its Listener even when the operator's finalizer never runs, so no token Secret outlives
+/// the Listener it was made for.
+fn token_secret(name: &str, listener: &Listener, token: &Token) -> Result<Secret, ApiError> {
+    let uid = listener.uid().ok_or_else(|| {
+        ApiError::Unavailable("The Kubernetes API gave the new listener no uid; try again.".into())
+    })?;
+    Ok(Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             labels: Some(managed_labels()),
             annotations: Some(BTreeMap::from([(
                 LISTENER_ANNOTATION.to_owned(),
-                listener.to_owned(),
+                listener.name_any(),
             )])),
+            owner_references: Some(vec![OwnerReference {
+                api_version: Listener::api_version(&()).into_owned(),
+                kind: Listener::kind(&()).into_owned(),
+                name: listener.name_any(),
+                uid,
+                controller: Some(true),
+                block_owner_deletion: None,
+            }]),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
@@ -352,6 +365,27 @@ fn token_secret(name: &str, listener: &str, token: &Token) -> Secret {
             ByteString(token.expose().as_bytes().to_vec()),
         )])),
         ..Secret::default()
+    })
+}
+
+/// Stores `token` in a new managed Secret owned by `listener`.
+async fn store_token(
+    state: &AppState,
+    name: &str,
+    listener: &Listener,
+    token: &Token,
+) -> Result<(), ApiError> {
+    let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
+    match secrets
+        .create(&post_params(), &token_secret(name, listener, token)?)
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Never overwritten: a Secret of that name may be a tenant's.
+        Err(kube::Error::Api(status)) if status.code == 409 => Err(ApiError::Conflict(format!(
+            "Secret {name} already exists; the listener's token cannot be stored in it."
+        ))),
+        Err(error) => Err(ApiError::kube("store the listener's token", &error)),
     }
 }
 
@@ -361,6 +395,10 @@ enum Created {
     AlreadyExists(String),
 }
 
+/// Creates the Listener first and then its token Secret, owned by it: a failure before the
+/// Secret leaves nothing behind, a failure after it leaves a Listener that is removed here (and
+/// its Secret with it). A process that dies in between leaves a Listener without a Secret, which
+/// is not streamed; repeating the registration gives it its Secret.
 async fn create_new(
     state: &AppState,
     owner: &str,
@@ -368,15 +406,7 @@ async fn create_new(
 ) -> Result<Created, ApiError> {
     let name = names::listener_name(owner, &request.user_id, &request.url, &request.event_types);
     let secret_name = names::token_secret_name(&name);
-    let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
     let listeners: Api<Listener> = Api::namespaced(state.client.clone(), &state.namespace);
-    secrets
-        .create(
-            &post_params(),
-            &token_secret(&secret_name, &name, &request.token),
-        )
-        .await
-        .map_err(|e| ApiError::kube("store the listener's token", &e))?;
     let mut listener = Listener::new(
         &name,
         ListenerSpec {
@@ -395,11 +425,9 @@ async fn create_new(
     let created = match listeners.create(&post_params(), &listener).await {
         Ok(created) => created,
         Err(kube::Error::Api(status)) if status.code == 409 => {
-            discard_secret(state, &secret_name).await;
             return Ok(Created::AlreadyExists(name));
         }
         Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => {
-            discard_secret(state, &secret_name).await;
             tracing::info!(
                 error = %describe_kube_error(&kube::Error::Api(status)),
                 "The API server refused a listener the facade had validated."
@@ -409,20 +437,12 @@ async fn create_new(
                     .into(),
             ));
         }
-        Err(error) => {
-            // The request may have reached the API server: look before undoing it.
-            match listeners.get_opt(&name).await {
-                Ok(Some(existing)) if existing.spec.token_secret_ref.name == secret_name => {
-                    existing
-                }
-                _ => {
-                    discard_secret(state, &secret_name).await;
-                    return Err(ApiError::kube("create the listener", &error));
-                }
-            }
-        }
+        Err(error) => return Err(ApiError::kube("create the listener", &error)),
     };
-    give_secret_to(state, &secret_name, &created).await;
+    if let Err(error) = store_token(state, &secret_name, &created, &request.token).await {
+        discard_listener(state, &name).await;
+        return Err(error);
+    }
     tracing::info!(listener = %name, owner, "Registered a listener.");
     let visible = state
         .cache
@@ -436,25 +456,15 @@ async fn create_new(
     Ok(Created::New(Arc::new(created)))
 }
 
-/// Makes `listener` the owner of a token Secret, so the garbage collector removes the Secret
-/// with it even if the operator's finalizer never runs. Best effort: the finalizer is the rule.
-async fn give_secret_to(state: &AppState, secret: &str, listener: &Listener) {
-    let Some(uid) = listener.uid() else { return };
-    let reference = OwnerReference {
-        api_version: Listener::api_version(&()).into_owned(),
-        kind: Listener::kind(&()).into_owned(),
-        name: listener.name_any(),
-        uid,
-        controller: Some(true),
-        block_owner_deletion: None,
-    };
-    let patch = serde_json::json!({"metadata": {"ownerReferences": [reference]}});
-    let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
-    if let Err(error) = secrets
-        .patch(secret, &patch_params(), &Patch::Merge(&patch))
-        .await
-    {
-        tracing::warn!(secret, error = %describe_kube_error(&error), "Could not make a token Secret owned by its Listener.");
+/// Undoes a Listener whose token could not be stored.
+async fn discard_listener(state: &AppState, name: &str) {
+    let listeners: Api<Listener> = Api::namespaced(state.client.clone(), &state.namespace);
+    match listeners.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(error) => {
+            tracing::warn!(listener = name, error = %describe_kube_error(&error), "Could not remove a listener whose token could not be stored; delete it by hand.");
+        }
     }
 }
 
@@ -483,7 +493,7 @@ async fn replace_token(
     let rewritable = state
         .cache
         .secret(&reference.name)
-        .is_some_and(|secret| is_managed(&secret.metadata) && !is_credentials(&secret))
+        .is_some_and(|secret| is_managed_token_secret_of(&secret, &name))
         && !state.cache.secret_shared(&reference.name, &name);
     if rewritable {
         let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
@@ -509,12 +519,10 @@ async fn replace_token(
         return Ok(listener.clone());
     }
     // The token lives in a Secret that is not ours to rewrite: the Listener gets its own.
+    // Owned by the Listener from the start, so it goes with the Listener even if the process
+    // dies before the Listener points to it.
     let secret_name = names::token_secret_name(&name);
-    let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
-    secrets
-        .create(&post_params(), &token_secret(&secret_name, &name, token))
-        .await
-        .map_err(|e| ApiError::kube("store the listener's token", &e))?;
+    store_token(state, &secret_name, listener, token).await?;
     let listeners: Api<Listener> = Api::namespaced(state.client.clone(), &state.namespace);
     // The resourceVersion makes this a compare-and-swap with any concurrent change.
     let patch = serde_json::json!({
@@ -539,7 +547,6 @@ async fn replace_token(
             });
         }
     };
-    give_secret_to(state, &secret_name, &updated).await;
     tracing::info!(listener = %name, "Moved a listener's token into a Secret of its own.");
     state
         .cache
@@ -552,8 +559,10 @@ async fn replace_token(
     Ok(Arc::new(updated))
 }
 
-/// Deletes Listeners; returns how many this request deleted, once the cache shows them gone
-/// or going (bounded), so the caller's next read agrees.
+/// Deletes Listeners; returns how many this request deleted, once they are gone from the
+/// cache: the operator removes its finalizer only after it stopped routing to a Listener, so
+/// from then on no event reaches them. Past the delete wait the answer is 503 (the deletion
+/// goes on; a repeated request finds nothing left to delete).
 async fn delete_listeners(state: &AppState, names: &[String]) -> Result<u64, ApiError> {
     let api: Api<Listener> = Api::namespaced(state.client.clone(), &state.namespace);
     let mut deleted = Vec::new();
@@ -566,15 +575,18 @@ async fn delete_listeners(state: &AppState, names: &[String]) -> Result<u64, Api
     }
     if !deleted.is_empty() {
         tracing::info!(count = deleted.len(), "Deleted listeners.");
-        state
+        let gone = state
             .cache
-            .wait_for(state.write_wait, |c| {
+            .wait_for(state.delete_wait, |c| {
                 deleted
                     .iter()
-                    .all(|n| c.listener(n).is_none())
+                    .all(|n| c.listener_any_state(n).is_none())
                     .then_some(())
             })
             .await;
+        if gone.is_none() {
+            return Err(super::deletion_unconfirmed(state.delete_wait));
+        }
     }
     Ok(deleted.len() as u64)
 }
@@ -588,7 +600,9 @@ async fn delete_listeners(state: &AppState, names: &[String]) -> Result<u64, Api
         (status = 200, description = "Deleted", body = Count),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 404, description = "The caller has no listener of that id", body = ErrorBody),
-        (status = 503, description = "The service cannot answer now", body = ErrorBody),
+        (status = 503, description = "The service cannot answer now, or the operator did not \
+         confirm within the delete wait that the listener stopped receiving events (it is being \
+         deleted)", body = ErrorBody),
     )
 )]
 pub async fn delete_one(
@@ -618,7 +632,9 @@ pub async fn delete_one(
         (status = 400, description = "No userId", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 422, description = "userId is too long", body = ErrorBody),
-        (status = 503, description = "The service cannot answer now", body = ErrorBody),
+        (status = 503, description = "The service cannot answer now, or the operator did not \
+         confirm within the delete wait that the listeners stopped receiving events (they are \
+         being deleted)", body = ErrorBody),
     )
 )]
 pub async fn delete_by_user_id(
@@ -649,7 +665,9 @@ pub async fn delete_by_user_id(
         (status = 400, description = "No token", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown one", body = ErrorBody),
         (status = 422, description = "token is too long", body = ErrorBody),
-        (status = 503, description = "The service cannot answer now", body = ErrorBody),
+        (status = 503, description = "The service cannot answer now, or the operator did not \
+         confirm within the delete wait that the listeners stopped receiving events (they are \
+         being deleted)", body = ErrorBody),
     )
 )]
 pub async fn delete_by_token(
@@ -660,7 +678,7 @@ pub async fn delete_by_token(
     let token = required_query(query.as_deref(), "token", MAX_TOKEN_CHARS)?;
     let mut names = Vec::new();
     for listener in state.cache.listeners_of(&client.user) {
-        if token_of(&state, &listener).await?.as_deref() == Some(token.as_str()) {
+        if token_of(&state, &listener).as_deref() == Some(token.as_str()) {
             names.push(listener.name_any());
         }
     }

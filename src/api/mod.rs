@@ -7,10 +7,12 @@ mod auth;
 mod cache;
 mod error;
 mod input;
+mod limits;
 mod listeners;
 mod metrics;
 mod names;
 mod openapi;
+mod server;
 mod token_check;
 mod users;
 
@@ -42,6 +44,7 @@ use utoipa_axum::routes;
 pub use auth::AdminKey;
 pub use cache::FacadeCache;
 pub use error::ApiError;
+pub use limits::RateLimit;
 pub use token_check::{TokenCheckSetupError, TokenVerdict};
 
 use crate::forwarder::ForwarderRegistry;
@@ -141,10 +144,32 @@ pub struct ApiArgs {
     /// How long POST /users waits for the operator to make the new user's credentials.
     #[arg(long, env = "API_CREDENTIALS_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub credentials_wait: Duration,
+
+    /// How long a DELETE waits for the operator to confirm that nothing routes to what it
+    /// deleted (the objects are gone); past it the DELETE answers 503 and the deletion goes on.
+    #[arg(long, env = "API_DELETE_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub delete_wait: Duration,
+
+    /// Requests per second one key (the admin key, or one user's API key) may make, sustained;
+    /// requests without a valid key share one such budget.
+    #[arg(long, env = "API_RATE_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit: u32,
+
+    /// Requests one key may make at once before its rate applies.
+    #[arg(long, env = "API_RATE_BURST", default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_burst: u32,
+
+    /// How long one request may run before it is answered 503.
+    #[arg(long, env = "API_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// How long a client may take to send a request's head; a slower one is disconnected.
+    #[arg(long, env = "API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
 }
 
-/// The event server the facade checks tokens with, for the `api` process (in `run` the
-/// controller's settings are used).
+/// The event server the facade checks tokens with and the listener ceiling, for the `api`
+/// process (in `run` the controller's settings are used).
 #[derive(clap::Args, Clone, Debug)]
 pub struct ApiEventsArgs {
     /// Base url of Crownstone's event server; tokens are checked at `{url}/sse`.
@@ -158,6 +183,11 @@ pub struct ApiEventsArgs {
     /// A proxy to reach the event server through; HTTP(S)_PROXY from the environment is not used.
     #[arg(long, env = "CROWNSTONE_EVENTS_PROXY")]
     pub events_proxy: Option<Url>,
+
+    /// Listeners per WebhookUser unless it sets `spec.maxListeners`; the same setting as the
+    /// controller's, so both refuse at the same count.
+    #[arg(long, env = "MAX_LISTENERS_PER_USER", default_value_t = 1000)]
+    pub max_listeners_per_user: u32,
 }
 
 /// Where the admin key comes from.
@@ -192,15 +222,23 @@ pub struct ApiSettings {
     /// At most this many token checks at once.
     pub token_check_concurrency: usize,
     pub credentials_wait: Duration,
+    pub delete_wait: Duration,
+    pub rate_limit: RateLimit,
+    pub request_timeout: Duration,
+    pub header_read_timeout: Duration,
+    /// Listeners per WebhookUser unless it sets `spec.maxListeners`.
+    pub max_listeners_per_user: u32,
 }
 
 impl ApiSettings {
-    /// Settings from the flags, in `namespace`, checking tokens with `events`.
+    /// Settings from the flags, in `namespace`, checking tokens with `events`, allowing each
+    /// WebhookUser `max_listeners_per_user` Listeners unless it says otherwise.
     pub fn new(
         args: &ApiArgs,
         namespace: String,
         events_url: Url,
         events_proxy: Option<Url>,
+        max_listeners_per_user: u32,
     ) -> Self {
         let admin_key = match (&args.admin_key, &args.admin_key_secret) {
             (Some(key), _) if !key.0.trim().is_empty() => AdminKeySource::Fixed(key.clone()),
@@ -217,6 +255,14 @@ impl ApiSettings {
             token_check_timeout: args.token_check_timeout,
             token_check_concurrency: args.token_check_concurrency as usize,
             credentials_wait: args.credentials_wait,
+            delete_wait: args.delete_wait,
+            rate_limit: RateLimit {
+                per_second: args.rate_limit,
+                burst: args.rate_burst,
+            },
+            request_timeout: args.request_timeout,
+            header_read_timeout: args.header_read_timeout,
+            max_listeners_per_user,
         }
     }
 }
@@ -231,6 +277,8 @@ pub enum ApiStartError {
     },
     #[error(transparent)]
     TokenCheck(#[from] TokenCheckSetupError),
+    #[error(transparent)]
+    RateLimit(#[from] limits::RateLimitError),
 }
 
 /// What every handler shares.
@@ -243,6 +291,8 @@ pub(crate) struct Shared {
     checker: TokenChecker,
     credentials_wait: Duration,
     write_wait: Duration,
+    delete_wait: Duration,
+    max_listeners_per_user: u32,
     document: String,
 }
 
@@ -271,6 +321,13 @@ pub(crate) fn router_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(listeners::delete_by_user_id))
         .routes(routes!(listeners::delete_by_token))
         .split_for_parts()
+}
+
+/// The routes of `/api` with the document they make, every route answering 429 past the rate.
+fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (routes, mut document) = router_parts();
+    openapi::add_rate_limit_answers(&mut document);
+    (routes, document)
 }
 
 /// A running facade.
@@ -380,7 +437,11 @@ pub async fn start(
         _ => None,
     };
 
-    let (routes, document) = router_parts();
+    let (routes, document) = api_routes();
+    let rate_limit = limits::rate_limit_layer(
+        settings.rate_limit,
+        limits::CallerKeyExtractor::new(cache.clone(), admin.clone()),
+    )?;
     let document = serde_json::to_string(&document).unwrap_or_else(|_| "{}".to_owned());
     let state = AppState(Arc::new(Shared {
         client,
@@ -391,9 +452,18 @@ pub async fn start(
         checker,
         credentials_wait: settings.credentials_wait,
         write_wait: WRITE_WAIT,
+        delete_wait: settings.delete_wait,
+        max_listeners_per_user: settings.max_listeners_per_user,
         document,
     }));
+    // The rate limit and the request timeout guard the API routes; probes and scrapes are
+    // never refused for a client's sake.
     let app = routes
+        .layer(axum::middleware::from_fn_with_state(
+            settings.request_timeout,
+            limits::request_timeout,
+        ))
+        .layer(rate_limit)
         .route("/api/openapi.json", get(openapi_json))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -418,13 +488,9 @@ pub async fn start(
         }));
     }
     let server_stop = stop.clone();
+    let header_read_timeout = settings.header_read_timeout;
     let task = tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app)
-            .with_graceful_shutdown(server_stop.clone().cancelled_owned())
-            .await
-        {
-            tracing::error!(%error, "The REST API server failed.");
-        }
+        server::serve(listener, app, header_read_timeout, server_stop.clone()).await;
         server_stop.cancel();
         for task in tasks {
             let _ = task.await;
@@ -544,6 +610,16 @@ async fn metrics_text(State(registry): State<Arc<Mutex<Registry>>>) -> impl Into
     }
 }
 
+/// The answer of a DELETE whose objects are still there after the delete wait: they are being
+/// deleted, but the operator has not confirmed yet that nothing routes to them.
+pub(crate) fn deletion_unconfirmed(wait: Duration) -> ApiError {
+    ApiError::Unavailable(format!(
+        "The deletion is under way, but the operator did not confirm within {} that it stopped \
+         delivering events for it; is the controller running?",
+        humantime::format_duration(wait)
+    ))
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("Endpoint not found.".into())
 }
@@ -569,6 +645,13 @@ mod tests {
         assert_eq!(cli.api.api_listen.port(), 8082);
         assert_eq!(cli.api.api_metrics_listen.port(), 8083);
         assert!(cli.api.api_namespace.is_none());
+        assert_eq!(cli.api.delete_wait, Duration::from_secs(10));
+        assert_eq!((cli.api.rate_limit, cli.api.rate_burst), (20, 40));
+        assert_eq!(cli.api.request_timeout, Duration::from_secs(60));
+        assert_eq!(cli.api.header_read_timeout, Duration::from_secs(10));
+        // A rate or burst of zero would refuse every request: refused at start instead.
+        assert!(Cli::try_parse_from(["x", "--rate-limit", "0"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--rate-burst", "0"]).is_err());
         let cli = Cli::try_parse_from(["x", "--admin-key-secret", "admin/key"]).unwrap();
         assert_eq!(
             cli.api.admin_key_secret,

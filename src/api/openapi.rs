@@ -4,11 +4,42 @@
 
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
 use super::input::{MAX_URL_CHARS, URL_PATTERN};
 use crate::crownstone::EventType;
+
+/// Adds the answer every `/api` route may give a key past its request rate: 429 in LoopBack's
+/// shape. Added here, not on each route, because the rate limit is a layer in front of them all.
+pub fn add_rate_limit_answers(document: &mut utoipa::openapi::OpenApi) {
+    let answer = ResponseBuilder::new()
+        .description("Too many requests with this key; try again later")
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build();
+    for item in document.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            operation
+                .responses
+                .responses
+                .entry("429".to_owned())
+                .or_insert_with(|| answer.clone().into());
+        }
+    }
+}
 
 /// The document's frame: title, tags, security schemes; the routes add their paths.
 #[derive(OpenApi)]

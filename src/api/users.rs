@@ -134,6 +134,7 @@ pub async fn create(
             display_name: body.name.clone(),
             enabled: body.enabled.unwrap_or(true),
             daily_allowance: None,
+            max_listeners: None,
         },
     );
     user.metadata.labels = Some(managed_labels());
@@ -183,7 +184,8 @@ pub async fn create(
         (status = 409, description = "The user's credentials Secret is not the operator's", body = ErrorBody),
         (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
         (status = 415, description = "The body is not JSON", body = ErrorBody),
-        (status = 422, description = "A field is unknown or invalid", body = ErrorBody),
+        (status = 422, description = "A field is unknown or invalid, or the Kubernetes API refused \
+         the change (then nothing was changed)", body = ErrorBody),
         (status = 503, description = "The service cannot answer now", body = ErrorBody),
     )
 )]
@@ -197,14 +199,16 @@ pub async fn patch(
     if !state.cache.is_synced() {
         return Err(ApiError::not_ready());
     }
-    state.cache.user(&id).ok_or_else(not_found)?;
+    let user = state.cache.user(&id).ok_or_else(not_found)?;
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..PatchParams::default()
     };
-    if let Some(secret) = &body.secret {
-        let secret_name = credentials_secret_name(&id);
-        let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
+    // Everything is checked before anything is written: a secret that cannot be stored
+    // refuses the whole request.
+    let secret_name = credentials_secret_name(&id);
+    let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
+    if body.secret.is_some() {
         let ours = match state.cache.secret(&secret_name) {
             Some(stored) => credentials_user(&stored) == Some(id.as_str()),
             // Only managed Secrets are cached: look whether one that is not ours holds the name.
@@ -224,26 +228,22 @@ pub async fn patch(
                  rename it and the operator makes new credentials."
             )));
         }
-        let data = BTreeMap::from([(
-            CLIENT_SECRET.to_owned(),
-            ByteString(secret.as_bytes().to_vec()),
-        )]);
-        let patch = serde_json::json!({"data": data});
-        secrets
-            .patch(&secret_name, &params, &Patch::Merge(&patch))
-            .await
-            .map_err(|e| ApiError::kube("change the user's secret", &e))?;
     }
+    // The spec goes first, as the API server may refuse it; the secret, whose write is then
+    // checked, follows, and a failure there puts the spec back.
     let mut spec = serde_json::Map::new();
+    let mut before = serde_json::Map::new();
     if let Some(name) = &body.name {
         spec.insert("displayName".into(), name.clone().into());
+        before.insert("displayName".into(), user.spec.display_name.clone().into());
     }
     if let Some(enabled) = body.enabled {
         spec.insert("enabled".into(), enabled.into());
+        before.insert("enabled".into(), user.spec.enabled.into());
     }
+    let users: Api<WebhookUser> = Api::namespaced(state.client.clone(), &state.namespace);
     if !spec.is_empty() {
-        let api: Api<WebhookUser> = Api::namespaced(state.client.clone(), &state.namespace);
-        match api
+        match users
             .patch(
                 &id,
                 &params,
@@ -253,7 +253,36 @@ pub async fn patch(
         {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => return Err(not_found()),
+            Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => {
+                tracing::info!(
+                    user = %id,
+                    error = %crate::conventions::describe_kube_error(&kube::Error::Api(status)),
+                    "The API server refused a user change; nothing was changed."
+                );
+                return Err(ApiError::Unprocessable(
+                    "The change was refused by the Kubernetes API; nothing was changed.".into(),
+                ));
+            }
             Err(error) => return Err(ApiError::kube("change the user", &error)),
+        }
+    }
+    if let Some(secret) = &body.secret {
+        let data = BTreeMap::from([(
+            CLIENT_SECRET.to_owned(),
+            ByteString(secret.as_bytes().to_vec()),
+        )]);
+        let patch = serde_json::json!({"data": data});
+        if let Err(error) = secrets
+            .patch(&secret_name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            if !before.is_empty() {
+                let undo = serde_json::json!({ "spec": before });
+                if let Err(undo_error) = users.patch(&id, &params, &Patch::Merge(&undo)).await {
+                    tracing::warn!(user = %id, error = %crate::conventions::describe_kube_error(&undo_error), "Could not undo a user change whose secret could not be stored.");
+                }
+            }
+            return Err(ApiError::kube("change the user's secret", &error));
         }
     }
     tracing::info!(user = %id, "Changed a user.");
@@ -288,10 +317,13 @@ pub async fn patch(
     security(("adminKey" = []), ("adminKeyQuery" = [])),
     params(("id" = String, Path, description = "The user's id")),
     responses(
-        (status = 204, description = "Deleted; its listeners follow"),
+        (status = 204, description = "Deleted: none of its listeners receives an event any more; \
+         they are removed"),
         (status = 401, description = "No admin key, a wrong one, or none configured", body = ErrorBody),
         (status = 404, description = "No user has that id", body = ErrorBody),
-        (status = 503, description = "The service cannot answer now", body = ErrorBody),
+        (status = 503, description = "The service cannot answer now, or the operator did not \
+         confirm within the delete wait that the user's listeners stopped receiving events (it is \
+         being deleted)", body = ErrorBody),
     )
 )]
 pub async fn delete(
@@ -310,10 +342,15 @@ pub async fn delete(
         Err(error) => return Err(ApiError::kube("delete the user", &error)),
     }
     tracing::info!(user = %id, "Deleted a user; the operator removes its listeners.");
+    // The operator stops routing for a user first and removes its finalizer last: once the
+    // user is gone, none of its listeners receives an event.
     state
         .cache
-        .wait_for(state.write_wait, |c| c.user(&id).is_none().then_some(()))
-        .await;
+        .wait_for(state.delete_wait, |c| {
+            c.user_any_state(&id).is_none().then_some(())
+        })
+        .await
+        .ok_or_else(|| super::deletion_unconfirmed(state.delete_wait))?;
     Ok(StatusCode::NO_CONTENT)
 }
 

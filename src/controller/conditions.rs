@@ -18,7 +18,7 @@ pub struct DesiredCondition {
 }
 
 impl DesiredCondition {
-    fn new(
+    pub fn new(
         type_: &'static str,
         status: &'static str,
         reason: &'static str,

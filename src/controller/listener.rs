@@ -204,6 +204,13 @@ async fn apply(
         .users
         .get(&ObjectRef::new(&listener.spec.owner).within(id.namespace()));
     set_owner_reference(listener, owner.as_deref(), api, ctx).await?;
+    let ceiling = owner
+        .as_deref()
+        .and_then(|user| user.spec.max_listeners)
+        .unwrap_or(ctx.default_max_listeners);
+    if !within_ceiling(listener, id, &owner_key, ceiling, ctx) {
+        return hold_back(listener, id, api, ctx, ceiling).await;
+    }
     let owner_state = match &owner {
         None => OwnerState::Missing,
         Some(user) if !user.spec.enabled => OwnerState::Disabled,
@@ -318,6 +325,97 @@ async fn apply(
         None => resync,
     };
     Ok(Action::requeue(next))
+}
+
+/// Whether `listener` is among the oldest `ceiling` Listeners of its owner (by creation time,
+/// then name), those being deleted not counted. Only an owner known to be past its ceiling is
+/// looked at closer, so the common case costs one count. Listeners past the ceiling that still
+/// stream (they were reconciled before the count was complete) are woken to stop.
+fn within_ceiling(
+    listener: &Listener,
+    id: &ListenerId,
+    owner: &OwnerKey,
+    ceiling: u32,
+    ctx: &Context,
+) -> bool {
+    let ceiling = ceiling as usize;
+    if ctx.owned.count(owner) <= ceiling {
+        return true;
+    }
+    let mut ranked: Vec<Arc<Listener>> = ctx
+        .listeners
+        .state()
+        .into_iter()
+        .filter(|other| {
+            other.namespace().as_deref() == Some(id.namespace())
+                && other.spec.owner == listener.spec.owner
+                && other.meta().deletion_timestamp.is_none()
+        })
+        .collect();
+    ranked.sort_by(|a, b| {
+        (a.creation_timestamp(), a.name_any()).cmp(&(b.creation_timestamp(), b.name_any()))
+    });
+    let mut within = true;
+    for other in ranked.iter().skip(ceiling) {
+        let other_id = ListenerId::new(id.namespace(), other.name_any());
+        if other_id == *id {
+            within = false;
+        } else if ctx.index.listener(&other_id).is_some() {
+            ctx.wake_listener(&other_id);
+        }
+    }
+    within
+}
+
+/// A Listener past its owner's ceiling: not streamed and not routed, and says so, until older
+/// ones go (their cleanup wakes it) or the ceiling rises (the owner's reconcile wakes it).
+async fn hold_back(
+    listener: &Listener,
+    id: &ListenerId,
+    api: &Api<Listener>,
+    ctx: &Context,
+    ceiling: u32,
+) -> Result<Action, Error> {
+    ctx.forwarders.detach(id);
+    let generation = listener.meta().generation.unwrap_or(0);
+    let why = format!(
+        "Its owner {} has more than {ceiling} listeners; this one, among the newest, is not \
+         streamed until others are deleted or spec.maxListeners is raised",
+        listener.spec.owner
+    );
+    let desired = [
+        DesiredCondition::new(
+            "TokenValid",
+            "Unknown",
+            "ListenerLimitExceeded",
+            why.clone(),
+        ),
+        DesiredCondition::new("Streaming", "False", "ListenerLimitExceeded", why.clone()),
+        DesiredCondition::new("Ready", "False", "ListenerLimitExceeded", why),
+    ];
+    let previous = listener.status.clone().unwrap_or_default();
+    let conditions = to_conditions(
+        &desired,
+        &previous.conditions,
+        Some(generation),
+        ctx.clock.now(),
+    );
+    let host = Url::parse(&listener.spec.url)
+        .ok()
+        .map(|url| url_host(&url));
+    let unchanged = same_conditions(&conditions, &previous.conditions)
+        && previous.expires_at == listener.spec.expires_at
+        && previous.url_host == host
+        && previous.observed_generation == Some(generation);
+    let status = ListenerStatusApply {
+        conditions: &conditions,
+        expires_at: listener.spec.expires_at,
+        url_host: host.as_deref(),
+        observed_generation: generation,
+    };
+    ctx.apply_status_if_changed(format!("listener/{id}"), api, listener, unchanged, &status)
+        .await?;
+    Ok(Action::requeue(Duration::from_secs(600)))
 }
 
 /// Makes `owner` the Listener's controlling owner in Kubernetes terms, for garbage collection,
@@ -464,6 +562,13 @@ async fn cleanup(listener: &Listener, id: &ListenerId, ctx: &Context) -> Result<
         }
     }
     ctx.wake_user(namespace, &listener.spec.owner);
+    // One Listener less: one held back past the owner's ceiling may start.
+    let owner = OwnerKey::new(namespace, listener.spec.owner.as_str());
+    for other in ctx.owned.listeners_of(&owner) {
+        if ctx.index.listener(&other).is_none() {
+            ctx.wake_listener(&other);
+        }
+    }
     tracing::info!(listener = %id, "Removed the Listener.");
     Ok(Action::await_change())
 }

@@ -62,6 +62,8 @@ pub struct Context {
     pub metrics: ControllerMetrics,
     /// Deliveries allowed per owner per UTC day when the WebhookUser does not say.
     pub default_daily_allowance: u64,
+    /// Listeners per WebhookUser unless it sets `spec.maxListeners`.
+    pub default_max_listeners: u32,
     pub listeners: Store<Listener>,
     pub users: Store<WebhookUser>,
     /// Secrets as last read.

@@ -211,7 +211,9 @@ async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Act
             );
         }
     }
-    let changed = routing_changed(&ctx.index, &key, &entry);
+    // A new spec may change spec.maxListeners, and with it which Listeners are streamed.
+    let changed = routing_changed(&ctx.index, &key, &entry)
+        || user.status.as_ref().and_then(|s| s.observed_generation) != user.meta().generation;
     ctx.index.upsert_owner(key.clone(), entry);
     if changed {
         // Only what Listeners depend on wakes them: existence, spec and credentials, never
@@ -271,6 +273,13 @@ async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Act
 
 async fn cleanup(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Action, Error> {
     let name = user.name_any();
+    // A user being deleted is gone for routing from the first moment: no event is delivered
+    // with its secret while its Listeners are being deleted.
+    let key = OwnerKey::new(namespace, name.as_str());
+    ctx.index.remove_owner(&key);
+    ctx.last_applied
+        .remove(&format!("webhookuser/{namespace}/{name}"));
+    ctx.wake_listeners_of_owner(&key);
     // Listed from the API server, not the cache: none may be missed.
     let listeners: Api<Listener> = Api::namespaced(ctx.client.clone(), namespace);
     for listener in listeners.list(&ListParams::default()).await? {
@@ -278,11 +287,6 @@ async fn cleanup(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<A
             delete_if_present(&listeners, &listener.name_any()).await?;
         }
     }
-    let key = OwnerKey::new(namespace, name.as_str());
-    ctx.index.remove_owner(&key);
-    ctx.last_applied
-        .remove(&format!("webhookuser/{namespace}/{name}"));
-    ctx.wake_listeners_of_owner(&key);
     // Only a credentials Secret the operator made for this user goes with it.
     let secret_name = credentials_secret_name(&name);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);

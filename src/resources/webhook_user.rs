@@ -55,6 +55,12 @@ pub struct WebhookUserSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0), extend("format" = "int64"))]
     pub daily_allowance: Option<u64>,
+
+    /// How many Listeners this user may have; the operator's default when unset. The newest
+    /// past it are not streamed (`Ready=False`, `ListenerLimitExceeded`) until others go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0), extend("format" = "int32"))]
+    pub max_listeners: Option<u32>,
 }
 
 fn enabled_by_default() -> bool {
@@ -111,6 +117,7 @@ mod tests {
             serde_json::from_value(serde_json::json!({"displayName": "Acme"})).unwrap();
         assert!(spec.enabled);
         assert_eq!(spec.daily_allowance, None);
+        assert_eq!(spec.max_listeners, None);
     }
 
     #[test]

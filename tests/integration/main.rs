@@ -7,6 +7,7 @@ mod api;
 mod chart;
 mod crds;
 mod delivery;
+mod facade_hardening;
 mod leader;
 mod namespaces;
 mod operator;

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crownstone_webhooks::api::{
-    self, AdminKeySource, ApiMetricsExport, ApiSettings, RunningApi, SecretKeyName,
+    self, AdminKeySource, ApiMetricsExport, ApiSettings, RateLimit, RunningApi, SecretKeyName,
 };
 use crownstone_webhooks::forwarder::ForwarderRegistry;
 use crownstone_webhooks::resources::Listener;
@@ -100,6 +100,15 @@ pub fn test_settings(h: &Harness, admin_key: AdminKeySource) -> ApiSettings {
         token_check_timeout: Duration::from_secs(5),
         token_check_concurrency: 32,
         credentials_wait: WAIT,
+        delete_wait: WAIT,
+        // Far above what any test but the rate limit's own sends.
+        rate_limit: RateLimit {
+            per_second: 10_000,
+            burst: 10_000,
+        },
+        request_timeout: WAIT,
+        header_read_timeout: WAIT,
+        max_listeners_per_user: 1000,
     }
 }
 
