@@ -1030,6 +1030,13 @@ async fn facade(
                 &addr.to_string(),
                 "--api-namespace",
                 &set.namespace,
+                "--api-metrics-listen",
+                "127.0.0.1:0",
+                // The facade itself is measured here, not the per-key rate limit in front of it.
+                "--rate-limit",
+                "1000000",
+                "--rate-burst",
+                "1000000",
             ])
             .args(["--events-url", &parts.simulator.url, "--log-format", "json"])
             .env("CROWNSTONE_USER_ADMIN_KEY", &admin_key)

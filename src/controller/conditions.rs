@@ -48,6 +48,10 @@ pub enum OwnerState {
 pub enum TokenState {
     /// The Secret or its key is missing; the message says which.
     SecretMissing(String),
+    /// The Secret is one the operator made for something else (another Listener's token, a
+    /// WebhookUser's credentials): never streamed with, so a Listener cannot borrow another
+    /// tenant's token by naming its Secret.
+    SecretNotAllowed(String),
     /// The token was read and its forwarder is in this state.
     Stream(StreamState),
 }
@@ -68,6 +72,10 @@ pub fn listener_conditions(o: &ListenerObservation) -> [DesiredCondition; 3] {
         TokenState::SecretMissing(why) => (
             DesiredCondition::new("TokenValid", "Unknown", "TokenSecretMissing", why.clone()),
             DesiredCondition::new("Streaming", "False", "TokenSecretMissing", why.clone()),
+        ),
+        TokenState::SecretNotAllowed(why) => (
+            DesiredCondition::new("TokenValid", "Unknown", "TokenSecretNotAllowed", why.clone()),
+            DesiredCondition::new("Streaming", "False", "TokenSecretNotAllowed", why.clone()),
         ),
         TokenState::Stream(StreamState::Connecting) => (
             DesiredCondition::new(
@@ -307,6 +315,17 @@ mod tests {
                     ("TokenValid", "Unknown", "TokenSecretMissing"),
                     ("Streaming", "False", "TokenSecretMissing"),
                     ("Ready", "False", "TokenSecretMissing"),
+                ],
+            ),
+            (
+                observe(
+                    Enabled,
+                    TokenState::SecretNotAllowed("Secret t was not made for this Listener".into()),
+                ),
+                [
+                    ("TokenValid", "Unknown", "TokenSecretNotAllowed"),
+                    ("Streaming", "False", "TokenSecretNotAllowed"),
+                    ("Ready", "False", "TokenSecretNotAllowed"),
                 ],
             ),
             (

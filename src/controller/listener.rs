@@ -24,7 +24,7 @@ use super::conditions::{
     OwnerState, TokenState,
 };
 use super::{delete_if_present, Context, Error, FINALIZER};
-use crate::conventions::{credentials_owner, is_managed, secret_value};
+use crate::conventions::{credentials_owner, is_managed, secret_value, token_secret_listener};
 use crate::delivery::Suspension;
 use crate::domain::{ListenerId, OwnerKey, Token};
 use crate::forwarder::{StreamState, TokenNotice};
@@ -104,24 +104,49 @@ fn error_policy(listener: Arc<Listener>, error: &Error, ctx: Arc<Context>) -> Ac
 }
 
 /// Reads the token from the Secret the Listener names, in the Listener's own namespace; `Err`
-/// says, without the value, why not.
+/// says, without the value, why not. A Secret the operator made for something else (a
+/// WebhookUser's credentials, another Listener's token) is refused: naming it would let anyone
+/// who may create a Listener stream with another tenant's token or send a client secret to the
+/// event server.
 async fn read_token(
     listener: &Listener,
     id: &ListenerId,
     ctx: &Context,
-) -> Result<Result<Token, String>, Error> {
+) -> Result<Result<Token, TokenState>, Error> {
     let reference = &listener.spec.token_secret_ref;
     let Some(secret) = ctx.read_secret(id.namespace(), &reference.name).await? else {
-        return Ok(Err(format!("Secret {} not found", reference.name)));
+        return Ok(Err(TokenState::SecretMissing(format!(
+            "Secret {} not found",
+            reference.name
+        ))));
     };
+    if !may_stream_with(&secret, id.name()) {
+        return Ok(Err(TokenState::SecretNotAllowed(format!(
+            "Secret {} belongs to the operator and was not made for this Listener",
+            reference.name
+        ))));
+    }
     Ok(secret_value(&secret, &reference.key)
         .map(Token::new)
         .ok_or_else(|| {
-            format!(
+            TokenState::SecretMissing(format!(
                 "Secret {} has no non-empty key {}",
                 reference.name, reference.key
-            )
+            ))
         }))
+}
+
+/// Whether Listener `listener` may stream with the token in `secret`: any Secret of its
+/// namespace except one the operator made for something else. A tenant's own Secret, labelled
+/// managed or not, is fine; the facade's token Secret only for the Listener it was made for.
+fn may_stream_with(secret: &Secret, listener: &str) -> bool {
+    if !is_managed(&secret.metadata) {
+        return true;
+    }
+    if credentials_owner(&secret.metadata).is_some() {
+        return false;
+    }
+    token_secret_listener(&secret.metadata).is_none_or(|made_for| made_for == listener)
 }
 
 /// `host[:port]` of a url, for display.
@@ -254,9 +279,9 @@ async fn apply(
             }
             TokenState::Stream(state)
         }
-        (Err(why), _) => {
+        (Err(refused), _) => {
             ctx.forwarders.detach(id);
-            TokenState::SecretMissing(why.clone())
+            refused.clone()
         }
         (Ok(_), Err(_)) => {
             ctx.forwarders.detach(id);
@@ -571,4 +596,52 @@ async fn cleanup(listener: &Listener, id: &ListenerId, ctx: &Context) -> Result<
     }
     tracing::info!(listener = %id, "Removed the Listener.");
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conventions::{LISTENER_ANNOTATION, MANAGED_BY, USER_ANNOTATION};
+    use kube::api::ObjectMeta;
+
+    fn secret(managed: bool, annotations: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                labels: managed.then(|| {
+                    [(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())]
+                        .into_iter()
+                        .collect()
+                }),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn a_listener_streams_only_with_a_secret_not_made_for_something_else() {
+        // A tenant's own Secret, labelled managed (to be deleted with its last Listener) or not.
+        assert!(may_stream_with(&secret(false, &[]), "l-1"));
+        assert!(may_stream_with(&secret(true, &[]), "l-1"));
+        // The facade's token Secret, for its own Listener only.
+        let made_for_l1 = secret(true, &[(LISTENER_ANNOTATION, "l-1")]);
+        assert!(may_stream_with(&made_for_l1, "l-1"));
+        assert!(!may_stream_with(&made_for_l1, "l-2"));
+        // A WebhookUser's credentials never.
+        assert!(!may_stream_with(
+            &secret(true, &[(USER_ANNOTATION, "acme")]),
+            "l-1"
+        ));
+        // The annotations mean nothing on a Secret the operator does not manage.
+        assert!(may_stream_with(
+            &secret(false, &[(LISTENER_ANNOTATION, "l-9")]),
+            "l-1"
+        ));
+    }
 }

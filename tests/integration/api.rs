@@ -1498,6 +1498,8 @@ async fn the_binary_serves_the_api_alone_and_beside_the_controller() {
         "api",
         "--api-listen",
         "127.0.0.1:0",
+        "--api-metrics-listen",
+        "127.0.0.1:0",
         "--api-namespace",
         &ns,
         "--events-url",

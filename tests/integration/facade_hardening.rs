@@ -182,6 +182,54 @@ async fn a_listener_naming_a_secret_the_facade_did_not_make_never_shows_its_valu
     }
 }
 
+#[tokio::test]
+async fn a_listener_naming_another_tenants_token_secret_streams_nothing() {
+    let f = Facade::start("facade-borrowed-secret").await;
+    let victim = f.new_user("Victim").await;
+    let tenant = f.new_user("Tenant").await;
+    let victims = Receiver::start().await;
+    let stolen = Receiver::start().await;
+    let token = f.token().await;
+    let answer = f
+        .register(
+            &victim,
+            registration(&token, "user-1", &["command"], victims.url().as_ref()),
+        )
+        .await;
+    let id = answer.expect(200).json["id"].as_str().unwrap().to_owned();
+    f.h.wait_ready(&id).await;
+    let victim_secret =
+        f.h.ns
+            .api::<Listener>()
+            .get(&id)
+            .await
+            .unwrap()
+            .spec
+            .token_secret_ref
+            .name;
+    // The tenant may create Listeners but not read Secrets: it names the victim's token Secret,
+    // and the victim's credentials Secret, hoping the operator streams with what they hold.
+    kubectl_listener(
+        &f.h,
+        "borrow-token",
+        &tenant.id,
+        &victim_secret,
+        stolen.url().as_str(),
+    );
+    kubectl_listener(
+        &f.h,
+        "borrow-credentials",
+        &tenant.id,
+        &format!("{}-credentials", victim.id),
+        stolen.url_with_path("/credentials").as_str(),
+    );
+    for name in ["borrow-token", "borrow-credentials"] {
+        f.h.wait_condition(name, "Ready", "False", "TokenSecretNotAllowed")
+            .await;
+    }
+    assert_eq!(publish_and_count(&f.h, &victims, &stolen).await, 0);
+}
+
 /// The deliveries `receiver` has after `control` received its next one: `before` when the
 /// listener of `receiver` is no longer routed.
 async fn publish_and_count(h: &Harness, control: &Receiver, receiver: &Receiver) -> usize {

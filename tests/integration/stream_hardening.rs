@@ -561,9 +561,13 @@ async fn token_checks_beyond_the_bound_are_refused_and_the_running_one_goes_on()
     release.send(true).unwrap();
     let first = first.await.unwrap();
     assert_eq!(first.expect(200).json["userId"], "user-1");
+    let metrics_base = format!(
+        "http://{}",
+        bounded.metrics_addr().expect("its own metrics server")
+    );
     let metrics = f
         .call_at(
-            &base,
+            &metrics_base,
             reqwest::Method::GET,
             "/metrics",
             Key::None,
