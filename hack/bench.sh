@@ -4,7 +4,10 @@
 # 127.0.0.1; first the machine's ceiling for bare POSTs, then every scenario; one table at the
 # end and the figures as JSON under target/bench/.
 #
-#   hack/bench.sh [--quick] [--only ceiling,a,b,c,d,e,f,g,h] [--json PATH] [--scale F] [--phase S]
+#   hack/bench.sh [--quick] [--only ceiling,a,b,c,d,e,f,g,h,i] [--json PATH] [--scale F]
+#                 [--phase S] [--exe PATH]
+#
+# --exe runs the scenarios against another build of the operator (a before/after comparison).
 #
 # --quick makes every size 10x smaller and phases 5 s (a few minutes); without it a run takes
 # about half an hour. Run it on an otherwise quiet machine: other work competes for the cores.

@@ -12,7 +12,7 @@ use url::Url;
 
 use crate::clock::SharedClock;
 use crate::crownstone::EventType;
-use crate::delivery::DeliveryTarget;
+use crate::delivery::{Charge, DeliveryTarget, Ledger};
 use crate::domain::{ClientSecret, ListenerId, OwnerKey, Skip, TokenHash};
 
 /// A set of event types, as a bitmask: checked for every event and every listener.
@@ -102,9 +102,11 @@ impl UsageCounter {
         state.dirty = true;
         true
     }
+}
 
+impl Ledger for UsageCounter {
     /// Gives back one delivery counted on `day`, if that day is still being counted.
-    fn refund(&self, day: NaiveDate) {
+    fn give_back(&self, day: NaiveDate) {
         let mut state = self.0.lock();
         if state.day == Some(day) && state.deliveries > 0 {
             state.deliveries -= 1;
@@ -114,8 +116,8 @@ impl UsageCounter {
 }
 
 /// The owner's daily allowance a routed delivery is to be counted against. Taken one delivery at
-/// a time, right before it is submitted, so a delivery dropped before it is attempted can give
-/// its count back before the next one is judged.
+/// a time, right before it is submitted; the [`Charge`] goes with the delivery into the engine,
+/// which gives it back whenever the delivery ends without an attempt.
 #[derive(Debug)]
 pub struct Allowance {
     counter: Arc<UsageCounter>,
@@ -125,21 +127,12 @@ pub struct Allowance {
 
 impl Allowance {
     /// Counts one delivery, if the allowance has room for it.
-    pub fn take(&self) -> Option<Charge<'_>> {
-        self.counter
-            .try_charge(self.day, self.limit)
-            .then_some(Charge(self))
-    }
-}
-
-/// One delivery counted against an allowance: given back with [`Charge::refund`] when the
-/// delivery is never attempted.
-#[derive(Debug)]
-pub struct Charge<'a>(&'a Allowance);
-
-impl Charge<'_> {
-    pub fn refund(self) {
-        self.0.counter.refund(self.0.day);
+    pub fn take(&self) -> Option<Charge> {
+        if !self.counter.try_charge(self.day, self.limit) {
+            return None;
+        }
+        let ledger: Arc<dyn Ledger> = self.counter.clone();
+        Some(Charge::new(ledger, self.day))
     }
 }
 
@@ -582,6 +575,21 @@ mod tests {
         charge.refund();
         assert_eq!(index.usage(&owner("acme")).deliveries, 0);
         assert_eq!(routed(&index, "t", EventType::Command).0.len(), 1);
+    }
+
+    #[test]
+    fn a_charge_given_back_after_midnight_leaves_the_new_day_alone() {
+        let (index, clock) = setup();
+        index.upsert_owner(owner("acme"), owner_entry(true, 10));
+        index.upsert_listener(listener("a", "acme", "t", &[EventType::Command]));
+        let mut out = Vec::new();
+        index.route(&TokenHash::of("t"), EventType::Command, &mut out, |_| {});
+        let charge = out[0].allowance.take().unwrap();
+        // 23:00 -> 01:00: the delivery is dropped on the next day, which it was not counted on.
+        clock.advance(chrono::Duration::hours(2));
+        assert_eq!(routed(&index, "t", EventType::Command).0.len(), 1);
+        charge.refund();
+        assert_eq!(index.usage(&owner("acme")).deliveries, 1);
     }
 
     #[test]

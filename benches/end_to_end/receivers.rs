@@ -1,7 +1,9 @@
 //! Webhook receivers in a child process of their own, so their CPU time is theirs alone: N axum
 //! servers on 127.0.0.1 that answer 200 (or, for the ones made slow, 200 after a delay) and
 //! record when each delivery arrived and when its event was published (`data.benchSentNs`), and
-//! a control server the harness resets and reads them through.
+//! a control server the harness resets and reads them through. A delivery to a url ending in
+//! [`QUIET_PATH`] is recorded on lane 1, any other on lane 0, so two Listeners can share one
+//! receiver (one destination) and still be told apart.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -21,6 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::system::{exit_when_stdin_closes, unix_ns, ChildGuard};
 use crate::BenchError;
+
+/// The path that puts a delivery on lane 1.
+pub const QUIET_PATH: &str = "/quiet";
 
 /// Arrivals kept at most; later ones are counted but not kept (a few hundred MB at worst).
 const MAX_RECORDS: usize = 10_000_000;
@@ -34,15 +39,18 @@ pub struct Arrival {
     pub arrived_ns: u64,
     /// Which receiver got it.
     pub receiver: u32,
+    /// 1 if it was posted to [`QUIET_PATH`], else 0.
+    pub lane: u32,
 }
 
 impl Arrival {
-    const BYTES: usize = 20;
+    const BYTES: usize = 24;
 
     fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.sent_ns.to_le_bytes());
         out.extend_from_slice(&self.arrived_ns.to_le_bytes());
         out.extend_from_slice(&self.receiver.to_le_bytes());
+        out.extend_from_slice(&self.lane.to_le_bytes());
     }
 
     fn read(chunk: &[u8]) -> Option<Arrival> {
@@ -50,6 +58,7 @@ impl Arrival {
             sent_ns: u64::from_le_bytes(chunk.get(0..8)?.try_into().ok()?),
             arrived_ns: u64::from_le_bytes(chunk.get(8..16)?.try_into().ok()?),
             receiver: u32::from_le_bytes(chunk.get(16..20)?.try_into().ok()?),
+            lane: u32::from_le_bytes(chunk.get(20..24)?.try_into().ok()?),
         })
     }
 
@@ -103,8 +112,13 @@ struct Stamp {
     sent_ns: u64,
 }
 
-async fn receive(State((fleet, index)): State<(Arc<Fleet>, u32)>, body: Bytes) -> StatusCode {
+async fn receive(
+    State((fleet, index)): State<(Arc<Fleet>, u32)>,
+    uri: Uri,
+    body: Bytes,
+) -> StatusCode {
     let arrived_ns = unix_ns();
+    let lane = u32::from(uri.path().ends_with(QUIET_PATH));
     let sent_ns = serde_json::from_slice::<Envelope>(&body).map_or(0, |e| e.data.sent_ns);
     fleet.total.fetch_add(1, Ordering::Relaxed);
     {
@@ -114,6 +128,7 @@ async fn receive(State((fleet, index)): State<(Arc<Fleet>, u32)>, body: Bytes) -
                 sent_ns,
                 arrived_ns,
                 receiver: index,
+                lane,
             });
         }
     }

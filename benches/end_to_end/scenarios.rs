@@ -1,8 +1,8 @@
 //! The scenarios, in the order they run: the ceiling; on namespace `bench` (one operator)
 //! (f) at the small size, (b) latency (also (f) at the middle size), (a) throughput at 8
 //! receivers, (g) the REST facade, (a) at 100 receivers, (d) fan-out, (e) a slow receiver,
-//! (h) overload; then on namespace `bench-scale` (a fresh operator) (c) connection scale and
-//! (f) at the large size.
+//! (h) overload, (i) fair sharing of one receiver; then on namespace `bench-scale` (a fresh
+//! operator) (c) connection scale and (f) at the large size.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -22,7 +22,7 @@ use crate::cluster::{
 };
 use crate::load::{self, CeilingRun, EventTemplates, Publisher};
 use crate::phase::{self, Load, Phase, Quantiles, SearchPlan, Stage, DROPS};
-use crate::receivers::Receivers;
+use crate::receivers::{Receivers, QUIET_PATH};
 use crate::report::Report;
 use crate::system::{cpu_seconds, free_addr, rss_kb, unix_ns, ChildGuard, Machine, RssPeak};
 use crate::{BenchError, Sizes};
@@ -94,7 +94,7 @@ async fn run_selected(context: &Context, report: &mut Report) -> Result<(), Benc
         println!("\n== ceiling: bare POSTs over loopback");
         ceiling(context, report, &receivers).await?;
     }
-    if !context.wants_any(&["a", "b", "c", "d", "e", "f", "g", "h"]) {
+    if !context.wants_any(&["a", "b", "c", "d", "e", "f", "g", "h", "i"]) {
         return Ok(());
     }
     println!("\n== starting the control plane, the simulator and the operator");
@@ -111,7 +111,7 @@ async fn run_selected(context: &Context, report: &mut Report) -> Result<(), Benc
         publisher: &publisher,
     };
     let mut sustained = Sustained::default();
-    if context.wants_any(&["a", "b", "d", "e", "f", "g", "h"]) {
+    if context.wants_any(&["a", "b", "d", "e", "f", "g", "h", "i"]) {
         bench_namespace(context, report, &parts, &mut sustained).await?;
     }
     if context.wants_any(&["c", "f"]) {
@@ -461,6 +461,10 @@ async fn bench_namespace(
             context, report, parts, &operator, &set, &templates, &spheres, base,
         )
         .await?;
+    }
+
+    if context.wants("i") {
+        fairness(context, report, parts, &operator, set.len()).await?;
     }
     operator.stop();
     Ok(())
@@ -1511,6 +1515,143 @@ async fn memory_split(
         &format!("{scenario} memory"),
         json!({"rssZeroKb": rss_zero, "rssCachedNoStreamsKb": rss_cached,
                "rssColdStartKb": rss_cold, "coldStartSeconds": cold_start.as_secs_f64()}),
+    );
+    Ok(())
+}
+
+/// How long (i)'s receiver takes per delivery: with the operator's 16 requests in flight per
+/// destination, it takes 160 deliveries a second.
+const FAIR_DELAY: Duration = Duration::from_millis(100);
+
+/// (i)'s quiet owner's rate, in events a second.
+const QUIET_RATE: f64 = 10.0;
+
+/// Tokens of (i)'s flooding owner: its rate is spread over a few streams, as a platform's is.
+const FLOOD_TOKENS: usize = 4;
+
+/// (i): owner `fairflood-u-0000` offers one receiver 5x what it takes for a phase, owner
+/// `fairquiet-u-0000` a few events a second to the same receiver (one destination, told apart by
+/// path); the quiet owner's latency and losses, and the flooder's.
+async fn fairness(
+    context: &Context,
+    report: &mut Report,
+    parts: &Parts<'_>,
+    operator: &OperatorProcess,
+    streams: usize,
+) -> Result<(), BenchError> {
+    let sizes = &context.sizes;
+    let index = parts.receivers.urls.len() - 1;
+    let flood_url = parts.receivers.urls[index].clone();
+    let quiet_url = flood_url.replace("/webhook", QUIET_PATH);
+    let takes = sizes.per_destination as f64 / FAIR_DELAY.as_secs_f64();
+    let flood_rate = takes * 5.0;
+    println!(
+        "\n== (i) fair sharing: one owner offers {flood_rate:.0}/s, another {QUIET_RATE:.0}/s, \
+         to one receiver that takes {takes:.0}/s"
+    );
+    let namespace = "bench";
+    let mut flood = TokenSet::new(namespace, "fairflood");
+    let mut quiet = TokenSet::new(namespace, "fairquiet");
+    let concurrency = sizes.create_concurrency;
+    let (_, flood_templates) = grow_and_warm(
+        report,
+        parts,
+        operator,
+        &mut flood,
+        FLOOD_TOKENS,
+        concurrency,
+        |_| flood_url.clone(),
+    )
+    .await?;
+    let (_, quiet_templates) =
+        grow_and_warm(report, parts, operator, &mut quiet, 1, concurrency, |_| {
+            quiet_url.clone()
+        })
+        .await?;
+    parts
+        .stage(operator)
+        .settle(streams + FLOOD_TOKENS + 1)
+        .await?;
+    parts.receivers.reset(&[index as u32], FAIR_DELAY).await?;
+    let metrics_before = operator.metrics().await?;
+
+    let flood_spheres = Arc::new((0..flood.len()).collect::<Vec<_>>());
+    let quiet_spheres = Arc::new(vec![0]);
+    let (flooded, quieted) = tokio::join!(
+        parts
+            .publisher
+            .run(&flood_templates, &flood_spheres, flood_rate, sizes.phase),
+        parts
+            .publisher
+            .run(&quiet_templates, &quiet_spheres, QUIET_RATE, sizes.phase),
+    );
+    // The flooder's backlog drains at the receiver's pace: wait until it stops arriving.
+    let (from, to) = (
+        flooded.start_ns.min(quieted.start_ns),
+        flooded.end_ns.max(quieted.end_ns) + 1,
+    );
+    let expected = flooded.events + quieted.events;
+    let (mut received, mut progress, drain) = (0, Instant::now(), Instant::now());
+    while received < expected
+        && progress.elapsed() < Duration::from_secs(5)
+        && drain.elapsed() < Duration::from_secs(180)
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = parts.receivers.count(from, to, false).await?;
+        if now > received {
+            (received, progress) = (now, Instant::now());
+        }
+    }
+    let metrics_after = operator.metrics().await?;
+    let arrivals = parts.receivers.arrivals().await?;
+    parts.receivers.reset(&[], Duration::ZERO).await?;
+
+    let on_lane = |lane: u32| {
+        arrivals
+            .iter()
+            .filter(move |a| a.lane == lane && a.sent_ns >= from && a.sent_ns < to)
+    };
+    let quiet_latency = Quantiles::of(on_lane(1).map(|a| a.latency_ns()).collect());
+    let quiet_received = on_lane(1).count() as u64;
+    let flood_received = on_lane(0).count() as u64;
+    let drops = metrics_after.growth_by_label(&metrics_before, DROPS, "reason");
+
+    let scenario = "i fair sharing";
+    report.throughput(
+        scenario,
+        "flooding owner offered/s (5x what the receiver takes)",
+        flooded.events as f64 / flooded.seconds.max(1e-9),
+        "/s",
+    );
+    report.throughput(
+        scenario,
+        "flooding owner delivered/s",
+        flood_received as f64 / drain.elapsed().as_secs_f64().max(1e-9),
+        "/s",
+    );
+    report.figure(scenario, "quiet owner latency p50", quiet_latency.p50, "ms");
+    report.figure(scenario, "quiet owner latency p99", quiet_latency.p99, "ms");
+    report.figure(scenario, "quiet owner published", quieted.events as f64, "");
+    report.figure(
+        scenario,
+        "quiet owner lost (never arrived)",
+        quieted.events as f64 - quiet_received as f64,
+        "",
+    );
+    report.figure(
+        scenario,
+        "flooding owner lost (never arrived)",
+        flooded.events as f64 - flood_received as f64,
+        "",
+    );
+    report.text(scenario, "drops by reason", &describe(&drops));
+    report.detail(
+        scenario,
+        json!({
+            "flood": flooded, "quiet": quieted, "receiverTakesPerSecond": takes,
+            "floodReceived": flood_received, "quietReceived": quiet_received,
+            "quietLatencyMs": quiet_latency, "drops": drops,
+        }),
     );
     Ok(())
 }

@@ -17,10 +17,10 @@ pub struct DeliveryConfig {
     pub initial_backoff: Duration,
     /// Largest wait between two attempts, also the bound of a receiver's `Retry-After` (60 s).
     pub max_backoff: Duration,
-    /// Deliveries held per destination (queued, in flight or waiting to retry) before new ones
-    /// are dropped (1000).
+    /// Deliveries held per owner per destination (queued, in flight or waiting to retry) before
+    /// that owner's new ones are dropped (1000).
     pub queue_capacity: usize,
-    /// Concurrent requests per destination (16).
+    /// Concurrent requests per destination, taken by its owners in turn (16).
     pub concurrency_per_destination: usize,
     /// Allows loopback, private and shared (CGNAT) addresses, for development (false).
     pub allow_private_destinations: bool,
@@ -132,11 +132,12 @@ pub struct DeliveryArgs {
     #[arg(long = "delivery-retry-max", env = "DELIVERY_RETRY_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
     pub delivery_retry_max: Duration,
 
-    /// Deliveries held per destination before new ones are dropped.
+    /// Deliveries held per owner (WebhookUser) per destination before that owner's new ones are
+    /// dropped.
     #[arg(long = "delivery-queue-capacity", env = "DELIVERY_QUEUE_CAPACITY", default_value_t = 1000, value_parser = parse_positive)]
     pub delivery_queue_capacity: usize,
 
-    /// Concurrent requests per destination (scheme, host, port).
+    /// Concurrent requests per destination (scheme, host, port), taken by its owners in turn.
     #[arg(long = "delivery-concurrency", env = "DELIVERY_CONCURRENCY", default_value_t = 16, value_parser = parse_positive)]
     pub delivery_concurrency: usize,
 

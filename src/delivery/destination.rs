@@ -1,18 +1,16 @@
-//! One bounded queue and one dispatcher task per destination (scheme, host, port), so a receiver
-//! that hangs or fails only ever delays its own deliveries.
+//! One queue and one dispatcher task per destination (scheme, host, port), so a receiver that
+//! hangs or fails only ever delays its own deliveries; within a destination, a bounded lane per
+//! owner served round robin ([`Lanes`]), so an owner that floods a receiver only ever drops and
+//! delays its own deliveries there.
 //!
 //! The dispatcher keeps up to `concurrency_per_destination` attempts in flight, polled by itself
 //! (no task per delivery), each on a keep-alive connection of its own that comes back to the
 //! dispatcher when the attempt ends, and keeps deliveries waiting to retry in a timer heap, where
-//! they hold no concurrency slot. A destination with nothing to do for a while closes its queue and
-//! ends its task; the next delivery to it makes a new one.
+//! they hold no concurrency slot; a retry that is due goes back to the front of its owner's lane.
+//! A destination with nothing to do for a while closes its queue and ends its task; the next
+//! delivery to it makes a new one.
 
-use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, VecDeque},
-    sync::Arc,
-    time::Duration,
-};
+use std::{cmp::Reverse, collections::BinaryHeap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures::{stream::FuturesUnordered, StreamExt};
@@ -23,8 +21,12 @@ use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use crate::domain::OwnerKey;
+
 use super::{
+    charge::Charge,
     client::{self, AttemptRequest, Connection},
+    fair::{LaneId, Lanes},
     listener::{FailureEffect, ListenerEntry},
     metrics::{DeliveryMetrics, Outcome},
     retry::{AttemptResult, Verdict},
@@ -80,8 +82,12 @@ pub(crate) struct Delivery {
     attempts: u32,
     deadline: Instant,
     last_failure: Option<String>,
+    /// The owner's allowance this delivery used, given back if it is never attempted.
+    charge: Option<Charge>,
     /// The queue that admitted the delivery, and its engine's metrics; `None` until admitted.
     admitted: Option<Arc<DestinationQueue>>,
+    /// The owner's lane in the admitting queue.
+    lane: LaneId,
     settled: bool,
 }
 
@@ -99,6 +105,7 @@ impl Delivery {
         event: Bytes,
         message_id: HeaderValue,
         deadline: Instant,
+        charge: Option<Charge>,
     ) -> Self {
         Self {
             listener,
@@ -109,14 +116,26 @@ impl Delivery {
             attempts: 0,
             deadline,
             last_failure: None,
+            charge,
             admitted: None,
+            lane: 0,
             settled: false,
+        }
+    }
+
+    /// Gives the owner's allowance back if no attempt was ever made.
+    fn refund_if_unattempted(&mut self) {
+        if self.attempts == 0 {
+            if let Some(charge) = self.charge.take() {
+                charge.refund();
+            }
         }
     }
 
     /// Records the outcome on the listener and the metrics, and frees the queue slot.
     pub(crate) fn settle(mut self, settlement: Settlement, shared: &Shared) {
         self.settled = true;
+        self.refund_if_unattempted();
         let generation = self.target.generation;
         match settlement {
             Settlement::Delivered => {
@@ -148,7 +167,7 @@ impl Delivery {
             }
         }
         if let Some(queue) = self.admitted.take() {
-            queue.release();
+            queue.release(self.lane);
         }
     }
 
@@ -168,6 +187,7 @@ impl Drop for Delivery {
         if self.settled {
             return;
         }
+        self.refund_if_unattempted();
         if let Some(queue) = self.admitted.take() {
             self.listener.record_failed(
                 self.target.generation,
@@ -177,24 +197,24 @@ impl Drop for Delivery {
                 FailureEffect::NotCounted,
             );
             queue.metrics.outcome(Outcome::Failed);
-            queue.release();
+            queue.release(self.lane);
         }
     }
 }
 
 /// A delivery refused by a queue, handed back to the caller.
 pub(crate) enum Rejected {
-    /// The queue holds `queue_capacity` deliveries already.
+    /// The owner's lane holds `queue_capacity` deliveries already.
     Full(Delivery),
     /// The queue was released for idleness or shutdown; ask for a new one.
     Closed(Delivery),
 }
 
-/// The bounded queue of one destination, shared by submitters and its dispatcher.
+/// The queue of one destination, a bounded lane per owner, shared by submitters and its
+/// dispatcher.
 pub(crate) struct DestinationQueue {
     key: DestinationKey,
     label: String,
-    capacity: usize,
     state: Mutex<QueueState>,
     wake: Notify,
     depth: Gauge,
@@ -202,9 +222,8 @@ pub(crate) struct DestinationQueue {
 }
 
 struct QueueState {
-    waiting: VecDeque<Delivery>,
-    /// Admitted and not yet settled: waiting here, in flight, or waiting to retry.
-    held: usize,
+    /// Admitted and not yet settled, per owner: waiting here, in flight, or waiting to retry.
+    lanes: Lanes<OwnerKey, Delivery>,
     closed: bool,
 }
 
@@ -215,10 +234,8 @@ impl DestinationQueue {
         Self {
             key,
             label,
-            capacity,
             state: Mutex::new(QueueState {
-                waiting: VecDeque::new(),
-                held: 0,
+                lanes: Lanes::new(capacity),
                 closed: false,
             }),
             wake: Notify::new(),
@@ -239,58 +256,66 @@ impl DestinationQueue {
         self.state.lock().closed
     }
 
-    /// Admits a delivery without waiting, or hands it back.
+    /// Admits a delivery into its owner's lane without waiting, or hands it back.
     #[expect(
         clippy::result_large_err,
         reason = "the rejected delivery is handed back by move, boxing it would cost every push an allocation"
     )]
-    pub(crate) fn push(self: &Arc<Self>, mut delivery: Delivery) -> Result<(), Rejected> {
+    pub(crate) fn push(self: &Arc<Self>, delivery: Delivery) -> Result<(), Rejected> {
         {
             let mut state = self.state.lock();
             if state.closed {
                 return Err(Rejected::Closed(delivery));
             }
-            if state.held >= self.capacity {
-                return Err(Rejected::Full(delivery));
-            }
-            state.held += 1;
-            delivery.admitted = Some(Arc::clone(self));
-            state.waiting.push_back(delivery);
+            // The lane is looked up by the owner the delivery itself carries.
+            let target = Arc::clone(&delivery.target);
+            state
+                .lanes
+                .admit(&target.owner, delivery, |delivery, lane| {
+                    delivery.admitted = Some(Arc::clone(self));
+                    delivery.lane = lane;
+                })
+                .map_err(Rejected::Full)?;
         }
         self.depth.inc();
         self.wake.notify_one();
         Ok(())
     }
 
-    /// Moves up to `max` waiting deliveries into `out`; returns how many.
+    /// Moves up to `max` waiting deliveries into `out`, the owners with work in turn; returns
+    /// how many.
     fn pop_into(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
-        let mut state = self.state.lock();
-        let count = max.min(state.waiting.len());
-        out.extend(state.waiting.drain(..count));
-        count
+        self.state.lock().lanes.pop_into(max, out)
     }
 
-    fn release(&self) {
+    /// Puts retries that are due back at the front of their owners' lanes.
+    fn requeue(&self, due: &mut Vec<Delivery>) {
         let mut state = self.state.lock();
-        state.held = state.held.saturating_sub(1);
-        drop(state);
+        for delivery in due.drain(..) {
+            let lane = delivery.lane;
+            state.lanes.requeue(lane, delivery);
+        }
+    }
+
+    fn release(&self, lane: LaneId) {
+        self.state.lock().lanes.release(lane);
         self.depth.dec();
     }
 
     /// Closes the queue if it holds nothing; a closed queue admits nothing more.
     pub(crate) fn close_if_empty(&self) -> bool {
         let mut state = self.state.lock();
-        if state.held == 0 {
+        if state.lanes.held() == 0 {
             state.closed = true;
         }
         state.closed
     }
 
     /// Closes the queue whatever it holds, and hands back what was waiting.
-    fn close_and_take(&self) -> VecDeque<Delivery> {
+    fn close_and_take(&self) -> Vec<Delivery> {
         let mut state = self.state.lock();
         state.closed = true;
-        std::mem::take(&mut state.waiting)
+        state.lanes.take_waiting()
     }
 }
 
@@ -370,20 +395,16 @@ pub(crate) async fn dispatch(
     tokio::pin!(stopped);
 
     loop {
-        // Fill the free slots: due retries first, then the queue in order.
+        // Due retries go back to their owners' lanes, then the free slots are filled from the
+        // lanes in turn.
         let now = Instant::now();
-        while in_flight.len() < concurrency {
-            let due = retries.peek().is_some_and(|Reverse(next)| next.due <= now);
-            let Some(Reverse(next)) = due.then(|| retries.pop()).flatten() else {
-                break;
-            };
-            if let Some(delivery) = ready_for_attempt(next.delivery, &shared) {
-                in_flight.push(send(
-                    Arc::clone(&shared),
-                    delivery,
-                    take_reusable(&mut idle_connections, now),
-                ));
+        while retries.peek().is_some_and(|Reverse(next)| next.due <= now) {
+            if let Some(Reverse(next)) = retries.pop() {
+                batch.push(next.delivery);
             }
+        }
+        if !batch.is_empty() {
+            queue.requeue(&mut batch);
         }
         loop {
             let free = concurrency.saturating_sub(in_flight.len());
@@ -413,14 +434,12 @@ pub(crate) async fn dispatch(
             idle_since = None;
         }
 
-        // Sleep until the next retry is due (only if a slot is free for it: otherwise a finished
-        // attempt wakes us), or until the idle timeout.
-        let wake_at = if in_flight.len() < concurrency {
-            retries.peek().map(|Reverse(next)| next.due)
-        } else {
-            None
-        }
-        .or_else(|| idle_since.map(|since| since + idle_timeout));
+        // Sleep until the next retry is due, to put it back in its lane, or until the idle
+        // timeout.
+        let wake_at = retries
+            .peek()
+            .map(|Reverse(next)| next.due)
+            .or_else(|| idle_since.map(|since| since + idle_timeout));
         if wake_at != timer_at {
             if let Some(at) = wake_at {
                 timer.as_mut().reset(at);
@@ -485,6 +504,9 @@ async fn send(
     mut delivery: Delivery,
     connection: Option<Connection>,
 ) -> Attempted {
+    // Counted before the request leaves: an attempt cut short may still have reached the
+    // receiver, so it is never refunded.
+    delivery.attempts += 1;
     let body = match &delivery.body {
         Some(body) => body.clone(),
         None => {
@@ -525,7 +547,6 @@ fn conclude(attempted: Attempted, shared: &Shared) -> Option<(Instant, Delivery)
         elapsed,
         connection: _,
     } = attempted;
-    delivery.attempts += 1;
     shared
         .metrics
         .attempt(result.label(), elapsed.as_secs_f64());

@@ -8,6 +8,7 @@ use std::{
 
 use chrono::{DateTime, TimeDelta, Utc};
 use parking_lot::{Mutex, MutexGuard};
+use tokio::time::Instant;
 
 use super::{DropReason, ListenerId, ListenerReport, PreparedSlot, Suspension};
 
@@ -83,6 +84,8 @@ pub(crate) struct ListenerState {
     failures: FailureWindow,
     /// The precomputed form of the listener's current target, and its destination queue.
     pub(crate) prepared: Option<PreparedSlot>,
+    /// When the listener was forgotten, if it was.
+    forgotten_at: Option<Instant>,
 }
 
 impl ListenerState {
@@ -131,6 +134,7 @@ impl ListenerEntry {
                 suspension: None,
                 failures: FailureWindow::default(),
                 prepared: None,
+                forgotten_at: None,
             }),
         }
     }
@@ -145,8 +149,21 @@ impl ListenerEntry {
         self.removed.load(Ordering::Acquire)
     }
 
-    pub(crate) fn mark_removed(&self) {
+    /// The listener was forgotten at `at`: whatever it still has waiting, or gets routed to it
+    /// after, is dropped.
+    pub(crate) fn mark_removed(&self, at: Instant) {
+        self.state.lock().forgotten_at.get_or_insert(at);
         self.removed.store(true, Ordering::Release);
+    }
+
+    /// Whether the listener was forgotten at least `kept` before `now`.
+    pub(crate) fn forgotten_for(&self, now: Instant, kept: Duration) -> bool {
+        self.is_removed()
+            && self
+                .state
+                .lock()
+                .forgotten_at
+                .is_some_and(|at| now.saturating_duration_since(at) >= kept)
     }
 
     pub(crate) fn is_paused(&self) -> bool {

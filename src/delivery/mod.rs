@@ -1,16 +1,22 @@
 //! The delivery engine: POSTs events to webhook urls, signed, with timeouts, retries and a queue
-//! per destination, and counts what happened per listener. It knows nothing of Kubernetes.
+//! per destination shared fairly between owners, and counts what happened per listener. It knows
+//! nothing of Kubernetes.
 //!
 //! The caller [`submit`](DeliveryEngine::submit)s an event's raw JSON with a
-//! [`DeliveryTarget`]; submitting never waits. Every few seconds it takes
+//! [`DeliveryTarget`], and the [`Charge`] it counted against the owner's allowance, if any;
+//! submitting never waits, and a delivery that ends without an attempt gives its charge back. Every few seconds it takes
 //! [`ListenerReport`]s, the changes per listener since the previous call, to write them to the
 //! listeners' status. A receiver answering 410 Gone, or failing every delivery for
 //! `endpoint_failing_after`, suspends its listener until the listener's generation changes.
 
 mod body;
+mod charge;
 mod client;
 mod config;
 mod destination;
+#[cfg(test)]
+mod engine_tests;
+mod fair;
 mod listener;
 mod metrics;
 mod retry;
@@ -28,6 +34,7 @@ use std::{
 
 use bytes::Bytes;
 
+use crate::domain::OwnerKey;
 pub use crate::domain::{ClientSecret, ListenerId};
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
@@ -39,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 pub use body::BodyPrefix;
+pub use charge::{Charge, Ledger};
 pub use client::USER_AGENT;
 pub use config::{ConfigError, DeliveryArgs, DeliveryConfig, NetworkList};
 pub use retry::{classify_status, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
@@ -62,7 +70,8 @@ pub struct DeliveryTarget {
     pub generation: i64,
     /// The webhook url.
     pub url: Arc<Url>,
-    /// The owner's id: `clientId` in the body.
+    /// The owner's id: `clientId` in the body. With the listener's namespace it names the owner
+    /// whose share of the destination the delivery takes.
     pub client_id: Arc<str>,
     /// The owner's secret: `clientSecret` in the body, and the signing key.
     pub client_secret: ClientSecret,
@@ -92,7 +101,7 @@ impl Suspension {
 /// Why a delivery was dropped without (another) attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
-    /// The destination's queue was full.
+    /// The owner's queue for the destination was full.
     QueueFull,
     /// The engine is shutting down.
     ShuttingDown,
@@ -128,7 +137,7 @@ impl DropReason {
     /// What a drop means, for a Listener's `lastError`.
     pub fn describe(self) -> &'static str {
         match self {
-            Self::QueueFull => "dropped: the receiver's queue was full",
+            Self::QueueFull => "dropped: the owner's queue for this receiver was full",
             Self::ShuttingDown => "dropped: the operator was shutting down",
             Self::Suspended => "dropped: deliveries to this listener are suspended",
             Self::ListenerRemoved => "dropped: the listener was removed",
@@ -230,6 +239,8 @@ pub(crate) struct PreparedTarget {
     pub(crate) prefix: BodyPrefix,
     pub(crate) signing_key: SigningKey,
     destination: DestinationKey,
+    /// The WebhookUser whose lane of the destination the deliveries go to.
+    pub(crate) owner: OwnerKey,
 }
 
 impl PreparedTarget {
@@ -255,6 +266,7 @@ impl PreparedTarget {
             ),
             signing_key,
             destination,
+            owner: OwnerKey::new(target.listener.namespace(), Arc::clone(&target.client_id)),
         })
     }
 
@@ -382,35 +394,56 @@ impl DeliveryEngine {
     /// Queues one event for one listener and returns at once. `event` is the event's JSON as it
     /// arrived on the stream; it becomes the body's `data` byte for byte.
     ///
-    /// Never blocks: when the destination's queue is full, the engine is shutting down, or the
-    /// listener is suspended for this generation, the delivery is dropped and counted with its
-    /// reason. A url that can never be delivered to (scheme, refused IP literal) fails at once.
+    /// Never blocks: when the owner's queue for the destination is full, the engine is shutting
+    /// down, or the listener is suspended for this generation, forgotten or paused, the delivery
+    /// is dropped and counted with its reason. A url that can never be delivered to (scheme,
+    /// refused IP literal) fails at once.
     pub fn submit(&self, event: Bytes, target: DeliveryTarget) -> Submission {
+        self.submit_charged(event, target, None)
+    }
+
+    /// [`submit`](Self::submit), with the `charge` the delivery used of its owner's allowance:
+    /// given back when the delivery is dropped or fails before any attempt, whether at once or
+    /// later while it waits.
+    pub fn submit_charged(
+        &self,
+        event: Bytes,
+        target: DeliveryTarget,
+        charge: Option<Charge>,
+    ) -> Submission {
         let shared = &self.shared;
         let listener = shared.listener(&target.listener);
         let generation = target.generation;
+        let refused = |reason, charge: Option<Charge>| {
+            give_back(charge);
+            shared.dropped(&listener, generation, reason)
+        };
         if shared.shutting_down.load(Ordering::Acquire) {
-            return shared.dropped(&listener, generation, DropReason::ShuttingDown);
+            return refused(DropReason::ShuttingDown, charge);
+        }
+        // Routed just before the listener was forgotten: it must not come back.
+        if listener.is_removed() {
+            return refused(DropReason::ListenerRemoved, charge);
         }
         if listener.is_suspended(generation) {
-            return shared.dropped(&listener, generation, DropReason::Suspended);
+            return refused(DropReason::Suspended, charge);
         }
         if listener.is_paused() {
-            return shared.dropped(&listener, generation, DropReason::Paused);
+            return refused(DropReason::Paused, charge);
         }
         let (prepared, mut queue) = match shared.prepare(&listener, &target, None) {
             Ok(pair) => pair,
             Err(Unavailable::Refused(reason)) => {
+                give_back(charge);
                 shared.failed(&listener, generation, reason);
                 return Submission::Refused;
             }
-            Err(Unavailable::ShuttingDown) => {
-                return shared.dropped(&listener, generation, DropReason::ShuttingDown);
-            }
+            Err(Unavailable::ShuttingDown) => return refused(DropReason::ShuttingDown, charge),
         };
         let message_id = match HeaderValue::try_from(signature::new_message_id()) {
             Ok(id) => id,
             Err(_) => {
+                give_back(charge);
                 shared.failed(&listener, generation, "could not make a message id".into());
                 return Submission::Refused;
             }
@@ -422,10 +455,12 @@ impl DeliveryEngine {
             event,
             message_id,
             deadline,
+            charge,
         );
         loop {
             match queue.push(delivery) {
                 Ok(()) => return Submission::Queued,
+                // Settling gives the charge back: no attempt was made.
                 Err(Rejected::Full(refused)) => {
                     refused.settle(Settlement::Dropped(DropReason::QueueFull), shared);
                     return Submission::Dropped(DropReason::QueueFull);
@@ -448,16 +483,25 @@ impl DeliveryEngine {
     /// The changes since the previous call: one report per listener with activity, or whose
     /// suspension started or was lifted.
     pub fn take_reports(&self) -> Vec<ListenerReport> {
+        let now = Instant::now();
+        self.shared
+            .listeners
+            .retain(|_, entry| !entry.forgotten_for(now, FORGOTTEN_KEPT));
         self.shared
             .listeners
             .iter()
+            .filter(|entry| !entry.value().is_removed())
             .filter_map(|entry| entry.value().take_report())
             .collect()
     }
 
     /// Why deliveries to `generation` of a listener are suspended, if they are.
     pub fn suspension(&self, listener: &ListenerId, generation: i64) -> Option<Suspension> {
-        let entry = self.shared.listeners.get(listener)?;
+        let entry = self
+            .shared
+            .listeners
+            .get(listener)
+            .filter(|entry| !entry.is_removed())?;
         let state = entry.lock();
         state
             .suspension
@@ -467,18 +511,27 @@ impl DeliveryEngine {
 
     /// Pauses or resumes a listener: while paused (its owner disabled or gone), new and queued
     /// deliveries, retries included, are dropped instead of attempted.
+    ///
+    /// Only a live listener is paused or resumed, so this also brings back one that was
+    /// forgotten and has been created again.
     pub fn set_paused(&self, listener: &ListenerId, paused: bool) {
-        let entry = match self.shared.listeners.get(listener) {
-            Some(entry) => Arc::clone(entry.value()),
+        let known = self
+            .shared
+            .listeners
+            .get(listener)
+            .map(|entry| Arc::clone(entry.value()));
+        let entry = match known {
+            Some(entry) if !entry.is_removed() => entry,
+            Some(_) => self.shared.revive(listener),
             None if !paused => return,
-            None => self.shared.listener(listener),
+            None => self.shared.revive(listener),
         };
         entry.set_paused(paused);
     }
 
     /// Takes over a listener's suspension and failure window as its status recorded them before
     /// a restart, so `EndpointGone` and `EndpointFailing` hold across restarts. Ignored for a
-    /// listener the engine has already seen.
+    /// listener the engine has already seen (a forgotten one is new again).
     pub fn restore(
         &self,
         listener: &ListenerId,
@@ -487,22 +540,26 @@ impl DeliveryEngine {
         failing_since: Option<DateTime<Utc>>,
     ) {
         self.shared
-            .listener(listener)
+            .revive(listener)
             .restore(generation, suspension, failing_since);
     }
 
-    /// Whether the engine keeps state for a listener.
+    /// Whether the engine keeps state for a listener it has not forgotten.
     pub fn knows(&self, listener: &ListenerId) -> bool {
-        self.shared.listeners.contains_key(listener)
+        self.shared
+            .listeners
+            .get(listener)
+            .is_some_and(|entry| !entry.is_removed())
     }
 
-    /// Forgets a deleted listener: its tallies and suspension go, and its deliveries still
-    /// waiting are dropped.
+    /// Forgets a deleted listener: its tallies and suspension go, its deliveries still waiting
+    /// are dropped, and so are deliveries routed to it just before (no attempt, the allowance
+    /// given back) instead of bringing it back. Only [`set_paused`](Self::set_paused) or
+    /// [`restore`](Self::restore), which the reconciler of a live listener calls, bring it back.
     pub fn forget_listener(&self, listener: &ListenerId) {
-        if let Some((_, entry)) = self.shared.listeners.remove(listener) {
-            entry.mark_removed();
-            entry.lock().prepared = None;
-        }
+        let entry = self.shared.listener(listener);
+        entry.mark_removed(Instant::now());
+        entry.lock().prepared = None;
     }
 
     /// Stops taking events (later submits are dropped as `shutting_down`), lets queued, waiting
@@ -523,7 +580,19 @@ impl DeliveryEngine {
     }
 }
 
+/// How long a forgotten listener's entry stays to turn away deliveries routed to it just before
+/// it was forgotten: routing and submitting are one step of a stream's task, so a moment would do.
+const FORGOTTEN_KEPT: Duration = Duration::from_secs(60);
+
+/// Gives an allowance back: the delivery it was taken for is never attempted.
+fn give_back(charge: Option<Charge>) {
+    if let Some(charge) = charge {
+        charge.refund();
+    }
+}
+
 impl Shared {
+    /// The listener's entry; a forgotten listener's entry stays forgotten.
     fn listener(&self, id: &ListenerId) -> Arc<ListenerEntry> {
         if let Some(entry) = self.listeners.get(id) {
             return Arc::clone(entry.value());
@@ -531,6 +600,20 @@ impl Shared {
         let entry = self
             .listeners
             .entry(id.clone())
+            .or_insert_with(|| Arc::new(ListenerEntry::new(id.clone())));
+        Arc::clone(entry.value())
+    }
+
+    /// The listener's entry, a fresh one in place of a forgotten one: the listener exists again.
+    fn revive(&self, id: &ListenerId) -> Arc<ListenerEntry> {
+        let entry = self
+            .listeners
+            .entry(id.clone())
+            .and_modify(|entry| {
+                if entry.is_removed() {
+                    *entry = Arc::new(ListenerEntry::new(id.clone()));
+                }
+            })
             .or_insert_with(|| Arc::new(ListenerEntry::new(id.clone())));
         Arc::clone(entry.value())
     }

@@ -230,14 +230,10 @@ fn deliver(
             shared.metrics.skipped(Skip::AllowanceUsed);
             continue;
         };
-        // A delivery never attempted does not use the owner's allowance.
-        if !shared
+        // The engine gives the charge back if the delivery is never attempted.
+        shared
             .engine
-            .submit(json.clone(), routed.target)
-            .is_queued()
-        {
-            charge.refund();
-        }
+            .submit_charged(json.clone(), routed.target, Some(charge));
     }
 }
 

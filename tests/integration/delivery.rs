@@ -11,7 +11,7 @@ use bytes::Bytes;
 use chrono::{DateTime, TimeDelta, Utc};
 use crownstone_webhooks::delivery::{
     receiver_secret, ClientSecret, Clock, DeliveryConfig, DeliveryEngine, DeliveryTarget,
-    DropReason, ListenerId, ListenerReport, SigningKey, Suspension,
+    DropReason, ListenerId, ListenerReport, SigningKey, Submission, Suspension,
 };
 use prometheus_client::registry::Registry;
 use url::Url;
@@ -603,7 +603,15 @@ async fn forgetting_a_listener_drops_what_it_has_waiting() {
     let mut tally = Tally::default();
     assert_eq!(tally.get(&engine, "deleted").reports, 0);
 
-    // A listener made again under the same name starts afresh.
+    // An event routed before the listener was forgotten does not bring it back.
+    assert_eq!(
+        engine.submit(event(3), target("deleted", 1, receiver.url())),
+        Submission::Dropped(DropReason::ListenerRemoved)
+    );
+    assert!(!engine.knows(&ListenerId::new("ns", "deleted")));
+
+    // A listener made again under the same name is resumed by its reconciler, and starts afresh.
+    engine.set_paused(&ListenerId::new("ns", "deleted"), false);
     engine.submit(event(4), target("deleted", 1, receiver.url()));
     let totals = tally.wait(&engine, "deleted", |t| t.delivered == 1).await;
     assert_eq!((totals.failed, totals.dropped), (0, 0));
@@ -1038,4 +1046,99 @@ async fn the_receive_subcommand_verifies_deliveries_and_refuses_the_rest() {
     assert!(refused.contains("does not match"), "{refused}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The operator end to end, two WebhookUsers on one receiver: `flood` publishes far more than
+/// the receiver takes while its first request hangs, `quiet` a few events. Each owner has a lane
+/// of 5 at the destination, served in turn over one connection.
+#[tokio::test]
+async fn a_flooding_owner_drops_only_its_own_deliveries_on_a_shared_receiver() {
+    use crate::support::cluster::eventually;
+    use crate::support::operator::Harness;
+    use crownstone_webhooks::clock::SystemClock;
+    use crownstone_webhooks::crownstone::samples;
+    use crownstone_webhooks::resources::WebhookUser;
+
+    const FLOOD: usize = 20;
+    const QUIET: usize = 3;
+    const LANE: usize = 5;
+    const QUEUE_FULL: &str =
+        r#"crownstone_webhooks_webhook_delivery_drops_total{reason="queue_full"}"#;
+
+    let h = Harness::start_with(
+        "fair",
+        Arc::new(SystemClock),
+        &[
+            "--allow-private-destinations",
+            "--delivery-queue-capacity=5",
+            "--delivery-concurrency=1",
+            "--delivery-timeout=5s",
+        ],
+    )
+    .await;
+    // The first request hangs until its timeout: meanwhile everything else queues.
+    let receiver = Receiver::scripted([Reply::Hang], Reply::status(200)).await;
+    for (owner, user, sphere) in [
+        ("flood", "user-flood", "sphere-flood"),
+        ("quiet", "user-quiet", "sphere-quiet"),
+    ] {
+        h.create_user(owner, true, None).await;
+        let token = h.token(user, sphere).await;
+        let secret = format!("{owner}-token");
+        h.create_token_secret(&secret, &token).await;
+        h.create_listener(
+            owner,
+            owner,
+            &secret,
+            &["command"],
+            receiver.url().as_str(),
+            None,
+        )
+        .await;
+        h.wait_ready(owner).await;
+    }
+    h.wait_streams(2).await;
+
+    let flood = vec![samples::multi_switch("sphere-flood"); FLOOD];
+    h.admin.publish(&flood).await.unwrap();
+    let quiet = vec![samples::multi_switch("sphere-quiet"); QUIET];
+    h.admin.publish(&quiet).await.unwrap();
+
+    // The flooder's excess is dropped as queue_full; the quiet owner loses nothing.
+    h.wait_metric(QUEUE_FULL, (FLOOD - LANE) as f64).await;
+    let requests = receiver.wait_for_requests(LANE + QUIET + 1, WAIT).await;
+    let owners: Vec<String> = requests
+        .iter()
+        .map(|r| r.json()["clientId"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let count = |owner: &str| owners.iter().filter(|o| *o == owner).count();
+    // The hung request is retried under its message id: one more request than deliveries.
+    let first = owners[0].clone();
+    assert_eq!(
+        (count("flood"), count("quiet")),
+        if first == "flood" {
+            (LANE + 1, QUIET)
+        } else {
+            (LANE, QUIET + 1)
+        },
+        "{owners:?}"
+    );
+    assert_eq!(h.metric(QUEUE_FULL).await, (FLOOD - LANE) as f64);
+    // Served in turn: the quiet owner's last delivery goes before the flooder's backlog ends.
+    let last = |owner: &str| owners.iter().rposition(|o| o == owner);
+    assert!(last("quiet") < last("flood"), "{owners:?}");
+
+    h.wait_status("quiet", "delivered=3", |s| s.delivered == QUIET as u64)
+        .await;
+    h.wait_status("flood", "delivered=5", |s| s.delivered == LANE as u64)
+        .await;
+    // Dropped deliveries give the allowance back: each owner is charged what was delivered.
+    let users = h.ns.api::<WebhookUser>();
+    for (owner, delivered) in [("flood", LANE), ("quiet", QUIET)] {
+        eventually(&format!("usage of {owner}"), WAIT, || async {
+            let usage = users.get(owner).await.ok()?.status?.usage?;
+            (usage.deliveries == delivered as u64).then_some(())
+        })
+        .await;
+    }
 }

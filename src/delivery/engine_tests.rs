@@ -1,0 +1,457 @@
+//! The engine against receivers on loopback: allowance given back for every delivery that is
+//! never attempted, and a forgotten listener that stays forgotten.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+
+use chrono::NaiveDate;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use super::*;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+/// Counts what is given back.
+#[derive(Default)]
+struct Refunds(AtomicU64);
+
+impl Ledger for Refunds {
+    fn give_back(&self, _day: NaiveDate) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Refunds {
+    fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn charge(refunds: &Arc<Refunds>) -> Option<Charge> {
+    let ledger: Arc<dyn Ledger> = refunds.clone();
+    Some(Charge::new(ledger, NaiveDate::MIN))
+}
+
+/// How the receiver answers every request.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// Never: the attempt runs into its timeout.
+    Never,
+    /// With this status, after this long.
+    After(u16, Duration),
+}
+
+/// An HTTP/1.1 receiver on loopback that counts the requests it read and keeps their
+/// `clientId`s in order.
+struct Receiver {
+    url: Url,
+    requests: Arc<AtomicUsize>,
+    clients: Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+impl Receiver {
+    async fn start(answer: Answer) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let clients = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (counted, seen) = (Arc::clone(&requests), Arc::clone(&clients));
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let (counted, seen) = (Arc::clone(&counted), Arc::clone(&seen));
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Some((head, end)) = request_end(&buffer) else {
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let body: serde_json::Value =
+                            serde_json::from_slice(&buffer[head..end]).unwrap_or_default();
+                        seen.lock()
+                            .push(body["clientId"].as_str().unwrap_or_default().to_owned());
+                        buffer.drain(..end);
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let Answer::After(status, delay) = answer else {
+                            std::future::pending::<()>().await;
+                            return;
+                        };
+                        tokio::time::sleep(delay).await;
+                        let head = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                        if socket.write_all(head.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            url: Url::parse(&format!("http://{address}/hook")).unwrap(),
+            requests,
+            clients,
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    fn clients(&self) -> Vec<String> {
+        self.clients.lock().clone()
+    }
+}
+
+/// Where a whole request's head and `content-length` body end in `buffer`, if it is all there.
+fn request_end(buffer: &[u8]) -> Option<(usize, usize)> {
+    let head = buffer.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let text = String::from_utf8_lossy(&buffer[..head]).to_ascii_lowercase();
+    let length = text
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    (buffer.len() >= head + length).then_some((head, head + length))
+}
+
+/// One attempt in flight at a time, no retries: a second delivery waits behind the first.
+fn one_at_a_time() -> DeliveryConfig {
+    DeliveryConfig {
+        timeout: Duration::from_millis(500),
+        max_attempts: 1,
+        concurrency_per_destination: 1,
+        allow_private_destinations: true,
+        ..DeliveryConfig::default()
+    }
+}
+
+fn start(config: DeliveryConfig) -> DeliveryEngine {
+    DeliveryEngine::new(config, &mut Registry::default()).unwrap()
+}
+
+fn target(listener: &str, owner: &str, url: &Url) -> DeliveryTarget {
+    DeliveryTarget {
+        listener: ListenerId::new("ns", listener),
+        generation: 1,
+        url: Arc::new(url.clone()),
+        client_id: Arc::from(owner),
+        client_secret: ClientSecret::new(SECRET),
+        user_id: Arc::from("user-1"),
+    }
+}
+
+fn event() -> Bytes {
+    Bytes::from_static(br#"{"type":"presence"}"#)
+}
+
+/// Waits for `condition`, failing the test after 20 s.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The engine's tallies of a listener, summed over reports.
+async fn dropped_and_failed(engine: &DeliveryEngine, listener: &str) -> (u64, u64) {
+    let id = ListenerId::new("ns", listener);
+    engine
+        .take_reports()
+        .iter()
+        .filter(|r| r.listener == id)
+        .fold((0, 0), |(d, f), r| (d + r.dropped, f + r.failed))
+}
+
+#[tokio::test]
+async fn deliveries_refused_at_submit_give_their_allowance_back() {
+    let receiver = Receiver::start(Answer::After(200, Duration::ZERO)).await;
+    let engine = start(one_at_a_time());
+    let refunds = Arc::new(Refunds::default());
+    let submit = |listener: &str, url: &Url| {
+        engine.submit_charged(event(), target(listener, "acme", url), charge(&refunds))
+    };
+
+    engine.restore(
+        &ListenerId::new("ns", "gone"),
+        1,
+        Some(Suspension::EndpointGone),
+        None,
+    );
+    engine.set_paused(&ListenerId::new("ns", "paused"), true);
+    let refused_url = Url::parse("http://10.0.0.1/hook").unwrap();
+    let strict = start(DeliveryConfig::default());
+    // (case, listener, engine, url, expected result); each refused one gives its charge back.
+    let table = [
+        (
+            "suspended",
+            "gone",
+            &engine,
+            &receiver.url,
+            Submission::Dropped(DropReason::Suspended),
+        ),
+        (
+            "owner disabled",
+            "paused",
+            &engine,
+            &receiver.url,
+            Submission::Dropped(DropReason::Paused),
+        ),
+        (
+            "url refused",
+            "private",
+            &strict,
+            &refused_url,
+            Submission::Refused,
+        ),
+        ("queued", "fine", &engine, &receiver.url, Submission::Queued),
+    ];
+    for (case, listener, engine, url, expected) in table {
+        let before = refunds.count();
+        let submission =
+            engine.submit_charged(event(), target(listener, "acme", url), charge(&refunds));
+        assert_eq!(submission, expected, "{case}");
+        let refunded = u64::from(!submission.is_queued());
+        assert_eq!(refunds.count(), before + refunded, "{case}");
+    }
+    eventually("the delivery", || receiver.requests() == 1).await;
+
+    engine.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        submit("late", &receiver.url),
+        Submission::Dropped(DropReason::ShuttingDown)
+    );
+    assert_eq!(refunds.count(), 4, "shutting down");
+    assert_eq!(receiver.requests(), 1, "nothing refused was sent");
+}
+
+#[tokio::test]
+async fn a_full_queue_gives_the_allowance_back() {
+    let receiver = Receiver::start(Answer::Never).await;
+    let engine = start(DeliveryConfig {
+        queue_capacity: 1,
+        ..one_at_a_time()
+    });
+    let refunds = Arc::new(Refunds::default());
+    let submit = || {
+        engine.submit_charged(
+            event(),
+            target("a", "acme", &receiver.url),
+            charge(&refunds),
+        )
+    };
+    assert_eq!(submit(), Submission::Queued);
+    assert_eq!(submit(), Submission::Dropped(DropReason::QueueFull));
+    assert_eq!(refunds.count(), 1);
+    // The first is attempted: it fails on its timeout and keeps its charge.
+    eventually("the first attempt to fail", || {
+        engine.take_reports().iter().any(|r| r.failed == 1)
+    })
+    .await;
+    assert_eq!(refunds.count(), 1);
+}
+
+/// A delivery waits behind one that hangs; `meanwhile` happens; the waiting one is then dropped
+/// or failed without an attempt and must give its allowance back, the attempted one must not.
+async fn waiting_delivery_refunded_when(
+    answer: Answer,
+    config: DeliveryConfig,
+    meanwhile: impl FnOnce(&DeliveryEngine),
+) -> (DeliveryEngine, Arc<Refunds>, Receiver) {
+    let receiver = Receiver::start(answer).await;
+    let engine = start(config);
+    let refunds = Arc::new(Refunds::default());
+    for _ in 0..2 {
+        let submission = engine.submit_charged(
+            event(),
+            target("a", "acme", &receiver.url),
+            charge(&refunds),
+        );
+        assert_eq!(submission, Submission::Queued);
+    }
+    eventually("the first attempt", || receiver.requests() == 1).await;
+    meanwhile(&engine);
+    (engine, refunds, receiver)
+}
+
+#[tokio::test]
+async fn a_waiting_delivery_of_a_paused_listener_gives_its_allowance_back() {
+    let (engine, refunds, receiver) =
+        waiting_delivery_refunded_when(Answer::Never, one_at_a_time(), |engine| {
+            engine.set_paused(&ListenerId::new("ns", "a"), true)
+        })
+        .await;
+    eventually("the waiting delivery to be dropped", || {
+        refunds.count() == 1
+    })
+    .await;
+    let (dropped, failed) = dropped_and_failed(&engine, "a").await;
+    assert_eq!((dropped, failed), (1, 1));
+    assert_eq!(
+        refunds.count(),
+        1,
+        "the attempted delivery keeps its charge"
+    );
+    assert_eq!(receiver.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_waiting_delivery_of_a_forgotten_listener_gives_its_allowance_back() {
+    let (_engine, refunds, receiver) =
+        waiting_delivery_refunded_when(Answer::Never, one_at_a_time(), |engine| {
+            engine.forget_listener(&ListenerId::new("ns", "a"))
+        })
+        .await;
+    // Dropped when its turn came, after the first attempt's timeout: it is never sent.
+    eventually("the waiting delivery to be dropped", || {
+        refunds.count() == 1
+    })
+    .await;
+    assert_eq!(receiver.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_waiting_delivery_of_a_suspended_listener_gives_its_allowance_back() {
+    // The first attempt is answered 410 Gone, which suspends the listener.
+    let (engine, refunds, receiver) = waiting_delivery_refunded_when(
+        Answer::After(410, Duration::from_millis(200)),
+        one_at_a_time(),
+        |_| {},
+    )
+    .await;
+    eventually("the waiting delivery to be dropped", || {
+        refunds.count() == 1
+    })
+    .await;
+    assert_eq!(
+        engine.suspension(&ListenerId::new("ns", "a"), 1),
+        Some(Suspension::EndpointGone)
+    );
+    assert_eq!(receiver.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_delivery_too_old_for_its_first_attempt_gives_its_allowance_back() {
+    let config = DeliveryConfig {
+        max_delivery_age: Duration::from_millis(100),
+        ..one_at_a_time()
+    };
+    let (engine, refunds, receiver) =
+        waiting_delivery_refunded_when(Answer::Never, config, |_| {}).await;
+    eventually("the waiting delivery to fail", || refunds.count() == 1).await;
+    let (dropped, failed) = dropped_and_failed(&engine, "a").await;
+    assert_eq!(
+        (dropped, failed),
+        (0, 2),
+        "both fail, one without an attempt"
+    );
+    assert_eq!(receiver.requests(), 1);
+}
+
+#[tokio::test]
+async fn deliveries_given_up_at_shutdown_give_their_allowance_back_unless_attempted() {
+    let config = DeliveryConfig {
+        timeout: Duration::from_secs(30),
+        ..one_at_a_time()
+    };
+    let (engine, refunds, receiver) =
+        waiting_delivery_refunded_when(Answer::Never, config, |_| {}).await;
+    engine.shutdown(Duration::from_millis(100)).await;
+    assert_eq!(refunds.count(), 1, "only the one never attempted");
+    assert_eq!(receiver.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_delivery_routed_before_its_listener_was_forgotten_is_dropped_not_revived() {
+    let receiver = Receiver::start(Answer::After(200, Duration::ZERO)).await;
+    let engine = start(one_at_a_time());
+    let refunds = Arc::new(Refunds::default());
+    let id = ListenerId::new("ns", "a");
+    let submit = || {
+        engine.submit_charged(
+            event(),
+            target("a", "acme", &receiver.url),
+            charge(&refunds),
+        )
+    };
+    assert_eq!(submit(), Submission::Queued);
+    eventually("the first delivery", || receiver.requests() == 1).await;
+
+    // The race, in order: routing hands out a target (the stream's task), the reconciler
+    // forgets the listener, then the stream's task submits what it routed.
+    let routed = target("a", "acme", &receiver.url);
+    engine.forget_listener(&id);
+    let late = engine.submit_charged(event(), routed, charge(&refunds));
+    assert_eq!(late, Submission::Dropped(DropReason::ListenerRemoved));
+    assert_eq!(refunds.count(), 1);
+    assert!(!engine.knows(&id), "the listener was not brought back");
+    assert!(
+        engine.take_reports().iter().all(|r| r.listener != id),
+        "a forgotten listener gets no report"
+    );
+
+    // Never seen before it was forgotten: the same.
+    let never = ListenerId::new("ns", "never");
+    engine.forget_listener(&never);
+    let late = engine.submit_charged(
+        event(),
+        target("never", "acme", &receiver.url),
+        charge(&refunds),
+    );
+    assert_eq!(late, Submission::Dropped(DropReason::ListenerRemoved));
+    assert_eq!(refunds.count(), 2);
+
+    // Created again: its reconciler resumes it, and it takes deliveries again.
+    engine.set_paused(&id, false);
+    assert_eq!(submit(), Submission::Queued);
+    eventually("the delivery to the listener made again", || {
+        receiver.requests() == 2
+    })
+    .await;
+    assert_eq!(refunds.count(), 2);
+}
+
+#[tokio::test]
+async fn a_flooding_owner_fills_only_its_own_lane() {
+    let receiver = Receiver::start(Answer::Never).await;
+    let engine = start(DeliveryConfig {
+        queue_capacity: 3,
+        timeout: Duration::from_millis(300),
+        ..one_at_a_time()
+    });
+    let flood: Vec<Submission> = (0..10)
+        .map(|_| engine.submit(event(), target("flood", "flooder", &receiver.url)))
+        .collect();
+    let queued = flood.iter().filter(|s| s.is_queued()).count();
+    assert_eq!(queued, 3, "{flood:?}");
+    // Another owner on the same destination still gets its whole lane.
+    for _ in 0..3 {
+        assert_eq!(
+            engine.submit(event(), target("quiet", "quiet", &receiver.url)),
+            Submission::Queued
+        );
+    }
+    assert_eq!(
+        engine.submit(event(), target("quiet", "quiet", &receiver.url)),
+        Submission::Dropped(DropReason::QueueFull)
+    );
+    // The same owner name in another namespace is another owner.
+    let mut elsewhere = target("x", "flooder", &receiver.url);
+    elsewhere.listener = ListenerId::new("other", "x");
+    assert_eq!(engine.submit(event(), elsewhere), Submission::Queued);
+    // Served in turn, one attempt at a time: the quiet owner's first goes second, not after
+    // the flood.
+    eventually("every queued delivery attempted", || {
+        receiver.requests() == 7
+    })
+    .await;
+    assert_eq!(
+        receiver.clients(),
+        ["flooder", "quiet", "flooder", "flooder", "quiet", "flooder", "quiet"]
+    );
+}
