@@ -322,21 +322,8 @@ async fn apply(
             message: format!("spec.url cannot be used: {error}"),
         };
     }
-    let conditions = to_conditions(&desired, &previous.conditions, Some(generation), now);
     let host = url.as_ref().ok().map(url_host);
-    let unchanged = same_conditions(&conditions, &previous.conditions)
-        && previous.expires_at == listener.spec.expires_at
-        && previous.url_host == host
-        && previous.observed_generation == Some(generation);
-    let status = ListenerStatusApply {
-        conditions: &conditions,
-        expires_at: listener.spec.expires_at,
-        url_host: host.as_deref(),
-        observed_generation: generation,
-    };
-    let wrote = ctx
-        .apply_status_if_changed(status_key, api, listener, unchanged, &status)
-        .await?;
+    let wrote = write_status(listener, status_key, api, ctx, &desired, host, now).await?;
     if wrote && previous.observed_generation != Some(generation) {
         // New, or its spec changed: the owner's count may have changed.
         ctx.wake_user(id.namespace(), &listener.spec.owner);
@@ -402,7 +389,6 @@ async fn hold_back(
     ceiling: u32,
 ) -> Result<Action, Error> {
     ctx.forwarders.detach(id);
-    let generation = listener.meta().generation.unwrap_or(0);
     let why = format!(
         "Its owner {} has more than {ceiling} listeners; this one, among the newest, is not \
          streamed until others are deleted or spec.maxListeners is raised",
@@ -418,16 +404,37 @@ async fn hold_back(
         DesiredCondition::new("Streaming", "False", "ListenerLimitExceeded", why.clone()),
         DesiredCondition::new("Ready", "False", "ListenerLimitExceeded", why),
     ];
-    let previous = listener.status.clone().unwrap_or_default();
-    let conditions = to_conditions(
-        &desired,
-        &previous.conditions,
-        Some(generation),
-        ctx.clock.now(),
-    );
     let host = Url::parse(&listener.spec.url)
         .ok()
         .map(|url| url_host(&url));
+    let status_key = format!("listener/{id}");
+    write_status(
+        listener,
+        status_key,
+        api,
+        ctx,
+        &desired,
+        host,
+        ctx.clock.now(),
+    )
+    .await?;
+    Ok(Action::requeue(Duration::from_secs(600)))
+}
+
+/// Applies the Listener's conditions, expiry and url host to its status unless they are what
+/// it already says; true when it wrote.
+async fn write_status(
+    listener: &Listener,
+    status_key: String,
+    api: &Api<Listener>,
+    ctx: &Context,
+    desired: &[DesiredCondition],
+    host: Option<String>,
+    now: DateTime<Utc>,
+) -> Result<bool, Error> {
+    let generation = listener.meta().generation.unwrap_or(0);
+    let previous = listener.status.clone().unwrap_or_default();
+    let conditions = to_conditions(desired, &previous.conditions, Some(generation), now);
     let unchanged = same_conditions(&conditions, &previous.conditions)
         && previous.expires_at == listener.spec.expires_at
         && previous.url_host == host
@@ -438,9 +445,8 @@ async fn hold_back(
         url_host: host.as_deref(),
         observed_generation: generation,
     };
-    ctx.apply_status_if_changed(format!("listener/{id}"), api, listener, unchanged, &status)
-        .await?;
-    Ok(Action::requeue(Duration::from_secs(600)))
+    ctx.apply_status_if_changed(status_key, api, listener, unchanged, &status)
+        .await
 }
 
 /// Makes `owner` the Listener's controlling owner in Kubernetes terms, for garbage collection,
