@@ -60,6 +60,10 @@ pub enum LeaderError {
         deadline: Duration,
         retry: Duration,
     },
+    /// The Lease holds its duration in whole seconds: a fraction would be cut off, and other
+    /// replicas would take over before this one's renew deadline has passed.
+    #[error("the lease duration ({0:?}) must be a whole number of seconds, from 1 s to 68 years")]
+    WholeSeconds(Duration),
 }
 
 /// Why a leader stopped leading.
@@ -86,6 +90,31 @@ pub struct LeaseLock {
     renew_deadline: Duration,
     retry_period: Duration,
     observed: Mutex<Option<Observed>>,
+    /// When the round that took the Lease was started: the renew deadline of the first term
+    /// counts from there, not from when the answer came.
+    won_at: Mutex<Option<Instant>>,
+}
+
+/// Refuses timing under which two replicas could lead at once: a renew deadline not shorter
+/// than the lease duration, a retry period not shorter than the deadline, or a duration the
+/// Lease's whole seconds would cut short.
+fn validate_timing(args: &LeaderArgs) -> Result<(), LeaderError> {
+    let duration = args.lease_duration;
+    if duration.subsec_nanos() != 0
+        || duration.as_secs() == 0
+        || i32::try_from(duration.as_secs()).is_err()
+    {
+        return Err(LeaderError::WholeSeconds(duration));
+    }
+    if args.lease_renew_deadline >= duration || args.lease_retry_period >= args.lease_renew_deadline
+    {
+        return Err(LeaderError::Timing {
+            duration,
+            deadline: args.lease_renew_deadline,
+            retry: args.lease_retry_period,
+        });
+    }
+    Ok(())
 }
 
 impl LeaseLock {
@@ -96,15 +125,7 @@ impl LeaseLock {
         namespace: &str,
         identity: String,
     ) -> Result<Self, LeaderError> {
-        if args.lease_renew_deadline >= args.lease_duration
-            || args.lease_retry_period >= args.lease_renew_deadline
-        {
-            return Err(LeaderError::Timing {
-                duration: args.lease_duration,
-                deadline: args.lease_renew_deadline,
-                retry: args.lease_retry_period,
-            });
-        }
+        validate_timing(args)?;
         Ok(LeaseLock {
             api: Api::namespaced(client, namespace),
             name: args.leader_election_lease.clone(),
@@ -113,6 +134,7 @@ impl LeaseLock {
             renew_deadline: args.lease_renew_deadline,
             retry_period: args.lease_retry_period,
             observed: Mutex::new(None),
+            won_at: Mutex::new(None),
         })
     }
 
@@ -123,8 +145,10 @@ impl LeaseLock {
     /// Waits until this replica holds the Lease. False when cancelled first.
     pub async fn acquire(&self, cancel: &CancellationToken) -> bool {
         loop {
+            let started = Instant::now();
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
+                    *self.won_at.lock() = Some(started);
                     tracing::info!(identity = %self.identity, lease = %self.name, "Leading: took the lease.");
                     return true;
                 }
@@ -144,19 +168,22 @@ impl LeaseLock {
     /// Stopping does not hand the Lease back: the caller does with [`release`](Self::release)
     /// once it has stopped delivering, so no standby starts before.
     pub async fn hold(&self, cancel: &CancellationToken) -> LeadershipEnd {
-        let mut renewed = Instant::now();
+        // Counted from when each successful round was sent: the other replicas start counting
+        // the lease duration no earlier than the write landed, so this side stops first.
+        let mut renewed = self.won_at.lock().take().unwrap_or_else(Instant::now);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return LeadershipEnd::Stopped,
                 _ = tokio::time::sleep(self.retry_period) => {}
             }
+            let sent = Instant::now();
             let attempt = tokio::time::timeout(
                 self.renew_deadline.saturating_sub(renewed.elapsed()),
                 self.try_acquire_or_renew(),
             )
             .await;
             match attempt {
-                Ok(Ok(true)) => renewed = Instant::now(),
+                Ok(Ok(true)) => renewed = sent,
                 Ok(Ok(false)) => {
                     tracing::warn!(lease = %self.name, "Another replica holds the lease: no longer leading.");
                     return LeadershipEnd::Lost;
@@ -262,7 +289,10 @@ impl LeaseLock {
     fn held_spec(&self, acquired: Option<MicroTime>, transitions: i32) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(self.identity.clone()),
-            lease_duration_seconds: Some(i32::try_from(self.duration.as_secs()).unwrap_or(15)),
+            // Whole seconds that fit, as `validate_timing` made sure.
+            lease_duration_seconds: Some(
+                i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX),
+            ),
             acquire_time: Some(acquired.unwrap_or_else(now)),
             renew_time: Some(now()),
             lease_transitions: Some(transitions),
@@ -321,5 +351,42 @@ mod tests {
             LeaseLock::new(client, &cli.leader, "ns", "me".into()),
             Err(LeaderError::Timing { .. })
         ));
+    }
+
+    #[test]
+    fn lease_durations_the_lease_would_cut_short_are_refused() {
+        let args = |duration: &str, deadline: &str, retry: &str| {
+            Cli::try_parse_from([
+                "x",
+                "--lease-duration",
+                duration,
+                "--lease-renew-deadline",
+                deadline,
+                "--lease-retry-period",
+                retry,
+            ])
+            .unwrap()
+            .leader
+        };
+        // 10.5 s would be written as 10 s: another replica could take over at 10 s, before this
+        // one's renew deadline of 10.2 s has passed.
+        assert!(matches!(
+            validate_timing(&args("10500ms", "10200ms", "2s")),
+            Err(LeaderError::WholeSeconds(_))
+        ));
+        assert!(matches!(
+            validate_timing(&args("500ms", "200ms", "100ms")),
+            Err(LeaderError::WholeSeconds(_))
+        ));
+        assert!(matches!(
+            validate_timing(&args("10s", "12s", "2s")),
+            Err(LeaderError::Timing { .. })
+        ));
+        assert!(matches!(
+            validate_timing(&args("10s", "8s", "8s")),
+            Err(LeaderError::Timing { .. })
+        ));
+        assert!(validate_timing(&args("15s", "10s", "2s")).is_ok());
+        assert!(validate_timing(&args("11s", "10500ms", "2s")).is_ok());
     }
 }
