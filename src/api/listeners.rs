@@ -440,7 +440,7 @@ async fn create_new(
         Err(error) => return Err(ApiError::kube("create the listener", &error)),
     };
     if let Err(error) = store_token(state, &secret_name, &created, &request.token).await {
-        discard_listener(state, &name).await;
+        discard::<Listener>(state, &name, "a listener whose token could not be stored").await;
         return Err(error);
     }
     tracing::info!(listener = %name, owner, "Registered a listener.");
@@ -456,26 +456,22 @@ async fn create_new(
     Ok(Created::New(Arc::new(created)))
 }
 
-/// Undoes a Listener whose token could not be stored.
-async fn discard_listener(state: &AppState, name: &str) {
-    let listeners: Api<Listener> = Api::namespaced(state.client.clone(), &state.namespace);
-    match listeners.delete(name, &DeleteParams::default()).await {
+/// Undoes what a registration created and could not complete: deletes `name` (already gone is
+/// fine); a failure is logged for an operator to clean up by hand.
+async fn discard<K>(state: &AppState, name: &str, what: &str)
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(state.client.clone(), &state.namespace);
+    match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => {}
         Err(kube::Error::Api(status)) if status.code == 404 => {}
         Err(error) => {
-            tracing::warn!(listener = name, error = %describe_kube_error(&error), "Could not remove a listener whose token could not be stored; delete it by hand.");
-        }
-    }
-}
-
-/// Undoes a token Secret that no Listener came to use.
-async fn discard_secret(state: &AppState, name: &str) {
-    let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
-    match secrets.delete(name, &DeleteParams::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 404 => {}
-        Err(error) => {
-            tracing::warn!(secret = name, error = %describe_kube_error(&error), "Could not remove an unused token Secret; delete it by hand.");
+            tracing::warn!(name, error = %describe_kube_error(&error), "Could not remove {what}; delete it by hand.");
         }
     }
 }
@@ -535,7 +531,7 @@ async fn replace_token(
     {
         Ok(updated) => updated,
         Err(error) => {
-            discard_secret(state, &secret_name).await;
+            discard::<Secret>(state, &secret_name, "an unused token Secret").await;
             return Err(match &error {
                 kube::Error::Api(status) if status.code == 409 => ApiError::Unavailable(
                     "The listener was being changed by another request; try again.".into(),

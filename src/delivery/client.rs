@@ -523,7 +523,7 @@ mod tests {
     }
 
     /// Reads one request (head and a body of its content-length) off `io`.
-    async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> Option<Vec<u8>> {
+    pub(super) async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> Option<Vec<u8>> {
         let mut request = Vec::new();
         let mut byte = [0u8; 1];
         while !request.ends_with(b"\r\n\r\n") {

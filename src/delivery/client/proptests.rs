@@ -10,7 +10,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use http::{HeaderValue, StatusCode};
 use proptest::prelude::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use url::Url;
 
@@ -39,22 +39,7 @@ fn attempt_answered(pieces: Vec<Vec<u8>>) -> (AttemptResult, bool) {
                 return;
             };
             // The whole request, head and body, so closing sends no reset.
-            let mut request = Vec::new();
-            let mut byte = [0u8; 1];
-            while !request.ends_with(b"\r\n\r\n") {
-                if socket.read(&mut byte).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                request.push(byte[0]);
-            }
-            let head = String::from_utf8_lossy(&request).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            let mut body = vec![0u8; length];
-            if socket.read_exact(&mut body).await.is_err() {
+            if super::tests::read_request(&mut socket).await.is_none() {
                 return;
             }
             for piece in pieces {
