@@ -146,6 +146,36 @@ impl TokenHash {
     pub fn of(token: &str) -> Self {
         TokenHash(Sha256::digest(token.as_bytes()).into())
     }
+
+    /// All 64 hex digits: how replicas name a token to each other.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// A hash from its 64 hex digits.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).ok()?;
+        Some(TokenHash(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl serde::Serialize for TokenHash {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TokenHash {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        TokenHash::from_hex(&text)
+            .ok_or_else(|| serde::de::Error::custom("a token hash is 64 hex digits"))
+    }
 }
 
 impl fmt::Display for TokenHash {
@@ -193,6 +223,16 @@ impl Skip {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_hashes_travel_as_64_hex_digits() {
+        let hash = Token::new("a-token").hash();
+        let json = serde_json::to_string(&hash).unwrap();
+        assert_eq!(json.len(), 66);
+        assert_eq!(serde_json::from_str::<TokenHash>(&json).unwrap(), hash);
+        assert!(serde_json::from_str::<TokenHash>("\"abc\"").is_err());
+        assert!(serde_json::from_str::<TokenHash>(&format!("\"{}\"", "zz".repeat(32))).is_err());
+    }
 
     #[test]
     fn formatting_never_shows_a_secret() {

@@ -9,6 +9,7 @@ pub mod crownstone;
 pub mod delivery;
 pub mod domain;
 pub mod forwarder;
+pub mod handover;
 pub mod health;
 mod http1;
 pub mod index;

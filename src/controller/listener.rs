@@ -236,6 +236,12 @@ async fn apply(
     if !within_ceiling(listener, id, &owner_key, ceiling, ctx) {
         return hold_back(listener, id, api, ctx, ceiling).await;
     }
+    if owner.is_some() && ctx.index.owner(&owner_key).is_none() {
+        // The owner exists but this process has not reconciled it yet (just after a start):
+        // streaming now would read events that routing skips for want of the owner's
+        // credentials. The owner's reconcile wakes this Listener; the requeue is a fallback.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let owner_state = match &owner {
         None => OwnerState::Missing,
         Some(user) if !user.spec.enabled => OwnerState::Disabled,
