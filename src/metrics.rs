@@ -28,6 +28,20 @@ pub struct ForwarderMetrics {
     pub events: Counter,
     pub malformed_frames: Counter,
     pub skipped: Family<ReasonLabel, Counter>,
+    /// Events a standby holds for a takeover, over every token.
+    pub buffered_events: Gauge,
+    /// The bytes of those events.
+    pub buffered_bytes: Gauge,
+    /// Events dropped from a standby's buffers before the leader settled them, by bound:
+    /// `age`, `bytes` (the token's share), `total_bytes` (every token's). A crash of the leader
+    /// could lose these.
+    pub buffer_drops: Family<ReasonLabel, Counter>,
+    /// Progress records a standby matched against the events it read.
+    pub alignments: Counter,
+    /// Progress records waiting for events this replica has not read yet.
+    pub pending_records: Gauge,
+    /// Buffered events delivered when this replica took the lead.
+    pub takeover_events: Counter,
 }
 
 impl ForwarderMetrics {
@@ -59,7 +73,44 @@ impl ForwarderMetrics {
             "Listeners an event was not routed to, by reason",
             metrics.skipped.clone(),
         );
+        registry.register(
+            "buffered_events",
+            "Events a standby holds for a takeover",
+            metrics.buffered_events.clone(),
+        );
+        registry.register(
+            "buffered_bytes",
+            "Bytes of the events a standby holds for a takeover",
+            metrics.buffered_bytes.clone(),
+        );
+        registry.register(
+            "buffer_drops",
+            "Events dropped from a standby's buffers before the leader settled them, by bound",
+            metrics.buffer_drops.clone(),
+        );
+        registry.register(
+            "alignments",
+            "Progress records matched against the events this replica read",
+            metrics.alignments.clone(),
+        );
+        registry.register(
+            "pending_records",
+            "Progress records waiting for events this replica has not read yet",
+            metrics.pending_records.clone(),
+        );
+        registry.register(
+            "takeover_events",
+            "Buffered events delivered on taking the lead",
+            metrics.takeover_events.clone(),
+        );
         metrics
+    }
+
+    /// Counts an event dropped from a standby's buffer at one of its bounds.
+    pub fn buffer_dropped(&self, reason: &'static str) {
+        self.buffer_drops
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn skipped(&self, skip: Skip) {

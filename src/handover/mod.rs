@@ -4,6 +4,12 @@
 //! right after that point. Events carry a place in their token's stream that replicas agree on,
 //! so the same event delivered by two replicas carries the same `webhook-id`.
 
+mod ids;
+mod log;
+
+pub use ids::webhook_id;
+pub use log::{BufferLimits, EventPlace, LogShared, LoggedEvent, Settle, TokenLog};
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

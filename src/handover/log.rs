@@ -1,0 +1,586 @@
+//! One token's log of the events its forwarder read: their places, what the leader has settled,
+//! and, on a standby, the events held for a takeover and how its count lines up with the
+//! leader's.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::{EventDigest, Seq, TokenProgress, MAX_TAIL};
+use crate::crownstone::EventType;
+use crate::domain::TokenHash;
+use crate::metrics::ForwarderMetrics;
+
+/// How many recent digests a standby keeps to find a record's tail in, even after their bytes
+/// left the buffer: 16 KiB per busy token, several seconds of a busy token's events.
+const HISTORY: usize = 1024;
+
+/// What a buffered event costs beyond its bytes: its place in the buffer and the history.
+const EVENT_OVERHEAD: usize = 96;
+
+/// How much a standby holds for a takeover. At each bound the oldest events go, counted in
+/// `forwarder_buffer_drops`: a crash of the leader before it delivered them loses them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufferLimits {
+    /// Per token. In normal operation a token holds about one progress interval of events,
+    /// so 256 KiB is hundreds of typical events: room for a leader that lags seconds behind.
+    pub bytes: usize,
+    /// An event older than this is dropped: a leader that has not settled it after a minute
+    /// is gone, and the Lease passed to someone long before.
+    pub age: Duration,
+    /// Over every token. 10,000 tokens at their full share would hold 2.5 GiB; this caps the
+    /// sum at 256 MiB, the token that adds an event over it drops its own oldest.
+    pub total_bytes: usize,
+}
+
+impl Default for BufferLimits {
+    fn default() -> Self {
+        Self {
+            bytes: 256 * 1024,
+            age: Duration::from_secs(60),
+            total_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// What the logs of one replica share: the limits, the bytes buffered over every token, the
+/// tokens whose progress changed, and the metrics.
+pub struct LogShared {
+    limits: BufferLimits,
+    total_bytes: AtomicUsize,
+    changed: Mutex<Vec<TokenHash>>,
+    metrics: ForwarderMetrics,
+}
+
+impl LogShared {
+    pub fn new(limits: BufferLimits, metrics: ForwarderMetrics) -> Self {
+        Self {
+            limits,
+            total_bytes: AtomicUsize::new(0),
+            changed: Mutex::new(Vec::new()),
+            metrics,
+        }
+    }
+
+    /// The tokens whose progress changed since the previous call, each once.
+    pub fn take_changed(&self) -> Vec<TokenHash> {
+        std::mem::take(&mut *self.changed.lock())
+    }
+
+    pub fn limits(&self) -> BufferLimits {
+        self.limits
+    }
+}
+
+/// A data event as a forwarder read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub event_type: EventType,
+    /// The event's JSON as it arrived.
+    pub json: Bytes,
+    pub digest: EventDigest,
+}
+
+/// What the log does with an event, by role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Numbers events and tracks their deliveries.
+    Leading,
+    /// Stopped routing for a rollout: reads nothing more, still tracks deliveries in flight.
+    Frozen,
+    /// Buffers events and aligns with the leader's records.
+    Standby,
+}
+
+/// An event held by a standby.
+#[derive(Debug)]
+struct Held {
+    event: LoggedEvent,
+    /// This replica's count of it.
+    local: u64,
+    arrived: Instant,
+    /// Its place in the leader's numbering, once a record vouched for it.
+    place: Option<Seq>,
+}
+
+impl Held {
+    fn cost(&self) -> usize {
+        self.event.json.len() + EVENT_OVERHEAD
+    }
+}
+
+/// One token's log. Lives behind a `parking_lot::Mutex`: the forwarder, the settle handles of
+/// its deliveries and the transport between replicas reach it.
+pub struct TokenLog {
+    token: TokenHash,
+    shared: Arc<LogShared>,
+    mode: Mode,
+    /// Changes on every change of role, so a settle handle of an earlier lead is ignored.
+    epoch: u64,
+    /// The last event's number: its `Seq` while leading, this replica's own count on standby.
+    count: u64,
+    /// The latest digests with their numbers, oldest first: `MAX_TAIL` of them while leading
+    /// (the records' tail), `HISTORY` on standby (where records are looked for).
+    history: VecDeque<(u64, EventDigest)>,
+    /// Leading: every event up to here is settled.
+    delivered_through: Seq,
+    /// Leading: deliveries not settled yet of each event after `delivered_through`.
+    unsettled: VecDeque<u32>,
+    /// Leading: progress changed since the last record was taken.
+    dirty: bool,
+    /// Standby: the events held for a takeover, oldest first.
+    buffer: VecDeque<Held>,
+    buffer_bytes: usize,
+    /// Standby: the leader's `Seq` of an event is its local count plus this, once aligned.
+    offset: Option<i64>,
+    /// Standby: the last aligned event, as (local count, leader's `Seq`).
+    anchor: Option<(u64, Seq)>,
+    /// Standby: a record whose events this replica has not read (yet).
+    pending: Option<TokenProgress>,
+}
+
+/// Tells a token's log that one delivery of an event is settled. Dropped without
+/// [`settled`](Self::settled), the event stays unsettled: the leader's watermark stays before
+/// it, so whoever leads next delivers it again.
+pub struct Settle {
+    log: Arc<Mutex<TokenLog>>,
+    seq: Seq,
+    epoch: u64,
+}
+
+/// An event's delivery as the leader submits it: what its `webhook-id` is made of, and how it
+/// reports back.
+#[derive(Debug)]
+pub struct EventPlace {
+    pub token: TokenHash,
+    pub seq: Seq,
+    pub digest: EventDigest,
+    pub settle: Settle,
+}
+
+impl std::fmt::Debug for Settle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settle").field("seq", &self.seq).finish()
+    }
+}
+
+impl Settle {
+    /// A handle for one delivery of the event at `seq` of the lead `epoch` (from
+    /// [`TokenLog::epoch`]).
+    pub fn new(log: Arc<Mutex<TokenLog>>, seq: Seq, epoch: u64) -> Self {
+        Self { log, seq, epoch }
+    }
+
+    /// The delivery is delivered, failed for good, or dropped for a reason that stands.
+    pub fn settled(self) {
+        self.log.lock().settle(self.seq, self.epoch);
+    }
+}
+
+impl TokenLog {
+    /// A log with nothing read, in `leading` or standby role.
+    pub fn new(token: TokenHash, leading: bool, shared: Arc<LogShared>) -> Self {
+        Self {
+            token,
+            shared,
+            mode: if leading {
+                Mode::Leading
+            } else {
+                Mode::Standby
+            },
+            epoch: 0,
+            count: 0,
+            history: VecDeque::new(),
+            delivered_through: 0,
+            unsettled: VecDeque::new(),
+            dirty: false,
+            buffer: VecDeque::new(),
+            buffer_bytes: 0,
+            offset: None,
+            anchor: None,
+            pending: None,
+        }
+    }
+
+    /// Whether events are routed (true) or buffered (false). A frozen log does neither.
+    pub fn is_leading(&self) -> bool {
+        self.mode == Mode::Leading
+    }
+
+    /// Whether events are buffered.
+    pub fn is_standby(&self) -> bool {
+        self.mode == Mode::Standby
+    }
+
+    /// The current lead, for [`Settle::new`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Leading: the next event's place, for an event routed to `deliveries` deliveries; `None`
+    /// unless leading. An event routed to none is settled at once.
+    pub fn record(&mut self, digest: EventDigest, deliveries: u32) -> Option<Seq> {
+        if self.mode != Mode::Leading {
+            return None;
+        }
+        let seq = self.count + 1;
+        self.record_at(seq, digest, deliveries);
+        Some(seq)
+    }
+
+    /// Numbers an event `seq`, after the last one; the places skipped are settled.
+    fn record_at(&mut self, seq: Seq, digest: EventDigest, deliveries: u32) {
+        self.skip_to(seq - 1);
+        self.count = seq;
+        self.unsettled.push_back(deliveries);
+        self.history.push_back((seq, digest));
+        while self.history.len() > MAX_TAIL {
+            self.history.pop_front();
+        }
+        self.advance();
+        self.touch();
+    }
+
+    /// Leading: moves the count up to `last`, the places in between settled.
+    fn skip_to(&mut self, last: Seq) {
+        while self.count < last {
+            self.count += 1;
+            self.unsettled.push_back(0);
+        }
+    }
+
+    /// Leading: one delivery of the event at `seq` is settled.
+    fn settle(&mut self, seq: Seq, epoch: u64) {
+        if epoch != self.epoch || self.mode == Mode::Standby || seq <= self.delivered_through {
+            return;
+        }
+        let index = usize::try_from(seq - self.delivered_through - 1).unwrap_or(usize::MAX);
+        if let Some(left) = self.unsettled.get_mut(index) {
+            *left = left.saturating_sub(1);
+        }
+        self.advance();
+    }
+
+    fn advance(&mut self) {
+        let before = self.delivered_through;
+        while self.unsettled.front() == Some(&0) {
+            self.unsettled.pop_front();
+            self.delivered_through += 1;
+        }
+        if self.delivered_through != before {
+            self.touch();
+        }
+    }
+
+    fn touch(&mut self) {
+        if !self.dirty {
+            self.dirty = true;
+            self.shared.changed.lock().push(self.token);
+        }
+    }
+
+    /// Leading or frozen: the record of this token's progress if it changed since the previous
+    /// call. A standby has none.
+    pub fn progress(&mut self) -> Option<TokenProgress> {
+        if self.mode == Mode::Standby || !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        // The tail ends at the last event numbered: after a takeover the count may have moved
+        // past it.
+        let seq = self.history.back().map_or(self.count, |(seq, _)| *seq);
+        Some(TokenProgress {
+            token: self.token,
+            seq,
+            tail: self.history.iter().map(|(_, digest)| *digest).collect(),
+            delivered_through: self.delivered_through.min(seq),
+        })
+    }
+
+    /// The place up to which every event is settled (leading), for tests and diagnostics.
+    pub fn delivered_through(&self) -> Seq {
+        self.delivered_through
+    }
+
+    /// Stops routing for a rollout: the log stays at its last routed place, reads nothing more,
+    /// and still counts the deliveries in flight as they settle.
+    pub fn freeze(&mut self) {
+        if self.mode == Mode::Leading {
+            self.mode = Mode::Frozen;
+        }
+    }
+
+    /// Standby: holds an event read from the stream, and retries a pending record with it.
+    pub fn buffer(&mut self, event: LoggedEvent, now: Instant) {
+        if self.mode != Mode::Standby {
+            return;
+        }
+        self.count += 1;
+        let local = self.count;
+        let digest = event.digest;
+        self.history.push_back((local, digest));
+        while self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+        let held = Held {
+            event,
+            local,
+            arrived: now,
+            place: None,
+        };
+        let cost = held.cost();
+        self.buffer.push_back(held);
+        self.buffer_bytes += cost;
+        self.shared.total_bytes.fetch_add(cost, Ordering::Relaxed);
+        self.shared.metrics.buffered_events.inc();
+        self.shared.metrics.buffered_bytes.inc_by(cost as i64);
+        // A pending record can only match now at a run that ends with this event.
+        let ends_here = self
+            .pending
+            .as_ref()
+            .is_some_and(|record| record.tail.last() == Some(&digest));
+        if ends_here {
+            if let Some(record) = self.pending.take() {
+                self.shared.metrics.pending_records.dec();
+                if self.matches_at(&record.tail, local) {
+                    self.align(local, &record);
+                } else {
+                    self.keep_pending(record);
+                }
+            }
+        }
+        self.enforce_bounds(now);
+    }
+
+    /// Drops the oldest events past the age, the token's bytes or every token's bytes.
+    fn enforce_bounds(&mut self, now: Instant) {
+        let limits = self.shared.limits;
+        while let Some(oldest) = self.buffer.front() {
+            let reason = if now.saturating_duration_since(oldest.arrived) > limits.age {
+                "age"
+            } else if self.buffer_bytes > limits.bytes {
+                "bytes"
+            } else if self.shared.total_bytes.load(Ordering::Relaxed) > limits.total_bytes {
+                "total_bytes"
+            } else {
+                break;
+            };
+            self.pop_oldest();
+            self.shared.metrics.buffer_dropped(reason);
+        }
+    }
+
+    fn pop_oldest(&mut self) -> Option<Held> {
+        let held = self.buffer.pop_front()?;
+        self.forget_cost(&held);
+        Some(held)
+    }
+
+    fn forget_cost(&mut self, held: &Held) {
+        let cost = held.cost();
+        self.buffer_bytes -= cost;
+        self.shared.total_bytes.fetch_sub(cost, Ordering::Relaxed);
+        self.shared.metrics.buffered_events.dec();
+        self.shared.metrics.buffered_bytes.dec_by(cost as i64);
+    }
+
+    /// Standby: aligns with a leader's record and drops what it settled; a record whose events
+    /// were not read yet waits, replacing any older one waiting.
+    pub fn apply(&mut self, record: &TokenProgress, now: Instant) {
+        if self.mode != Mode::Standby {
+            return;
+        }
+        self.enforce_bounds(now);
+        if record.tail.is_empty() || record.tail.len() > MAX_TAIL || record.seq == 0 {
+            // Nothing read on the leader yet, or a record no leader makes: nothing to align.
+            return;
+        }
+        if let Some(_older) = self.pending.take() {
+            self.shared.metrics.pending_records.dec();
+        }
+        match self.find(record) {
+            Some(local) => self.align(local, record),
+            None => self.keep_pending(record.clone()),
+        }
+    }
+
+    fn keep_pending(&mut self, record: TokenProgress) {
+        self.pending = Some(record);
+        self.shared.metrics.pending_records.inc();
+    }
+
+    /// Where the record's tail ends in this replica's count: where the current alignment
+    /// predicts it if it is there, else the oldest run that matches. With identical events a
+    /// run can match at several places; the oldest makes the standby drop the least, so a
+    /// wrong choice repeats events and never loses one.
+    fn find(&self, record: &TokenProgress) -> Option<u64> {
+        let tail = &record.tail;
+        if let Some(offset) = self.offset {
+            let predicted = i128::from(record.seq) - i128::from(offset);
+            if let Ok(predicted) = u64::try_from(predicted) {
+                if self.matches_at(tail, predicted) {
+                    return Some(predicted);
+                }
+            }
+        }
+        let first = self.history.front()?.0;
+        let k = tail.len() as u64;
+        (first + k - 1..=self.count).find(|&end| self.matches_at(tail, end))
+    }
+
+    /// Whether the events counted `end - tail.len() + 1 ..= end` have `tail`'s digests.
+    fn matches_at(&self, tail: &[EventDigest], end: u64) -> bool {
+        let Some(&(first, _)) = self.history.front() else {
+            return false;
+        };
+        let k = tail.len() as u64;
+        if k == 0 || end > self.count || end < first + k - 1 {
+            return false;
+        }
+        let start = usize::try_from(end + 1 - k - first).unwrap_or(usize::MAX);
+        self.history
+            .range(start..)
+            .zip(tail)
+            .all(|((_, have), want)| have == want)
+    }
+
+    /// Takes `local` as the record's `seq`: places the events the record vouches for, and
+    /// drops those it says are settled.
+    fn align(&mut self, local: u64, record: &TokenProgress) {
+        let offset = i128::from(record.seq) - i128::from(local);
+        let Ok(offset) = i64::try_from(offset) else {
+            return;
+        };
+        let k = record.tail.len() as u64;
+        // Counts that agree with the previous alignment vouch for every event since it; if
+        // they disagree, one of the streams missed events in between, and only the matched
+        // run is known to be the leader's.
+        let consistent = self
+            .anchor
+            .is_some_and(|(l, s)| i128::from(s) - i128::from(l) == i128::from(offset));
+        let vouched_from = match self.anchor {
+            Some((l, _)) if consistent => l + 1,
+            _ => local + 1 - k,
+        };
+        for held in self.buffer.iter_mut() {
+            if (vouched_from..=local).contains(&held.local) {
+                let place = i128::from(held.local) + i128::from(offset);
+                held.place = u64::try_from(place).ok().filter(|&p| p >= 1);
+            }
+        }
+        self.offset = Some(offset);
+        self.anchor = Some((local, record.seq));
+        self.shared.metrics.alignments.inc();
+        let settled = record.delivered_through.min(record.seq);
+        let mut kept = VecDeque::with_capacity(self.buffer.len());
+        while let Some(held) = self.buffer.pop_front() {
+            if held.place.is_some_and(|place| place <= settled) {
+                self.forget_cost(&held);
+            } else {
+                kept.push_back(held);
+            }
+        }
+        self.buffer = kept;
+    }
+
+    /// Standby -> leading: hands `route` each buffered event the leader did not settle, in
+    /// order, with its place in the leader's numbering where this replica aligned, and numbers
+    /// on from the last. `route` returns how many deliveries it made of the event.
+    ///
+    /// Events of a log that never aligned (no record reached this replica) get this replica's
+    /// own count as place, so their ids differ from the old leader's: a receiver sees repeats,
+    /// never a gap. `route` runs under the log's lock, so it must only route: the deliveries
+    /// are submitted after the lock is released (a delivery settled at once takes the lock).
+    /// Places only grow: an event whose place would not follow the previous one
+    /// takes the next free place (its id then differs too).
+    pub fn take_over(&mut self, mut route: impl FnMut(Seq, &LoggedEvent) -> u32) -> usize {
+        match self.mode {
+            Mode::Leading => return 0,
+            // A frozen log never stopped numbering: it simply routes again.
+            Mode::Frozen => {
+                self.mode = Mode::Leading;
+                return 0;
+            }
+            Mode::Standby => {}
+        }
+        let offset = self.offset;
+        let place_of = |local: u64| -> Seq {
+            let place = i128::from(local) + i128::from(offset.unwrap_or(0));
+            u64::try_from(place).unwrap_or(0)
+        };
+        // The last event read, in the leader's numbering: live events number on from here.
+        let floor = place_of(self.count);
+        let held: Vec<Held> = std::iter::from_fn(|| self.pop_oldest()).collect();
+        if let Some(_pending) = self.pending.take() {
+            self.shared.metrics.pending_records.dec();
+        }
+        let mut places = Vec::with_capacity(held.len());
+        let mut previous: Seq = 0;
+        for event in &held {
+            let place = event
+                .place
+                .unwrap_or_else(|| place_of(event.local))
+                .max(previous + 1);
+            places.push(place);
+            previous = place;
+        }
+        self.mode = Mode::Leading;
+        self.epoch += 1;
+        self.offset = None;
+        self.anchor = None;
+        self.history.clear();
+        self.unsettled.clear();
+        let base = places.first().map_or(floor, |first| first - 1);
+        self.count = base;
+        self.delivered_through = base;
+        for (event, place) in held.iter().zip(&places) {
+            let deliveries = route(*place, &event.event);
+            self.record_at(*place, event.event.digest, deliveries);
+        }
+        if self.count < floor {
+            self.skip_to(floor);
+            self.advance();
+        }
+        self.touch();
+        held.len()
+    }
+
+    /// Leading or frozen -> standby: deliveries still out are no longer tracked, and events
+    /// read from now on are buffered.
+    pub fn stand_by(&mut self) {
+        if self.mode == Mode::Standby {
+            return;
+        }
+        self.mode = Mode::Standby;
+        self.epoch += 1;
+        self.unsettled.clear();
+        self.delivered_through = 0;
+        self.dirty = false;
+        self.offset = None;
+        self.anchor = None;
+    }
+
+    /// Events held, for tests and diagnostics.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+}
+
+impl Drop for TokenLog {
+    fn drop(&mut self) {
+        while self.pop_oldest().is_some() {}
+        if self.pending.is_some() {
+            self.shared.metrics.pending_records.dec();
+        }
+    }
+}
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

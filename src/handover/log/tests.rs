@@ -1,0 +1,287 @@
+use super::*;
+
+fn shared(limits: BufferLimits) -> Arc<LogShared> {
+    Arc::new(LogShared::new(limits, ForwarderMetrics::default()))
+}
+
+fn token() -> TokenHash {
+    TokenHash::of("token")
+}
+
+fn leader() -> Arc<Mutex<TokenLog>> {
+    Arc::new(Mutex::new(TokenLog::new(
+        token(),
+        true,
+        shared(BufferLimits::default()),
+    )))
+}
+
+fn standby_with(limits: BufferLimits) -> TokenLog {
+    TokenLog::new(token(), false, shared(limits))
+}
+
+fn standby() -> TokenLog {
+    standby_with(BufferLimits::default())
+}
+
+fn event(n: u64) -> LoggedEvent {
+    let json = Bytes::from(format!(r#"{{"type":"presence","n":{n}}}"#));
+    LoggedEvent {
+        event_type: EventType::Presence,
+        digest: EventDigest::of(&json),
+        json,
+    }
+}
+
+fn digest(n: u64) -> EventDigest {
+    event(n).digest
+}
+
+fn record(seq: Seq, tail: &[u64], delivered_through: Seq) -> TokenProgress {
+    TokenProgress {
+        token: token(),
+        seq,
+        tail: tail.iter().map(|&n| digest(n)).collect(),
+        delivered_through,
+    }
+}
+
+/// Takes over and returns the (place, event number) of every event handed to routing.
+fn take_over(log: &mut TokenLog) -> Vec<(Seq, u64)> {
+    let mut routed = Vec::new();
+    log.take_over(|seq, event| {
+        let text = String::from_utf8_lossy(&event.json).into_owned();
+        let n = text
+            .trim_end_matches('}')
+            .rsplit(':')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX);
+        routed.push((seq, n));
+        1
+    });
+    routed
+}
+
+#[test]
+fn the_leader_numbers_events_and_settles_them_in_order() {
+    let log = leader();
+    let (first, second, third) = {
+        let mut log = log.lock();
+        let first = log.record(digest(1), 2);
+        let second = log.record(digest(2), 0);
+        let third = log.record(digest(3), 1);
+        (first, second, third)
+    };
+    assert_eq!((first, second, third), (Some(1), Some(2), Some(3)));
+    let epoch = log.lock().epoch();
+    let handle = |seq| Settle::new(Arc::clone(&log), seq, epoch);
+    // The third settles first: the watermark waits for the first.
+    handle(3).settled();
+    assert_eq!(log.lock().delivered_through(), 0);
+    handle(1).settled();
+    assert_eq!(
+        log.lock().delivered_through(),
+        0,
+        "one delivery of 1 is out"
+    );
+    handle(1).settled();
+    // 2 was routed to nobody: settled with 1, and 3 already was.
+    assert_eq!(log.lock().delivered_through(), 3);
+}
+
+#[test]
+fn an_abandoned_delivery_holds_the_watermark_before_it() {
+    let log = leader();
+    {
+        let mut log = log.lock();
+        log.record(digest(1), 1);
+        log.record(digest(2), 1);
+    }
+    let epoch = log.lock().epoch();
+    drop(Settle::new(Arc::clone(&log), 1, epoch));
+    Settle::new(Arc::clone(&log), 2, epoch).settled();
+    assert_eq!(log.lock().delivered_through(), 0);
+    let record = log.lock().progress();
+    assert_eq!(record.map(|r| (r.seq, r.delivered_through)), Some((2, 0)));
+}
+
+#[test]
+fn a_settle_from_an_earlier_lead_is_ignored() {
+    let log = leader();
+    log.lock().record(digest(1), 1);
+    // The place the next lead gives to event 2, from the earlier lead.
+    let stale = Settle::new(Arc::clone(&log), 2, log.lock().epoch());
+    {
+        let mut log = log.lock();
+        log.stand_by();
+        log.buffer(event(2), Instant::now());
+        take_over(&mut log);
+        log.record(digest(3), 1);
+    }
+    let before = log.lock().delivered_through();
+    stale.settled();
+    assert_eq!(log.lock().delivered_through(), before);
+}
+
+#[test]
+fn records_carry_the_last_digests_and_only_when_something_changed() {
+    let log = leader();
+    let mut log = log.lock();
+    assert_eq!(log.progress(), None, "nothing read yet");
+    for n in 1..=6 {
+        log.record(digest(n), 0);
+    }
+    assert_eq!(log.shared.take_changed(), vec![token()], "named once");
+    assert_eq!(log.progress(), Some(record(6, &[3, 4, 5, 6], 6)));
+    assert_eq!(log.progress(), None, "nothing changed since");
+    assert_eq!(log.shared.take_changed(), vec![]);
+    log.record(digest(7), 1);
+    assert_eq!(log.shared.take_changed(), vec![token()]);
+    assert_eq!(log.progress(), Some(record(7, &[4, 5, 6, 7], 6)));
+}
+
+#[test]
+fn a_frozen_log_routes_nothing_more_and_still_settles() {
+    let log = leader();
+    log.lock().record(digest(1), 1);
+    let epoch = log.lock().epoch();
+    log.lock().freeze();
+    assert_eq!(log.lock().record(digest(2), 1), None);
+    log.lock().buffer(event(2), Instant::now());
+    assert_eq!(log.lock().buffered(), 0, "a frozen log buffers nothing");
+    Settle::new(Arc::clone(&log), 1, epoch).settled();
+    assert_eq!(log.lock().progress(), Some(record(1, &[1], 1)));
+}
+
+#[test]
+fn a_standby_aligns_drops_what_is_settled_and_takes_over_in_the_leaders_numbering() {
+    let mut log = standby();
+    let now = Instant::now();
+    // The standby's stream started two events after the leader's: its events 1.. are the
+    // leader's 3..
+    for n in 3..=10 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&record(8, &[5, 6, 7, 8], 6), now);
+    // 5 and 6 are vouched for and settled; 3 and 4 came before the first alignment: kept.
+    assert_eq!(log.buffered(), 6);
+    log.apply(&record(9, &[6, 7, 8, 9], 8), now);
+    // Counts agree with the previous alignment: 7 and 8 are settled too.
+    assert_eq!(log.buffered(), 4);
+    let routed = take_over(&mut log);
+    assert_eq!(routed, vec![(3, 3), (4, 4), (9, 9), (10, 10)]);
+    assert_eq!(log.record(digest(11), 0), Some(11));
+}
+
+#[test]
+fn a_record_ahead_of_the_standby_waits_for_its_events() {
+    let mut log = standby();
+    let now = Instant::now();
+    log.buffer(event(1), now);
+    log.apply(&record(3, &[1, 2, 3], 3), now);
+    assert!(log.pending.is_some());
+    log.buffer(event(2), now);
+    assert!(log.pending.is_some());
+    log.buffer(event(3), now);
+    assert!(log.pending.is_none(), "matched once its events arrived");
+    assert_eq!(log.buffered(), 0);
+    // A newer record replaces a waiting one.
+    log.apply(&record(5, &[3, 4, 5], 4), now);
+    log.apply(&record(6, &[4, 5, 6], 5), now);
+    for n in 4..=6 {
+        log.buffer(event(n), now);
+    }
+    assert_eq!(take_over(&mut log), vec![(6, 6)]);
+}
+
+#[test]
+fn events_the_leader_missed_are_kept() {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=8 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&record(3, &[1, 2, 3], 3), now);
+    // The leader's stream missed 4: its 4.. are events 5..
+    log.apply(&record(7, &[5, 6, 7, 8], 7), now);
+    let routed = take_over(&mut log);
+    // Only the missed event is left; the leader's 3 is the place before its 4.
+    assert_eq!(routed, vec![(3, 4)]);
+    assert_eq!(log.record(digest(9), 0), Some(8));
+}
+
+#[test]
+fn identical_events_align_where_the_fewest_are_dropped() {
+    let mut log = standby();
+    let now = Instant::now();
+    for _ in 0..6 {
+        log.buffer(event(0), now);
+    }
+    // Runs of two identical events end at every count from 2 to 6.
+    log.apply(&record(2, &[0, 0], 2), now);
+    assert_eq!(log.buffered(), 4);
+}
+
+#[test]
+fn a_standby_that_never_aligned_delivers_everything_in_its_own_numbering() {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=3 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&record(9, &[40, 41], 9), now);
+    assert_eq!(take_over(&mut log), vec![(1, 1), (2, 2), (3, 3)]);
+    assert_eq!(log.progress(), Some(record(3, &[1, 2, 3], 0)));
+}
+
+#[test]
+fn buffers_drop_their_oldest_events_at_each_bound() {
+    let cost = event(1).json.len() + EVENT_OVERHEAD;
+    let now = Instant::now();
+    let mut log = standby_with(BufferLimits {
+        bytes: 3 * cost,
+        ..BufferLimits::default()
+    });
+    for n in 1..=5 {
+        log.buffer(event(n), now);
+    }
+    assert_eq!(take_over(&mut log), vec![(3, 3), (4, 4), (5, 5)]);
+
+    let mut log = standby_with(BufferLimits {
+        age: Duration::from_secs(10),
+        ..BufferLimits::default()
+    });
+    log.buffer(event(1), now);
+    log.buffer(event(2), now + Duration::from_secs(5));
+    log.buffer(event(3), now + Duration::from_secs(11));
+    assert_eq!(take_over(&mut log), vec![(2, 2), (3, 3)]);
+
+    // Two tokens share the total: the one that adds over it drops its own oldest.
+    let limits = BufferLimits {
+        total_bytes: 3 * cost,
+        ..BufferLimits::default()
+    };
+    let both = shared(limits);
+    let mut a = TokenLog::new(TokenHash::of("a"), false, Arc::clone(&both));
+    let mut b = TokenLog::new(TokenHash::of("b"), false, Arc::clone(&both));
+    a.buffer(event(1), now);
+    a.buffer(event(2), now);
+    b.buffer(event(3), now);
+    b.buffer(event(4), now);
+    assert_eq!((a.buffered(), b.buffered()), (2, 1));
+    drop(a);
+    assert_eq!(both.total_bytes.load(Ordering::Relaxed), cost);
+}
+
+#[test]
+fn a_leader_that_stands_by_buffers_and_can_lead_again() {
+    let log = leader();
+    let mut log = log.lock();
+    log.record(digest(1), 0);
+    log.stand_by();
+    assert_eq!(log.record(digest(2), 0), None);
+    log.buffer(event(2), Instant::now());
+    assert_eq!(log.progress(), None, "a standby publishes nothing");
+    assert_eq!(take_over(&mut log), vec![(2, 2)]);
+}
