@@ -10,7 +10,12 @@
 //! A destination with nothing to do for a while closes its queue and ends its task; the next
 //! delivery to it makes a new one.
 
-use std::{cmp::Reverse, collections::BinaryHeap, sync::Arc, time::Duration};
+use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures::{stream::FuturesUnordered, StreamExt};
@@ -32,6 +37,7 @@ use super::{
     retry::{AttemptResult, Verdict},
     DropReason, PreparedTarget, Shared,
 };
+use crate::handover::Settle;
 
 /// Where connections go: deliveries to the same destination share a queue and a limit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -71,7 +77,8 @@ impl DestinationKey {
 /// One event on its way to one listener.
 ///
 /// A delivery is settled exactly once (delivered, failed or dropped). One dropped unsettled,
-/// which happens only when shutdown gives up on it, counts as failed.
+/// which happens only when shutdown gives up on it, counts as failed, and leaves its event
+/// unsettled in its token's log.
 pub(crate) struct Delivery {
     pub(crate) listener: Arc<ListenerEntry>,
     pub(crate) target: Arc<PreparedTarget>,
@@ -89,9 +96,14 @@ pub(crate) struct Delivery {
     /// The owner's lane in the admitting queue.
     lane: LaneId,
     settled: bool,
+    /// Tells the event's log when the delivery is settled; `None` for an event without place.
+    pub(crate) settle_handle: Option<Settle>,
+    /// The engine's count of abandons when the delivery was submitted.
+    pub(crate) lead: u64,
 }
 
 /// How a delivery ended.
+#[derive(Clone)]
 pub(crate) enum Settlement {
     Delivered,
     Failed(String, FailureEffect),
@@ -120,6 +132,8 @@ impl Delivery {
             admitted: None,
             lane: 0,
             settled: false,
+            settle_handle: None,
+            lead: 0,
         }
     }
 
@@ -136,6 +150,15 @@ impl Delivery {
     pub(crate) fn settle(mut self, settlement: Settlement, shared: &Shared) {
         self.settled = true;
         self.refund_if_unattempted();
+        let stands = match &settlement {
+            Settlement::Dropped(reason) => reason.settles(),
+            Settlement::Delivered | Settlement::Failed(..) => true,
+        };
+        if let Some(handle) = self.settle_handle.take() {
+            if stands {
+                handle.settled();
+            }
+        }
         let generation = self.target.generation;
         match settlement {
             Settlement::Delivered => {
@@ -297,6 +320,16 @@ impl DestinationQueue {
         }
     }
 
+    /// Makes the dispatcher look at the queue now.
+    pub(crate) fn wake_dispatcher(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Hands back what waits in the lanes, leaving the queue open.
+    fn take_waiting(&self) -> Vec<Delivery> {
+        self.state.lock().lanes.take_waiting()
+    }
+
     fn release(&self, lane: LaneId) {
         self.state.lock().lanes.release(lane);
         self.depth.dec();
@@ -393,8 +426,21 @@ pub(crate) async fn dispatch(
     let mut stopping_seen = stopping.is_cancelled();
     let stopped = stopping.cancelled_owned();
     tokio::pin!(stopped);
+    let mut abandons = shared.abandons.load(Ordering::Acquire);
 
     loop {
+        // This replica stopped leading: what waits here or for a retry goes, unsettled.
+        let now_abandons = shared.abandons.load(Ordering::Acquire);
+        if now_abandons != abandons {
+            abandons = now_abandons;
+            let lost = Settlement::Dropped(DropReason::LeadershipLost);
+            for delivery in queue.take_waiting() {
+                delivery.settle(lost.clone(), &shared);
+            }
+            for Reverse(retry) in retries.drain() {
+                retry.delivery.settle(lost.clone(), &shared);
+            }
+        }
         // Due retries go back to their owners' lanes, then the free slots are filled from the
         // lanes in turn.
         let now = Instant::now();
@@ -477,6 +523,10 @@ pub(crate) async fn dispatch(
 
 /// Checks a delivery before an attempt: drops or fails the ones that must not be sent.
 fn ready_for_attempt(mut delivery: Delivery, shared: &Shared) -> Option<Delivery> {
+    if delivery.lead != shared.abandons.load(Ordering::Acquire) {
+        delivery.settle(Settlement::Dropped(DropReason::LeadershipLost), shared);
+        return None;
+    }
     if delivery.listener.is_removed() {
         delivery.settle(Settlement::Dropped(DropReason::ListenerRemoved), shared);
         return None;
@@ -559,6 +609,10 @@ fn conclude(attempted: Attempted, shared: &Shared) -> Option<(Instant, Delivery)
                 .retry
                 .delay_after(delivery.attempts, retry_after, &mut rand::rng());
             match delay.map(|delay| Instant::now() + delay) {
+                // Abandoned while in flight: whoever leads now delivers it.
+                _ if delivery.lead != shared.abandons.load(Ordering::Acquire) => {
+                    Settlement::Dropped(DropReason::LeadershipLost)
+                }
                 Some(due) if due < delivery.deadline => {
                     shared.metrics.retry();
                     delivery.last_failure = Some(result.reason());

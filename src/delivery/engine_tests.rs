@@ -44,11 +44,12 @@ enum Answer {
 }
 
 /// An HTTP/1.1 receiver on loopback that counts the requests it read and keeps their
-/// `clientId`s in order.
+/// `clientId`s and `webhook-id`s in order.
 struct Receiver {
     url: Url,
     requests: Arc<AtomicUsize>,
     clients: Arc<parking_lot::Mutex<Vec<String>>>,
+    ids: Arc<parking_lot::Mutex<Vec<String>>>,
 }
 
 impl Receiver {
@@ -57,10 +58,19 @@ impl Receiver {
         let address = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
         let clients = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let (counted, seen) = (Arc::clone(&requests), Arc::clone(&clients));
+        let ids = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (counted, seen, seen_ids) = (
+            Arc::clone(&requests),
+            Arc::clone(&clients),
+            Arc::clone(&ids),
+        );
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
-                let (counted, seen) = (Arc::clone(&counted), Arc::clone(&seen));
+                let (counted, seen, seen_ids) = (
+                    Arc::clone(&counted),
+                    Arc::clone(&seen),
+                    Arc::clone(&seen_ids),
+                );
                 tokio::spawn(async move {
                     let mut buffer = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -76,6 +86,15 @@ impl Receiver {
                             serde_json::from_slice(&buffer[head..end]).unwrap_or_default();
                         seen.lock()
                             .push(body["clientId"].as_str().unwrap_or_default().to_owned());
+                        let head_text = String::from_utf8_lossy(&buffer[..head]).to_lowercase();
+                        seen_ids.lock().push(
+                            head_text
+                                .lines()
+                                .find_map(|line| line.strip_prefix("webhook-id:"))
+                                .unwrap_or_default()
+                                .trim()
+                                .to_owned(),
+                        );
                         buffer.drain(..end);
                         counted.fetch_add(1, Ordering::SeqCst);
                         let Answer::After(status, delay) = answer else {
@@ -95,7 +114,12 @@ impl Receiver {
             url: Url::parse(&format!("http://{address}/hook")).unwrap(),
             requests,
             clients,
+            ids,
         }
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.ids.lock().clone()
     }
 
     fn requests(&self) -> usize {
@@ -454,4 +478,114 @@ async fn a_flooding_owner_fills_only_its_own_lane() {
         receiver.clients(),
         ["flooder", "quiet", "flooder", "flooder", "quiet", "flooder", "quiet"]
     );
+}
+
+mod placed {
+    //! Deliveries of events with a place: their ids and what they tell the event's log.
+
+    use super::*;
+    use crate::domain::TokenHash;
+    use crate::handover::{EventDigest, LogShared, TokenLog};
+    use crate::metrics::ForwarderMetrics;
+
+    fn leading_log() -> Arc<parking_lot::Mutex<TokenLog>> {
+        let shared = Arc::new(LogShared::new(
+            Default::default(),
+            ForwarderMetrics::default(),
+        ));
+        Arc::new(parking_lot::Mutex::new(TokenLog::new(
+            TokenHash::of("t"),
+            true,
+            shared,
+        )))
+    }
+
+    /// Numbers one event routed to one delivery, and the place its delivery carries.
+    fn place(log: &Arc<parking_lot::Mutex<TokenLog>>) -> EventPlace {
+        let digest = EventDigest::of(&event());
+        let (seq, epoch) = {
+            let mut log = log.lock();
+            (log.record(digest, 1).unwrap(), log.epoch())
+        };
+        EventPlace {
+            token: TokenHash::of("t"),
+            seq,
+            digest,
+            settle: Settle::new(Arc::clone(log), seq, epoch),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_placed_delivery_carries_the_id_of_its_place_on_every_attempt() {
+        let receiver = Receiver::start(Answer::After(503, Duration::ZERO)).await;
+        let engine = start(DeliveryConfig {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            ..one_at_a_time()
+        });
+        let log = leading_log();
+        let place = place(&log);
+        let expected = webhook_id(
+            &ListenerId::new("ns", "a"),
+            &place.token,
+            place.seq,
+            place.digest,
+        );
+        let submitted =
+            engine.submit_placed(event(), target("a", "acme", &receiver.url), None, place);
+        assert_eq!(submitted, Submission::Queued);
+        eventually("three attempts", || receiver.requests() == 3).await;
+        assert_eq!(receiver.ids(), vec![expected.clone(); 3]);
+        // Failed for good after the last attempt: settled.
+        eventually("the event settled", || log.lock().delivered_through() == 1).await;
+    }
+
+    #[tokio::test]
+    async fn settled_deliveries_move_the_watermark_and_abandoned_ones_hold_it() {
+        let fine = Receiver::start(Answer::After(200, Duration::ZERO)).await;
+        let hanging = Receiver::start(Answer::Never).await;
+        let engine = start(DeliveryConfig {
+            timeout: Duration::from_secs(3),
+            ..one_at_a_time()
+        });
+        let log = leading_log();
+        let submit = |listener: &str, url: &Url| {
+            engine.submit_placed(event(), target(listener, "acme", url), None, place(&log))
+        };
+        assert_eq!(submit("a", &fine.url), Submission::Queued);
+        eventually("the first event settled", || {
+            log.lock().delivered_through() == 1
+        })
+        .await;
+
+        // The second hangs in flight, the third waits behind it; then the lead is lost.
+        assert_eq!(submit("b", &hanging.url), Submission::Queued);
+        assert_eq!(submit("b", &hanging.url), Submission::Queued);
+        eventually("the attempt in flight", || hanging.requests() == 1).await;
+        engine.abandon_all();
+        let dropped = AtomicU64::new(0);
+        let count_drops = || {
+            let reports = engine.take_reports();
+            let more: u64 = reports.iter().map(|r| r.dropped).sum();
+            dropped.fetch_add(more, Ordering::SeqCst) + more
+        };
+        eventually("the waiting one dropped", || count_drops() > 0).await;
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            1,
+            "dropped at once, while the attempt in flight still hangs"
+        );
+        // The attempt in flight runs into its timeout and is dropped, not retried.
+        eventually("the attempt in flight dropped", || count_drops() == 2).await;
+        assert_eq!(hanging.requests(), 1, "nothing more is sent");
+        assert_eq!(log.lock().delivered_through(), 1, "2 and 3 stay unsettled");
+
+        // The engine still delivers: a replica that leads again sends again.
+        assert_eq!(
+            engine.submit(event(), target("a", "acme", &fine.url)),
+            Submission::Queued
+        );
+        eventually("a delivery after the abandon", || fine.requests() == 2).await;
+    }
 }

@@ -26,7 +26,7 @@ mod url_policy;
 use std::{
     fmt,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -36,6 +36,7 @@ use bytes::Bytes;
 
 use crate::domain::OwnerKey;
 pub use crate::domain::{ClientSecret, ListenerId};
+use crate::handover::{webhook_id, EventPlace, Settle};
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use http::HeaderValue;
@@ -111,19 +112,23 @@ pub enum DropReason {
     ListenerRemoved,
     /// The listener's owner was disabled or removed while the delivery waited.
     Paused,
+    /// This replica stopped leading: whoever leads now delivers the event.
+    LeadershipLost,
 }
 
 impl DropReason {
     /// Every reason, for registering metrics up front.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::QueueFull,
         Self::ShuttingDown,
         Self::Suspended,
         Self::ListenerRemoved,
         Self::Paused,
+        Self::LeadershipLost,
     ];
 
-    /// The metric label: `queue_full`, `shutting_down`, `suspended`, `listener_removed`.
+    /// The metric label: `queue_full`, `shutting_down`, `suspended`, `listener_removed`,
+    /// `paused`, `leadership_lost`.
     pub fn as_label(self) -> &'static str {
         match self {
             Self::QueueFull => "queue_full",
@@ -131,6 +136,7 @@ impl DropReason {
             Self::Suspended => "suspended",
             Self::ListenerRemoved => "listener_removed",
             Self::Paused => "paused",
+            Self::LeadershipLost => "leadership_lost",
         }
     }
 
@@ -142,7 +148,14 @@ impl DropReason {
             Self::Suspended => "dropped: deliveries to this listener are suspended",
             Self::ListenerRemoved => "dropped: the listener was removed",
             Self::Paused => "dropped: the owner was disabled or removed",
+            Self::LeadershipLost => "dropped: this replica stopped leading",
         }
+    }
+
+    /// Whether the drop settles the event for good. A drop because this replica stops
+    /// (shutting down, leadership lost) leaves the event to whoever leads next.
+    pub fn settles(self) -> bool {
+        !matches!(self, Self::ShuttingDown | Self::LeadershipLost)
     }
 }
 
@@ -344,6 +357,9 @@ pub(crate) struct Shared {
     /// began and a released queue's gauge is never handed to its successor.
     lifecycle: Mutex<()>,
     shutting_down: AtomicBool,
+    /// How many times [`DeliveryEngine::abandon_all`] was called: a delivery submitted before
+    /// the latest call is dropped instead of attempted.
+    pub(crate) abandons: AtomicU64,
     stopping: CancellationToken,
     abort: CancellationToken,
     live_dispatchers: AtomicUsize,
@@ -383,6 +399,7 @@ impl DeliveryEngine {
                 destinations: DashMap::default(),
                 lifecycle: Mutex::new(()),
                 shutting_down: AtomicBool::new(false),
+                abandons: AtomicU64::new(0),
                 stopping: CancellationToken::new(),
                 abort: CancellationToken::new(),
                 live_dispatchers: AtomicUsize::new(0),
@@ -411,39 +428,78 @@ impl DeliveryEngine {
         target: DeliveryTarget,
         charge: Option<Charge>,
     ) -> Submission {
+        self.submit_with(event, target, charge, None)
+    }
+
+    /// [`submit_charged`](Self::submit_charged) for an event with a place in its token's
+    /// stream: its `webhook-id` is made from the place (the same on every replica, see
+    /// [`webhook_id`]), and the place's log is told when the delivery is settled: delivered,
+    /// failed for good, or dropped for a reason that stands. Dropped because this replica stops
+    /// (shutdown cut short, leadership lost), it is never settled.
+    pub fn submit_placed(
+        &self,
+        event: Bytes,
+        target: DeliveryTarget,
+        charge: Option<Charge>,
+        place: EventPlace,
+    ) -> Submission {
+        self.submit_with(event, target, charge, Some(place))
+    }
+
+    fn submit_with(
+        &self,
+        event: Bytes,
+        target: DeliveryTarget,
+        charge: Option<Charge>,
+        place: Option<EventPlace>,
+    ) -> Submission {
         let shared = &self.shared;
         let listener = shared.listener(&target.listener);
         let generation = target.generation;
-        let refused = |reason, charge: Option<Charge>| {
+        let (message_id, settle) = match place {
+            Some(place) => (
+                webhook_id(&target.listener, &place.token, place.seq, place.digest),
+                Some(place.settle),
+            ),
+            None => (signature::new_message_id(), None),
+        };
+        let refused = |reason: DropReason, charge: Option<Charge>, settle: Option<Settle>| {
             give_back(charge);
+            if reason.settles() {
+                settled(settle);
+            }
             shared.dropped(&listener, generation, reason)
         };
         if shared.shutting_down.load(Ordering::Acquire) {
-            return refused(DropReason::ShuttingDown, charge);
+            return refused(DropReason::ShuttingDown, charge, settle);
         }
         // Routed just before the listener was forgotten: it must not come back.
         if listener.is_removed() {
-            return refused(DropReason::ListenerRemoved, charge);
+            return refused(DropReason::ListenerRemoved, charge, settle);
         }
         if listener.is_suspended(generation) {
-            return refused(DropReason::Suspended, charge);
+            return refused(DropReason::Suspended, charge, settle);
         }
         if listener.is_paused() {
-            return refused(DropReason::Paused, charge);
+            return refused(DropReason::Paused, charge, settle);
         }
         let (prepared, mut queue) = match shared.prepare(&listener, &target, None) {
             Ok(pair) => pair,
             Err(Unavailable::Refused(reason)) => {
                 give_back(charge);
+                settled(settle);
                 shared.failed(&listener, generation, reason);
                 return Submission::Refused;
             }
-            Err(Unavailable::ShuttingDown) => return refused(DropReason::ShuttingDown, charge),
+            Err(Unavailable::ShuttingDown) => {
+                return refused(DropReason::ShuttingDown, charge, settle)
+            }
         };
-        let message_id = match HeaderValue::try_from(signature::new_message_id()) {
+        let message_id = match HeaderValue::try_from(message_id) {
             Ok(id) => id,
             Err(_) => {
                 give_back(charge);
+                settled(settle);
                 shared.failed(&listener, generation, "could not make a message id".into());
                 return Submission::Refused;
             }
@@ -457,6 +513,8 @@ impl DeliveryEngine {
             deadline,
             charge,
         );
+        delivery.settle_handle = settle;
+        delivery.lead = shared.abandons.load(Ordering::Acquire);
         loop {
             match queue.push(delivery) {
                 Ok(()) => return Submission::Queued,
@@ -562,6 +620,18 @@ impl DeliveryEngine {
         entry.lock().prepared = None;
     }
 
+    /// Drops every delivery queued or waiting to retry, now, as `leadership_lost`, without
+    /// settling their events: this replica stopped leading and whoever leads now delivers
+    /// them. Attempts in flight finish; they are not retried. The engine stays usable: a
+    /// replica that leads again delivers again.
+    pub fn abandon_all(&self) {
+        let shared = &self.shared;
+        shared.abandons.fetch_add(1, Ordering::AcqRel);
+        for queue in shared.destinations.iter() {
+            queue.value().wake_dispatcher();
+        }
+    }
+
     /// Stops taking events (later submits are dropped as `shutting_down`), lets queued, waiting
     /// and in-flight deliveries finish within `grace`, then gives up the rest, which count as
     /// failed. When it returns, [`take_reports`](Self::take_reports) has the final tallies.
@@ -583,6 +653,13 @@ impl DeliveryEngine {
 /// How long a forgotten listener's entry stays to turn away deliveries routed to it just before
 /// it was forgotten: routing and submitting are one step of a stream's task, so a moment would do.
 const FORGOTTEN_KEPT: Duration = Duration::from_secs(60);
+
+/// Tells an event's log that its delivery is settled, if the event has a place.
+fn settled(settle: Option<Settle>) {
+    if let Some(settle) = settle {
+        settle.settled();
+    }
+}
 
 /// Gives an allowance back: the delivery it was taken for is never attempted.
 fn give_back(charge: Option<Charge>) {
