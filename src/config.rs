@@ -6,6 +6,7 @@ use std::time::Duration;
 use url::Url;
 
 use crate::delivery::DeliveryArgs;
+use crate::handover::BufferLimits;
 use crate::leader::LeaderArgs;
 
 /// Settings of the controller, the forwarders and the delivery engine.
@@ -78,6 +79,20 @@ pub struct OperatorArgs {
     #[arg(long, env = "STREAM_RECONNECT_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
     pub reconnect_max: Duration,
 
+    /// How many bytes of events a standby holds per token for a takeover; past it the oldest
+    /// go (counted in `forwarder_buffer_drops`), and a crash of the leader could lose them.
+    #[arg(long, env = "HANDOVER_BUFFER_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024 * 1024))]
+    pub handover_buffer_bytes: u64,
+
+    /// How long a standby holds an event the leader has not settled.
+    #[arg(long, env = "HANDOVER_BUFFER_AGE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub handover_buffer_age: Duration,
+
+    /// How many bytes of events a standby holds over every token; past it, the token adding an
+    /// event drops its own oldest.
+    #[arg(long, env = "HANDOVER_BUFFER_TOTAL_BYTES", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024 * 1024))]
+    pub handover_buffer_total_bytes: u64,
+
     /// On shutdown, how long queued deliveries may take to finish.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -90,6 +105,15 @@ pub struct OperatorArgs {
 }
 
 impl OperatorArgs {
+    /// How much a standby buffers for a takeover.
+    pub fn buffer_limits(&self) -> BufferLimits {
+        BufferLimits {
+            bytes: usize::try_from(self.handover_buffer_bytes).unwrap_or(usize::MAX),
+            age: self.handover_buffer_age,
+            total_bytes: usize::try_from(self.handover_buffer_total_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
     /// Where the controllers watch, from every `--watch-namespace` given.
     pub fn watch_scope(&self) -> WatchScope {
         let mut namespaces: Vec<String> = Vec::new();

@@ -187,6 +187,7 @@ pub async fn start(
             project_name: "crownstone-webhooks".into(),
             proxy: args.events_proxy.clone(),
             max_event_bytes: usize::try_from(args.stream_max_event_bytes).unwrap_or(usize::MAX),
+            buffer: args.buffer_limits(),
         },
         forwarder_metrics,
     );

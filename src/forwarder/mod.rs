@@ -7,11 +7,13 @@ mod stream;
 mod transport;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -21,6 +23,9 @@ pub use events::{EventStream, EventStreamClient, EventStreamSetupError, OpenErro
 
 use crate::delivery::DeliveryEngine;
 use crate::domain::ListenerId;
+use crate::handover::{
+    BufferLimits, LogShared, ProgressSink, ProgressSource, Role, TokenLog, TokenProgress,
+};
 use crate::index::{ListenerEntry, RoutingIndex};
 use crate::metrics::ForwarderMetrics;
 
@@ -70,11 +75,20 @@ pub struct StreamSettings {
     /// The longest line, and the largest event, a stream may send; more ends the connection,
     /// so a hostile event server cannot make the operator buffer without limit.
     pub max_event_bytes: usize,
+    /// How much a standby holds for a takeover.
+    pub buffer: BufferLimits,
 }
+
+/// The most progress records kept for tokens this replica does not stream (yet).
+const MAX_WAITING_RECORDS: usize = 10_000;
+
+/// How long such a record is kept: a stream that starts later than this needs a newer one.
+const WAITING_RECORD_TTL: Duration = Duration::from_secs(30);
 
 struct Forwarder {
     cancel: CancellationToken,
     state: Arc<Mutex<StreamState>>,
+    log: Arc<Mutex<TokenLog>>,
 }
 
 /// Everything a running forwarder needs.
@@ -86,6 +100,15 @@ struct Shared {
     endpoint: Result<EventStreamClient, String>,
     notices: mpsc::UnboundedSender<TokenNotice>,
     metrics: ForwarderMetrics,
+    /// What the tokens' logs share: buffer limits and bytes, the tokens with news.
+    logs: Arc<LogShared>,
+    /// The registry's role; a new forwarder starts in it. Locked across a change of role, so
+    /// role changes happen one at a time.
+    role: Mutex<Role>,
+    /// Routing stopped for a rollout.
+    frozen: AtomicBool,
+    /// The leader's records of tokens without a forwarder here, with when they came.
+    waiting_records: Mutex<HashMap<TokenHash, (TokenProgress, Instant)>>,
 }
 
 /// The forwarders, by token hash.
@@ -116,9 +139,13 @@ impl ForwarderRegistry {
                     settings.max_event_bytes,
                 )
                 .map_err(|e| e.to_string()),
+                logs: Arc::new(LogShared::new(settings.buffer, metrics.clone())),
                 settings,
                 notices,
                 metrics,
+                role: Mutex::new(Role::Leading),
+                frozen: AtomicBool::new(false),
+                waiting_records: Mutex::default(),
             }),
             shutdown: CancellationToken::new(),
         };
@@ -160,15 +187,90 @@ impl ForwarderRegistry {
         }
         let cancel = self.shutdown.child_token();
         let state = Arc::new(Mutex::new(StreamState::Connecting));
+        let log = self.new_log(hash);
         tokio::spawn(stream::run(
             self.shared.clone(),
             token.clone(),
             state.clone(),
+            Arc::clone(&log),
             cancel.clone(),
         ));
-        forwarders.insert(hash, Forwarder { cancel, state });
+        forwarders.insert(hash, Forwarder { cancel, state, log });
         self.shared.metrics.streams.set(forwarders.len() as i64);
         tracing::info!(token = %hash, "forwarder started");
+    }
+
+    /// A log for a new forwarder, in the registry's current role, with the leader's record of
+    /// the token if one came before the stream started.
+    fn new_log(&self, hash: TokenHash) -> Arc<Mutex<TokenLog>> {
+        let role = *self.shared.role.lock();
+        let mut log = TokenLog::new(hash, role == Role::Leading, Arc::clone(&self.shared.logs));
+        if self.shared.frozen.load(Ordering::Acquire) {
+            log.freeze();
+        }
+        let waiting = self.shared.waiting_records.lock().remove(&hash);
+        if let Some((record, came)) = waiting {
+            let now = Instant::now();
+            if now.saturating_duration_since(came) < WAITING_RECORD_TTL {
+                log.apply(&record, now);
+            }
+        }
+        Arc::new(Mutex::new(log))
+    }
+
+    /// The logs of every running forwarder.
+    fn logs(&self) -> Vec<(TokenHash, Arc<Mutex<TokenLog>>)> {
+        self.forwarders
+            .lock()
+            .iter()
+            .map(|(hash, forwarder)| (*hash, Arc::clone(&forwarder.log)))
+            .collect()
+    }
+
+    /// Changes what every forwarder does with the events it reads. Standby -> leading routes
+    /// each token's buffered events the leader did not settle, in the leader's numbering where
+    /// they aligned, then routes live; it also ends a [`stop_routing`](Self::stop_routing).
+    /// Leading -> standby stops routing at once and buffers from then on; deliveries already
+    /// submitted are the engine's ([`DeliveryEngine::abandon_all`] drops them).
+    pub fn set_role(&self, role: Role) {
+        let mut current = self.shared.role.lock();
+        let was_frozen = self.shared.frozen.swap(false, Ordering::AcqRel);
+        if *current == role && !was_frozen {
+            return;
+        }
+        *current = role;
+        let mut taken_over = 0;
+        for (hash, log) in self.logs() {
+            match role {
+                Role::Leading => taken_over += stream::take_over(&self.shared, hash, &log),
+                Role::Standby => log.lock().stand_by(),
+            }
+        }
+        if role == Role::Leading {
+            self.shared
+                .metrics
+                .takeover_events
+                .inc_by(taken_over as u64);
+            tracing::info!(events = taken_over, "leading: buffered events routed");
+        } else {
+            tracing::info!("standing by: events are buffered, not routed");
+        }
+    }
+
+    /// Stops routing on every token at once, for a rollout: each log stays at the last event
+    /// it routed, and events read later are neither routed nor buffered. Deliveries already
+    /// submitted go on, and their logs keep counting them as they settle.
+    pub fn stop_routing(&self) {
+        let _role = self.shared.role.lock();
+        self.shared.frozen.store(true, Ordering::Release);
+        for (_, log) in self.logs() {
+            log.lock().freeze();
+        }
+    }
+
+    /// The registry's role.
+    pub fn role(&self) -> Role {
+        *self.shared.role.lock()
     }
 
     fn stop_if_unused(&self, forwarders: &mut HashMap<TokenHash, Forwarder>, hash: TokenHash) {
@@ -199,10 +301,68 @@ impl ForwarderRegistry {
         self.len() == 0
     }
 
+    /// The log of a token's forwarder, for tests.
+    #[cfg(test)]
+    fn log(&self, hash: &TokenHash) -> Option<Arc<Mutex<TokenLog>>> {
+        self.forwarders.lock().get(hash).map(|f| Arc::clone(&f.log))
+    }
+
     /// Stops every forwarder and refuses new ones.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
         self.forwarders.lock().clear();
+    }
+}
+
+impl ProgressSource for ForwarderRegistry {
+    fn changed_progress(&self) -> Vec<TokenProgress> {
+        let changed = self.shared.logs.take_changed();
+        if changed.is_empty() {
+            return Vec::new();
+        }
+        let logs: Vec<_> = {
+            let forwarders = self.forwarders.lock();
+            changed
+                .iter()
+                .filter_map(|hash| forwarders.get(hash).map(|f| Arc::clone(&f.log)))
+                .collect()
+        };
+        logs.iter()
+            .filter_map(|log| log.lock().progress())
+            .collect()
+    }
+}
+
+impl ProgressSink for ForwarderRegistry {
+    fn apply_progress(&self, records: &[TokenProgress]) {
+        let now = Instant::now();
+        for record in records {
+            let log = self
+                .forwarders
+                .lock()
+                .get(&record.token)
+                .map(|f| Arc::clone(&f.log));
+            match log {
+                Some(log) => log.lock().apply(record, now),
+                None => self.keep_waiting(record, now),
+            }
+        }
+    }
+}
+
+impl ForwarderRegistry {
+    /// Keeps a record of a token this replica does not stream, in case its stream starts
+    /// soon; bounded in number and age.
+    fn keep_waiting(&self, record: &TokenProgress, now: Instant) {
+        let mut waiting = self.shared.waiting_records.lock();
+        if waiting.len() >= MAX_WAITING_RECORDS && !waiting.contains_key(&record.token) {
+            waiting
+                .retain(|_, (_, came)| now.saturating_duration_since(*came) < WAITING_RECORD_TTL);
+            if waiting.len() >= MAX_WAITING_RECORDS {
+                return;
+            }
+        }
+        waiting.insert(record.token, (record.clone(), now));
     }
 }
 
@@ -227,6 +387,7 @@ mod tests {
             project_name: "test".into(),
             proxy: None,
             max_event_bytes: 1024,
+            buffer: BufferLimits::default(),
         };
         let index = Arc::new(RoutingIndex::new(clock));
         ForwarderRegistry::new(index, engine, settings, ForwarderMetrics::default()).0
@@ -293,5 +454,246 @@ mod tests {
             forwarders.detach(&ListenerId::new("ns", format!("l{n}")));
         }
         assert!(forwarders.is_empty());
+    }
+
+    mod handover {
+        //! Two registries as a leader and a standby: what reaches a real receiver when the
+        //! lead passes.
+
+        use super::*;
+        use crate::crownstone::EventType;
+        use crate::handover::EventDigest;
+        use crate::index::OwnerEntry;
+        use bytes::Bytes;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+        /// A receiver on loopback that answers 200 and keeps each request's `webhook-id`.
+        async fn receiver() -> (Url, Arc<Mutex<Vec<String>>>) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url =
+                Url::parse(&format!("http://{}/hook", listener.local_addr().unwrap())).unwrap();
+            let ids = Arc::new(Mutex::new(Vec::new()));
+            let seen = Arc::clone(&ids);
+            tokio::spawn(async move {
+                while let Ok((mut socket, _)) = listener.accept().await {
+                    let seen = Arc::clone(&seen);
+                    tokio::spawn(async move {
+                        let mut buffer = Vec::new();
+                        let mut chunk = [0u8; 4096];
+                        loop {
+                            let Some(head) = buffer.windows(4).position(|w| w == b"\r\n\r\n")
+                            else {
+                                match socket.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                                }
+                                continue;
+                            };
+                            let text = String::from_utf8_lossy(&buffer[..head]).to_lowercase();
+                            let header = |name: &str| {
+                                text.lines()
+                                    .find_map(|line| line.strip_prefix(name))
+                                    .unwrap_or_default()
+                                    .trim()
+                                    .to_owned()
+                            };
+                            let length: usize = header("content-length:").parse().unwrap_or(0);
+                            if buffer.len() < head + 4 + length {
+                                match socket.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                                }
+                                continue;
+                            }
+                            seen.lock().push(header("webhook-id:"));
+                            buffer.drain(..head + 4 + length);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if socket.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            (url, ids)
+        }
+
+        fn replica(url: &Url, token: &Token) -> ForwarderRegistry {
+            let clock: crate::clock::SharedClock = Arc::new(SystemClock);
+            let engine = DeliveryEngine::new(
+                DeliveryConfig {
+                    allow_private_destinations: true,
+                    ..DeliveryConfig::default()
+                },
+                &mut Registry::default(),
+            )
+            .unwrap();
+            let settings = StreamSettings {
+                events_url: Url::parse("http://127.0.0.1:9").unwrap(),
+                silence_timeout: Duration::from_secs(35),
+                reconnect_initial: Duration::from_secs(60),
+                reconnect_max: Duration::from_secs(60),
+                project_name: "test".into(),
+                proxy: None,
+                max_event_bytes: 1024,
+                buffer: BufferLimits::default(),
+            };
+            let index = Arc::new(RoutingIndex::new(clock));
+            index.upsert_owner(
+                OwnerKey::new("ns", "acme"),
+                OwnerEntry {
+                    enabled: true,
+                    daily_allowance: 1_000_000,
+                    client_secret: Some(crate::domain::ClientSecret::new(SECRET)),
+                },
+            );
+            let registry =
+                ForwarderRegistry::new(index, engine, settings, ForwarderMetrics::default()).0;
+            let mut listener = entry("l", token);
+            listener.url = Arc::new(url.clone());
+            listener.event_types = [EventType::Presence].into_iter().collect();
+            registry.attach(listener, token);
+            registry
+        }
+
+        fn event(n: u64) -> Bytes {
+            Bytes::from(format!(
+                r#"{{"type":"presence","subType":"enterSphere","n":{n}}}"#
+            ))
+        }
+
+        /// What the stream does with one data event.
+        fn read(registry: &ForwarderRegistry, token: &Token, n: u64) {
+            let log = registry.log(&token.hash()).unwrap();
+            let mut scratch = stream::Scratch::default();
+            stream::deliver(
+                &registry.shared,
+                token.hash(),
+                &log,
+                EventType::Presence,
+                event(n),
+                &mut scratch,
+            );
+        }
+
+        fn id_of(token: &Token, seq: u64, n: u64) -> String {
+            crate::handover::webhook_id(
+                &ListenerId::new("ns", "l"),
+                &token.hash(),
+                seq,
+                EventDigest::of(&event(n)),
+            )
+        }
+
+        async fn eventually(what: &str, condition: impl Fn() -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !condition() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        #[tokio::test]
+        async fn a_standby_that_takes_over_delivers_what_the_leader_did_not_with_the_same_ids() {
+            let (url, ids) = receiver().await;
+            let token = Token::new("t");
+            let leader = replica(&url, &token);
+            let standby = replica(&url, &token);
+            standby.set_role(Role::Standby);
+            // The standby's stream started one event later than the leader's.
+            read(&leader, &token, 1);
+            for n in 2..=6 {
+                read(&leader, &token, n);
+                read(&standby, &token, n);
+            }
+            eventually("the leader's deliveries", || ids.lock().len() == 6).await;
+            eventually("the leader's records", || {
+                let records = leader.changed_progress();
+                standby.apply_progress(&records);
+                records.last().is_some_and(|r| r.delivered_through == 6)
+            })
+            .await;
+            // The leader reads 7 and dies before delivering it; the standby read 7 and 8.
+            leader.stop_routing();
+            read(&leader, &token, 7);
+            read(&standby, &token, 7);
+            read(&standby, &token, 8);
+            standby.set_role(Role::Leading);
+            read(&standby, &token, 9);
+            eventually("the new leader's deliveries", || {
+                ids.lock().contains(&id_of(&token, 9, 9))
+            })
+            .await;
+            let mut received = ids.lock().clone();
+            // 2 was read before the standby's first alignment: delivered again, same id.
+            let mut after: Vec<_> = received[6..].to_vec();
+            after.sort();
+            let mut expected_new: Vec<_> = [(2, 2), (7, 7), (8, 8), (9, 9)]
+                .into_iter()
+                .map(|(s, n)| id_of(&token, s, n))
+                .collect();
+            expected_new.sort();
+            assert_eq!(after, expected_new, "after the takeover");
+            received.sort();
+            received.dedup();
+            let mut every: Vec<_> = (1..=9).map(|n| id_of(&token, n, n)).collect();
+            every.sort();
+            assert_eq!(received, every, "each event once, by id");
+        }
+
+        #[tokio::test]
+        async fn stopped_routing_delivers_nothing_more_and_still_reports_progress() {
+            let (url, ids) = receiver().await;
+            let token = Token::new("t");
+            let leader = replica(&url, &token);
+            read(&leader, &token, 1);
+            leader.stop_routing();
+            read(&leader, &token, 2);
+            eventually("the first delivery settled", || {
+                leader
+                    .changed_progress()
+                    .iter()
+                    .any(|r| r.delivered_through == 1)
+            })
+            .await;
+            assert_eq!(ids.lock().clone(), vec![id_of(&token, 1, 1)]);
+            // A forwarder started now starts stopped too.
+            let other = Token::new("other");
+            let mut second = entry("m", &other);
+            second.url = Arc::new(url.clone());
+            second.event_types = [EventType::Presence].into_iter().collect();
+            leader.attach(second, &other);
+            read(&leader, &other, 3);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(ids.lock().len(), 1);
+        }
+
+        #[tokio::test]
+        async fn a_record_that_comes_before_its_stream_is_applied_when_it_starts() {
+            let (url, ids) = receiver().await;
+            let token = Token::new("t");
+            let standby = replica(&url, &Token::new("unrelated"));
+            standby.set_role(Role::Standby);
+            let digests = (1..=2).map(|n| EventDigest::of(&event(n))).collect();
+            standby.apply_progress(&[TokenProgress {
+                token: token.hash(),
+                seq: 2,
+                tail: digests,
+                delivered_through: 2,
+            }]);
+            let mut listener = entry("l", &token);
+            listener.url = Arc::new(url.clone());
+            listener.event_types = [EventType::Presence].into_iter().collect();
+            standby.attach(listener, &token);
+            for n in 1..=3 {
+                read(&standby, &token, n);
+            }
+            standby.set_role(Role::Leading);
+            eventually("the takeover", || !ids.lock().is_empty()).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(ids.lock().clone(), vec![id_of(&token, 3, 3)]);
+        }
     }
 }

@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 use super::events::{EventStreamClient, StreamEnded};
 use super::{Backoff, InvalidTokenCause, Shared, StreamState, Token, TokenHash, TokenNotice};
 use crate::crownstone::{EventType, StreamFrame, SystemCode};
+use crate::delivery::{Charge, DeliveryTarget};
 use crate::domain::Skip;
+use crate::handover::{EventDigest, EventPlace, LoggedEvent, Seq, Settle, TokenLog};
 use crate::index::Routed;
 
 /// The longest `Reconnecting` reason, in characters: it ends up in a Listener condition, and
@@ -77,6 +79,7 @@ pub(super) async fn run(
     shared: Arc<Shared>,
     token: Token,
     state: Arc<Mutex<StreamState>>,
+    log: Arc<Mutex<TokenLog>>,
     cancel: CancellationToken,
 ) {
     let hash = token.hash();
@@ -99,7 +102,7 @@ pub(super) async fn run(
         let end = match &shared.endpoint {
             Ok(client) => tokio::select! {
                 _ = cancel.cancelled() => return,
-                end = connect_and_forward(&shared, &token, client, &state) => end,
+                end = connect_and_forward(&shared, &token, client, &state, &log) => end,
             },
             Err(reason) => StreamEnd::Retry {
                 reason: reason.clone(),
@@ -160,6 +163,7 @@ async fn connect_and_forward(
     token: &Token,
     client: &EventStreamClient,
     state: &Mutex<StreamState>,
+    log: &Arc<Mutex<TokenLog>>,
 ) -> StreamEnd {
     let hash = token.hash();
     let retry = |reason: String, was_streaming: bool| StreamEnd::Retry {
@@ -173,7 +177,7 @@ async fn connect_and_forward(
         Err(error) => return retry(error.to_string(), false),
     };
     let mut streaming = false;
-    let mut targets = Vec::new();
+    let mut scratch = Scratch::default();
     loop {
         let data =
             match tokio::time::timeout(shared.settings.silence_timeout, stream.next_data()).await {
@@ -200,7 +204,7 @@ async fn connect_and_forward(
         match decide(&frame, streaming) {
             FrameOutcome::Deliver(event_type) => {
                 if let StreamFrame::Data { json, .. } = frame {
-                    deliver(shared, hash, event_type, json, &mut targets);
+                    deliver(shared, hash, log, event_type, json, &mut scratch);
                 }
             }
             FrameOutcome::Ignore => {}
@@ -213,28 +217,142 @@ async fn connect_and_forward(
     }
 }
 
-/// Routes one event to the listeners of its token and submits a delivery to each.
-fn deliver(
+/// Reused across events: the listeners an event is routed to, and the deliveries to submit.
+#[derive(Default)]
+pub(super) struct Scratch {
+    routed: Vec<Routed>,
+    ready: Vec<(DeliveryTarget, Charge)>,
+}
+
+/// One event as the log decides: leading, routed to the listeners of its token with its place
+/// and a delivery submitted to each; standing by, buffered; stopped, dropped.
+pub(super) fn deliver(
     shared: &Shared,
     hash: TokenHash,
+    log: &Arc<Mutex<TokenLog>>,
     event_type: EventType,
     json: Bytes,
-    targets: &mut Vec<Routed>,
+    scratch: &mut Scratch,
 ) {
     shared.metrics.events.inc();
-    shared.index.route(&hash, event_type, targets, |skip| {
-        shared.metrics.skipped(skip);
-    });
-    for routed in targets.drain(..) {
-        let Some(charge) = routed.allowance.take() else {
-            shared.metrics.skipped(Skip::AllowanceUsed);
-            continue;
-        };
-        // The engine gives the charge back if the delivery is never attempted.
-        shared
-            .engine
-            .submit_charged(json.clone(), routed.target, Some(charge));
+    let digest = EventDigest::of(&json);
+    let (seq, epoch) = {
+        let mut log = log.lock();
+        if log.is_standby() {
+            log.buffer(
+                LoggedEvent {
+                    event_type,
+                    json,
+                    digest,
+                },
+                tokio::time::Instant::now(),
+            );
+            return;
+        }
+        if !log.is_leading() {
+            return;
+        }
+        // Routed under the log's lock, so a freeze or a change of role falls between events.
+        let deliveries = route(shared, hash, event_type, scratch);
+        match log.record(digest, deliveries) {
+            Some(seq) => (seq, log.epoch()),
+            None => return,
+        }
+    };
+    // Submitted without the lock: a delivery settled at once takes it.
+    for (target, charge) in scratch.ready.drain(..) {
+        submit(
+            shared,
+            hash,
+            log,
+            seq,
+            epoch,
+            digest,
+            json.clone(),
+            target,
+            charge,
+        );
     }
+}
+
+/// Routes an event into `scratch.ready`, each with the allowance it takes; returns how many.
+fn route(shared: &Shared, hash: TokenHash, event_type: EventType, scratch: &mut Scratch) -> u32 {
+    shared
+        .index
+        .route(&hash, event_type, &mut scratch.routed, |skip| {
+            shared.metrics.skipped(skip);
+        });
+    let before = scratch.ready.len();
+    for routed in scratch.routed.drain(..) {
+        match routed.allowance.take() {
+            Some(charge) => scratch.ready.push((routed.target, charge)),
+            None => shared.metrics.skipped(Skip::AllowanceUsed),
+        }
+    }
+    u32::try_from(scratch.ready.len() - before).unwrap_or(u32::MAX)
+}
+
+/// Submits one delivery of the event at `seq`; the engine gives the charge back if the
+/// delivery is never attempted, and settles the event in its log.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one delivery's parts, in one place"
+)]
+fn submit(
+    shared: &Shared,
+    hash: TokenHash,
+    log: &Arc<Mutex<TokenLog>>,
+    seq: Seq,
+    epoch: u64,
+    digest: EventDigest,
+    json: Bytes,
+    target: DeliveryTarget,
+    charge: Charge,
+) {
+    let place = EventPlace {
+        token: hash,
+        seq,
+        digest,
+        settle: Settle::new(Arc::clone(log), seq, epoch),
+    };
+    shared
+        .engine
+        .submit_placed(json, target, Some(charge), place);
+}
+
+/// Standby -> leading for one token: routes the buffered events the leader did not settle,
+/// with their places, then the log routes live events. Returns how many events it routed.
+pub(super) fn take_over(shared: &Shared, hash: TokenHash, log: &Arc<Mutex<TokenLog>>) -> usize {
+    let mut scratch = Scratch::default();
+    let mut events: Vec<(Seq, EventDigest, Bytes, usize)> = Vec::new();
+    let (count, epoch) = {
+        let mut log = log.lock();
+        let count = log.take_over(|seq, event| {
+            let deliveries = route(shared, hash, event.event_type, &mut scratch);
+            events.push((seq, event.digest, event.json.clone(), scratch.ready.len()));
+            deliveries
+        });
+        (count, log.epoch())
+    };
+    let mut ready = scratch.ready.drain(..);
+    let mut taken = 0;
+    for (seq, digest, json, end) in events {
+        for (target, charge) in ready.by_ref().take(end - taken) {
+            submit(
+                shared,
+                hash,
+                log,
+                seq,
+                epoch,
+                digest,
+                json.clone(),
+                target,
+                charge,
+            );
+        }
+        taken = end;
+    }
+    count
 }
 
 /// `reason` cut to [`MAX_REASON_CHARS`] characters, the ellipsis included.
