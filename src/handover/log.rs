@@ -417,7 +417,8 @@ impl TokenLog {
     /// Where the record's tail ends in this replica's count: where the current alignment
     /// predicts it if it is there, else the oldest run that matches. With identical events a
     /// run can match at several places; the oldest makes the standby drop the least, so a
-    /// wrong choice repeats events and never loses one.
+    /// wrong choice repeats events and never loses one. Next to a gap in the leader's stream
+    /// an identical event can stand in for the one missed: the limit of matching by digests.
     fn find(&self, record: &TokenProgress) -> Option<u64> {
         let tail = &record.tail;
         if let Some(offset) = self.offset {
@@ -459,7 +460,9 @@ impl TokenLog {
         let k = record.tail.len() as u64;
         // Counts that agree with the previous alignment vouch for every event since it; if
         // they disagree, one of the streams missed events in between, and only the matched
-        // run is known to be the leader's.
+        // run is known to be the leader's. Both streams missing as many different events
+        // between the same two records would go unnoticed: an event only this replica read
+        // there could then be dropped.
         let consistent = self
             .anchor
             .is_some_and(|(l, s)| i128::from(s) - i128::from(l) == i128::from(offset));
@@ -494,7 +497,7 @@ impl TokenLog {
     ///
     /// Events of a log that never aligned (no record reached this replica) get this replica's
     /// own count as place, so their ids differ from the old leader's: a receiver sees repeats,
-    /// never a gap. `route` runs under the log's lock, so it must only route: the deliveries
+    /// never a gap. Events read before the leader's stream began get place 0. `route` runs under the log's lock, so it must only route: the deliveries
     /// are submitted after the lock is released (a delivery settled at once takes the lock).
     /// Places only grow: an event whose place would not follow the previous one
     /// takes the next free place (its id then differs too).
@@ -522,10 +525,13 @@ impl TokenLog {
         let mut places = Vec::with_capacity(held.len());
         let mut previous: Seq = 0;
         for event in &held {
-            let place = event
-                .place
-                .unwrap_or_else(|| place_of(event.local))
-                .max(previous + 1);
+            let place = event.place.unwrap_or_else(|| place_of(event.local));
+            // Read before the leader's stream began: no place of the leader's is theirs.
+            if place == 0 && previous == 0 {
+                places.push(0);
+                continue;
+            }
+            let place = place.max(previous + 1);
             places.push(place);
             previous = place;
         }
@@ -535,12 +541,19 @@ impl TokenLog {
         self.anchor = None;
         self.history.clear();
         self.unsettled.clear();
-        let base = places.first().map_or(floor, |first| first - 1);
+        let base = places
+            .iter()
+            .find(|&&place| place > 0)
+            .map_or(floor, |first| first - 1);
         self.count = base;
         self.delivered_through = base;
         for (event, place) in held.iter().zip(&places) {
             let deliveries = route(*place, &event.event);
-            self.record_at(*place, event.event.digest, deliveries);
+            // Events before the leader's first are delivered but not counted: nothing after
+            // this replica's lead needs to know of them.
+            if *place > 0 {
+                self.record_at(*place, event.event.digest, deliveries);
+            }
         }
         if self.count < floor {
             self.skip_to(floor);
