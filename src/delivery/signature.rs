@@ -3,7 +3,8 @@
 //! Every delivery carries three headers, as the [Standard Webhooks] specification defines them:
 //!
 //! - `webhook-id`: the message id, `msg_` followed by 32 hex digits. It is unique per event and
-//!   listener and stays the same on every retry, so a receiver can drop duplicates.
+//!   listener and stays the same on every retry, and on every replica for an event with a place
+//!   (see `handover::webhook_id`), so a receiver can drop duplicates.
 //! - `webhook-timestamp`: the unix time in seconds at which this attempt was sent.
 //! - `webhook-signature`: `v1,` followed by the base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`.
 //!
