@@ -275,6 +275,33 @@ mod tests {
         assert_eq!(cli.operator.watch_scope(), WatchScope::AllNamespaces);
     }
 
+    #[test]
+    fn buffer_limits_default_to_the_documented_values_and_take_the_flags() {
+        let defaults = Cli::try_parse_from(["x"]).unwrap().operator.buffer_limits();
+        assert_eq!(defaults, BufferLimits::default());
+        let set = Cli::try_parse_from([
+            "x",
+            "--handover-buffer-bytes",
+            "4096",
+            "--handover-buffer-age",
+            "5s",
+            "--handover-buffer-total-bytes",
+            "65536",
+        ])
+        .unwrap()
+        .operator
+        .buffer_limits();
+        assert_eq!(
+            set,
+            BufferLimits {
+                bytes: 4096,
+                age: Duration::from_secs(5),
+                total_bytes: 65536,
+            }
+        );
+        assert!(Cli::try_parse_from(["x", "--handover-buffer-bytes", "10"]).is_err());
+    }
+
     fn scope(args: &[&str]) -> Result<WatchScope, clap::Error> {
         let mut all = vec!["x"];
         all.extend_from_slice(args);

@@ -31,9 +31,10 @@ pub fn webhook_id(
     let hash = hash.finalize();
     let mut id = String::with_capacity(36);
     id.push_str("msg_");
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     for byte in &hash[..16] {
-        // Writing to a String cannot fail.
-        let _ = std::fmt::Write::write_fmt(&mut id, format_args!("{byte:02x}"));
+        id.push(char::from(HEX[usize::from(byte >> 4)]));
+        id.push(char::from(HEX[usize::from(byte & 0xf)]));
     }
     id
 }
