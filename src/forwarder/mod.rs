@@ -102,9 +102,12 @@ struct Shared {
     metrics: ForwarderMetrics,
     /// What the tokens' logs share: buffer limits and bytes, the tokens with news.
     logs: Arc<LogShared>,
-    /// The registry's role; a new forwarder starts in it. Locked across a change of role, so
-    /// role changes happen one at a time.
-    role: Mutex<Role>,
+    /// The registry's role (leading if true); a new forwarder starts in it. Read under the
+    /// forwarders' lock, so it is not a lock itself: a change of role takes that lock after
+    /// setting it.
+    leading: AtomicBool,
+    /// Held across a change of role, so changes happen one at a time.
+    role_change: Mutex<()>,
     /// Routing stopped for a rollout.
     frozen: AtomicBool,
     /// The leader's records of tokens without a forwarder here, with when they came.
@@ -143,7 +146,8 @@ impl ForwarderRegistry {
                 settings,
                 notices,
                 metrics,
-                role: Mutex::new(Role::Leading),
+                leading: AtomicBool::new(true),
+                role_change: Mutex::new(()),
                 frozen: AtomicBool::new(false),
                 waiting_records: Mutex::default(),
             }),
@@ -203,8 +207,8 @@ impl ForwarderRegistry {
     /// A log for a new forwarder, in the registry's current role, with the leader's record of
     /// the token if one came before the stream started.
     fn new_log(&self, hash: TokenHash) -> Arc<Mutex<TokenLog>> {
-        let role = *self.shared.role.lock();
-        let mut log = TokenLog::new(hash, role == Role::Leading, Arc::clone(&self.shared.logs));
+        let leading = self.shared.leading.load(Ordering::Acquire);
+        let mut log = TokenLog::new(hash, leading, Arc::clone(&self.shared.logs));
         if self.shared.frozen.load(Ordering::Acquire) {
             log.freeze();
         }
@@ -233,12 +237,17 @@ impl ForwarderRegistry {
     /// Leading -> standby stops routing at once and buffers from then on; deliveries already
     /// submitted are the engine's ([`DeliveryEngine::abandon_all`] drops them).
     pub fn set_role(&self, role: Role) {
-        let mut current = self.shared.role.lock();
+        let _change = self.shared.role_change.lock();
         let was_frozen = self.shared.frozen.swap(false, Ordering::AcqRel);
-        if *current == role && !was_frozen {
+        let was_leading = self
+            .shared
+            .leading
+            .swap(role == Role::Leading, Ordering::AcqRel);
+        if was_leading == (role == Role::Leading) && !was_frozen {
             return;
         }
-        *current = role;
+        // A forwarder started from here on starts in the new role; one started before is in
+        // the list below, and changing it twice does nothing the second time.
         let mut taken_over = 0;
         for (hash, log) in self.logs() {
             match role {
@@ -261,7 +270,7 @@ impl ForwarderRegistry {
     /// it routed, and events read later are neither routed nor buffered. Deliveries already
     /// submitted go on, and their logs keep counting them as they settle.
     pub fn stop_routing(&self) {
-        let _role = self.shared.role.lock();
+        let _change = self.shared.role_change.lock();
         self.shared.frozen.store(true, Ordering::Release);
         for (_, log) in self.logs() {
             log.lock().freeze();
@@ -270,7 +279,11 @@ impl ForwarderRegistry {
 
     /// The registry's role.
     pub fn role(&self) -> Role {
-        *self.shared.role.lock()
+        if self.shared.leading.load(Ordering::Acquire) {
+            Role::Leading
+        } else {
+            Role::Standby
+        }
     }
 
     fn stop_if_unused(&self, forwarders: &mut HashMap<TokenHash, Forwarder>, hash: TokenHash) {
@@ -454,6 +467,47 @@ mod tests {
             forwarders.detach(&ListenerId::new("ns", format!("l{n}")));
         }
         assert!(forwarders.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn role_changes_racing_attaches_leave_every_log_in_the_last_role() {
+        let forwarders = registry();
+        let runtime = tokio::runtime::Handle::current();
+        // Plain threads, so a deadlock fails the test at the deadline instead of hanging it.
+        let (done, finished) = std::sync::mpsc::channel();
+        for part in 0..2 {
+            let (forwarders, runtime, done) = (forwarders.clone(), runtime.clone(), done.clone());
+            std::thread::spawn(move || {
+                let _runtime = runtime.enter();
+                if part == 0 {
+                    for round in 0..5_000 {
+                        let role = if round % 2 == 0 {
+                            Role::Standby
+                        } else {
+                            Role::Leading
+                        };
+                        forwarders.set_role(role);
+                    }
+                    forwarders.set_role(Role::Standby);
+                } else {
+                    for n in 0..1_000 {
+                        let token = Token::new(format!("t{n}"));
+                        forwarders.attach(entry(&format!("l{n}"), &token), &token);
+                    }
+                }
+                let _ = done.send(());
+            });
+        }
+        for _ in 0..2 {
+            // A lock-order deadlock between the two would never finish.
+            finished
+                .recv_timeout(Duration::from_secs(60))
+                .expect("role changes and attaches finished");
+        }
+        for (_, log) in forwarders.logs() {
+            assert!(log.lock().is_standby(), "every log follows the last role");
+        }
+        assert_eq!(forwarders.role(), Role::Standby);
     }
 
     mod handover {
