@@ -256,7 +256,12 @@ pub(super) fn deliver(
         let deliveries = route(shared, hash, event_type, scratch);
         match log.record(digest, deliveries) {
             Some(seq) => (seq, log.epoch()),
-            None => return,
+            None => {
+                for (_, charge) in scratch.ready.drain(..) {
+                    charge.refund();
+                }
+                return;
+            }
         }
     };
     // Submitted without the lock: a delivery settled at once takes it.
