@@ -6,6 +6,7 @@ use std::time::Duration;
 use url::Url;
 
 use crate::delivery::DeliveryArgs;
+use crate::handover::peer::HandoverArgs;
 use crate::leader::LeaderArgs;
 
 /// Settings of the controller, the forwarders and the delivery engine.
@@ -87,6 +88,9 @@ pub struct OperatorArgs {
 
     #[command(flatten)]
     pub leader: LeaderArgs,
+
+    #[command(flatten)]
+    pub handover: HandoverArgs,
 }
 
 impl OperatorArgs {

@@ -4,6 +4,8 @@
 //! right after that point. Events carry a place in their token's stream that replicas agree on,
 //! so the same event delivered by two replicas carries the same `webhook-id`.
 
+pub mod peer;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
