@@ -65,9 +65,21 @@ struct Book {
     records: HashMap<TokenHash, Entry>,
     final_version: Option<u64>,
     peers: HashMap<String, Peer>,
+    /// The Lease term the records were published in.
+    term: Option<i32>,
 }
 
 impl Book {
+    /// Starts over in a new term: records of an earlier term count places from a time this
+    /// replica led before, and must not reach the standbys of this one. Versions go on rising.
+    fn enter(&mut self, term: i32) {
+        if self.term != Some(term) {
+            self.records.clear();
+            self.final_version = None;
+            self.term = Some(term);
+        }
+    }
+
     /// Keeps each record with a version of its own, so answers page exactly.
     fn publish(&mut self, records: Vec<TokenProgress>) -> usize {
         let now = Instant::now();
@@ -142,10 +154,14 @@ struct Shared {
 }
 
 impl Shared {
-    fn collect(&self) {
-        // After the final batch the forwarders' records stay with them: nothing more is sent.
-        if self.book.lock().final_version.is_some() {
-            return;
+    fn collect(&self, term: i32) {
+        {
+            let mut book = self.book.lock();
+            book.enter(term);
+            // After the final batch the forwarders' records stay with them: nothing more is sent.
+            if book.final_version.is_some() {
+                return;
+            }
         }
         let records = self.source.changed_progress();
         if records.is_empty() {
@@ -230,8 +246,9 @@ impl ProgressServer {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                if ticker_shared.leading.borrow().is_some() {
-                    ticker_shared.collect();
+                let term = *ticker_shared.leading.borrow();
+                if let Some(term) = term {
+                    ticker_shared.collect(term);
                 }
             }
         });
@@ -351,6 +368,7 @@ async fn progress(State(shared): State<Arc<Shared>>, request: Request<Body>) -> 
     let mut published = shared.published.subscribe();
     let after = {
         let mut book = shared.book.lock();
+        book.enter(term);
         // Past what this replica ever published: the standby followed another leader.
         let after = if asked > book.version { 0 } else { asked };
         book.saw(&identity, after);
@@ -462,6 +480,19 @@ mod tests {
         let (second, rest) = book.answer(first);
         assert_eq!(rest.len(), 5);
         assert_eq!(second, book.version);
+    }
+
+    #[test]
+    fn a_new_term_serves_none_of_an_earlier_terms_records() {
+        let mut book = Book::default();
+        book.enter(1);
+        book.publish(vec![record(1, 7)]);
+        book.enter(1);
+        assert_eq!(book.answer(0).1, vec![record(1, 7)]);
+        book.enter(2);
+        assert_eq!(book.answer(0), (1, vec![]));
+        book.publish(vec![record(2, 1)]);
+        assert_eq!(book.answer(0), (2, vec![record(2, 1)]));
     }
 
     #[test]
