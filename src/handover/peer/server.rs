@@ -328,25 +328,32 @@ fn after_of(query: Option<&str>) -> Option<u64> {
     Some(after)
 }
 
+/// The identity of a request signed under `key` within the allowed skew.
+fn authenticate(
+    key: &HandoverKey,
+    headers: &HeaderMap,
+    path_and_query: &str,
+) -> Result<String, AuthError> {
+    let identity = header(headers, auth::PEER_HEADER)?;
+    auth::verify_request(
+        key,
+        Method::GET.as_str(),
+        path_and_query,
+        identity,
+        header(headers, auth::TIME_HEADER)?,
+        header(headers, auth::AUTH_HEADER)?,
+        auth::unix_now(),
+    )?;
+    Ok(identity.to_owned())
+}
+
 async fn progress(State(shared): State<Arc<Shared>>, request: Request<Body>) -> Response {
     let (parts, _) = request.into_parts();
     let path_and_query = parts
         .uri
         .path_and_query()
         .map_or(PROGRESS_PATH, |p| p.as_str());
-    let verified = (|| {
-        let identity = header(&parts.headers, auth::PEER_HEADER)?;
-        auth::verify_request(
-            &shared.key,
-            Method::GET.as_str(),
-            path_and_query,
-            identity,
-            header(&parts.headers, auth::TIME_HEADER)?,
-            header(&parts.headers, auth::AUTH_HEADER)?,
-            auth::unix_now(),
-        )?;
-        Ok::<_, AuthError>(identity.to_owned())
-    })();
+    let verified = authenticate(&shared.key, &parts.headers, path_and_query);
     let identity = match verified {
         Ok(identity) => identity,
         Err(error) => {
