@@ -7,6 +7,7 @@ use url::Url;
 
 use crate::delivery::DeliveryArgs;
 use crate::handover::BufferLimits;
+use crate::handover::peer::HandoverArgs;
 use crate::leader::LeaderArgs;
 
 /// Settings of the controller, the forwarders and the delivery engine.
@@ -102,6 +103,9 @@ pub struct OperatorArgs {
 
     #[command(flatten)]
     pub leader: LeaderArgs,
+
+    #[command(flatten)]
+    pub handover: HandoverArgs,
 }
 
 impl OperatorArgs {

@@ -5,6 +5,7 @@
 //! stops leading by itself when it cannot renew before its renew deadline, which is shorter than
 //! the lease duration: the next leader cannot start before the old one has stopped.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -93,6 +94,8 @@ pub struct LeaseLock {
     /// When the round that took the Lease was started: the renew deadline of the first term
     /// counts from there, not from when the answer came.
     won_at: Mutex<Option<Instant>>,
+    /// Annotations written with every take and renewal (where the handover is served).
+    annotations: Mutex<BTreeMap<String, String>>,
 }
 
 /// Refuses timing under which two replicas could lead at once: a renew deadline not shorter
@@ -135,11 +138,26 @@ impl LeaseLock {
             retry_period: args.lease_retry_period,
             observed: Mutex::new(None),
             won_at: Mutex::new(None),
+            annotations: Mutex::new(BTreeMap::new()),
         })
     }
 
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// Writes `key: value` into the Lease's annotations whenever this replica takes or renews
+    /// it, so standbys reading the Lease learn it from its holder.
+    pub fn set_annotation(&self, key: impl Into<String>, value: impl Into<String>) {
+        self.annotations.lock().insert(key.into(), value.into());
+    }
+
+    fn annotate(&self, metadata: &mut ObjectMeta) {
+        let ours = self.annotations.lock();
+        if !ours.is_empty() {
+            let annotations = metadata.annotations.get_or_insert_with(BTreeMap::new);
+            annotations.extend(ours.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
     }
 
     /// Waits until this replica holds the Lease. False when cancelled first.
@@ -227,13 +245,14 @@ impl LeaseLock {
     /// One round: take the Lease if it is free or expired, renew it if held. True when held.
     async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
-            let lease = Lease {
+            let mut lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.held_spec(None, 0)),
             };
+            self.annotate(&mut lease.metadata);
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(true),
                 Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
@@ -253,6 +272,7 @@ impl LeaseLock {
             None
         };
         lease.spec = Some(self.held_spec(acquired, transitions));
+        self.annotate(&mut lease.metadata);
         // `replace` carries the resourceVersion read above: a concurrent taker makes it fail.
         match self
             .api

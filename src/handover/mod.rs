@@ -9,6 +9,7 @@ mod log;
 
 pub use ids::webhook_id;
 pub use log::{BufferLimits, EventPlace, LogShared, LoggedEvent, Settle, TokenLog};
+pub mod peer;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

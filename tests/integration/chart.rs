@@ -13,6 +13,7 @@ use crownstone_webhooks::crownstone::samples;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
+use serde::Deserialize;
 use serde_yaml::Value;
 
 use crate::support::cluster::{
@@ -154,6 +155,12 @@ fn the_schema_refuses_bad_values_with_a_clear_message() {
         ("watchNamespaces={team-a,Team_B}", "/watchNamespaces/1"),
         ("watchNamespaces=team-a", "/watchNamespaces"),
         ("clusterWide=maybe", "/clusterWide"),
+        ("standby=hot", "/standby"),
+        (
+            "handover.progressInterval=fast",
+            "/handover/progressInterval",
+        ),
+        ("containerPorts.handover=0", "/containerPorts/handover"),
     ] {
         let output = Command::new(helm())
             .args(["template", "r"])
@@ -164,6 +171,150 @@ fn the_schema_refuses_bad_values_with_a_clear_message() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{set} was accepted");
         assert!(stderr.contains(says), "{set}: {stderr}");
+    }
+}
+
+/// The documents of a render, by kind and name.
+fn documents(rendered: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(rendered)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+}
+
+/// The operator container's environment variable `name`.
+fn env<'a>(deployment: &'a Value, name: &str) -> Option<&'a Value> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+}
+
+fn container_port(deployment: &Value, name: &str) -> Option<u64> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some(name))
+        .and_then(|p| p["containerPort"].as_u64())
+}
+
+#[test]
+fn the_handover_parts_render_as_configured() {
+    let docs = documents(&render("r", "ns", &[]));
+    let deployment = find(&docs, "Deployment", "r-crownstone-webhooks").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    // A generated key, long enough for the binary to accept it.
+    let secret = find(&docs, "Secret", "r-crownstone-webhooks-handover").unwrap();
+    let key = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        secret["data"]["handoverKey"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(key.len(), 48);
+    assert_eq!(
+        secret["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    let key_ref = &env(deployment, "HANDOVER_KEY").unwrap()["valueFrom"]["secretKeyRef"];
+    assert_eq!(key_ref["name"], "r-crownstone-webhooks-handover");
+    assert_eq!(key_ref["key"], "handoverKey");
+    assert_eq!(
+        env(deployment, "POD_IP").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    assert_eq!(
+        env(deployment, "HANDOVER_LISTEN").unwrap()["value"],
+        "0.0.0.0:8084"
+    );
+    assert_eq!(
+        env(deployment, "HANDOVER_PROGRESS_INTERVAL").unwrap()["value"],
+        "500ms"
+    );
+    assert_eq!(env(deployment, "STANDBY").unwrap()["value"], "warm");
+    assert_eq!(container_port(deployment, "handover"), Some(8084));
+    // 2 x 20 s of drain and status writes, 2 s for the final batch, 3 s to hand over.
+    assert_eq!(pod["terminationGracePeriodSeconds"], 45);
+    let startup = &pod["containers"][0]["startupProbe"];
+    assert_eq!(startup["httpGet"]["path"], "/readyz");
+    assert_eq!(startup["failureThreshold"], 150);
+    let spread = &pod["affinity"]["podAntiAffinity"]
+        ["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
+    assert_eq!(spread["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(
+        spread["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+        "r"
+    );
+
+    for (grace, seconds) in [("1m30s", 185), ("1500ms", 8)] {
+        let docs = documents(&render(
+            "r",
+            "ns",
+            &["--set", &format!("shutdownGrace={grace}")],
+        ));
+        let deployment = find(&docs, "Deployment", "r-crownstone-webhooks").unwrap();
+        assert_eq!(
+            deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"], seconds,
+            "{grace}"
+        );
+    }
+
+    // Every option: the key from the Secret named, its port, the policy letting replicas in.
+    let all = fixture("chart-all-options.yaml");
+    let docs = documents(&render("r", "ns", &["-f", all.to_str().unwrap()]));
+    let deployment = find(&docs, "Deployment", "r-crownstone-webhooks").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert!(!docs.iter().any(|d| d["kind"] == "Secret"
+        && d["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .ends_with("-handover")));
+    let key_ref = &env(deployment, "HANDOVER_KEY").unwrap()["valueFrom"]["secretKeyRef"];
+    assert_eq!(key_ref["name"], "my-handover-key");
+    assert_eq!(key_ref["key"], "key");
+    assert_eq!(container_port(deployment, "handover"), Some(9084));
+    assert_eq!(env(deployment, "STANDBY").unwrap()["value"], "cold");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 90);
+    assert!(pod["affinity"].is_null(), "spreadAcrossNodes is off");
+    assert_eq!(
+        pod["topologySpreadConstraints"][0]["topologyKey"],
+        "topology.kubernetes.io/zone"
+    );
+    let policy = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("NetworkPolicy"))
+        .unwrap();
+    let handover_rule = policy["spec"]["ingress"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|rule| rule["ports"][0]["port"] == "handover")
+        .expect("replicas may reach each other's handover port");
+    assert_eq!(
+        handover_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+        "r"
+    );
+
+    // No transport: no key, no port, no Secret.
+    for off in ["handover.enabled=false", "leaderElection.enabled=false"] {
+        let docs = documents(&render(
+            "r",
+            "ns",
+            &["--set", off, "--set", "networkPolicy.enabled=true"],
+        ));
+        let deployment = find(&docs, "Deployment", "r-crownstone-webhooks").unwrap();
+        assert!(env(deployment, "HANDOVER_KEY").is_none(), "{off}");
+        assert!(env(deployment, "POD_IP").is_none(), "{off}");
+        assert_eq!(container_port(deployment, "handover"), None, "{off}");
+        assert!(find(&docs, "Secret", "r-crownstone-webhooks-handover").is_none());
+        let policy = find(&docs, "NetworkPolicy", "r-crownstone-webhooks").unwrap();
+        assert!(!serde_yaml::to_string(policy).unwrap().contains("handover"));
     }
 }
 

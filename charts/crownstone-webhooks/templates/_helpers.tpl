@@ -117,3 +117,43 @@ deleted; token Secrets are created, rewritten (patch) and removed when a create 
   resources: [secrets]
   verbs: [get, list, watch, create, patch, delete]
 {{- end }}
+
+{{/* Whether replicas hand over through the progress transport: leader election and the
+transport both on. */}}
+{{- define "crownstone-webhooks.handover" -}}
+{{- if and .Values.leaderElection.enabled .Values.handover.enabled }}true{{ end }}
+{{- end }}
+
+{{- define "crownstone-webhooks.handoverSecretName" -}}
+{{- .Values.handover.existingSecret | default (printf "%s-handover" (include "crownstone-webhooks.fullname" .)) }}
+{{- end }}
+
+{{- define "crownstone-webhooks.handoverSecretKey" -}}
+{{- if .Values.handover.existingSecret }}{{ .Values.handover.existingSecretKey }}{{ else }}handoverKey{{ end }}
+{{- end }}
+
+{{/* A duration such as 1m30s or 500ms, in milliseconds. */}}
+{{- define "crownstone-webhooks.durationMs" -}}
+{{- $total := 0 }}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" . -1 }}
+{{- if hasSuffix "ms" . }}{{ $total = add $total (trimSuffix "ms" . | atoi) }}
+{{- else if hasSuffix "s" . }}{{ $total = add $total (mul (trimSuffix "s" . | atoi) 1000) }}
+{{- else if hasSuffix "m" . }}{{ $total = add $total (mul (trimSuffix "m" . | atoi) 60000) }}
+{{- else if hasSuffix "h" . }}{{ $total = add $total (mul (trimSuffix "h" . | atoi) 3600000) }}
+{{- end }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/* Seconds Kubernetes waits after SIGTERM, unless set: the drain (shutdownGrace), the last
+status writes (bounded by shutdownGrace as well), the wait for standbys to fetch the final
+handover batch (2 s), and 3 s to hand the Lease back and exit; rounded up. */}}
+{{- define "crownstone-webhooks.terminationGracePeriodSeconds" -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- $grace := include "crownstone-webhooks.durationMs" .Values.shutdownGrace | atoi }}
+{{- $ms := add (mul $grace 2) 2000 3000 }}
+{{- div (add $ms 999) 1000 }}
+{{- else }}
+{{- .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}

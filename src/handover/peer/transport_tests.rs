@@ -1,0 +1,270 @@
+//! A leader's server and a standby's client over 127.0.0.1, with plain structs for the
+//! forwarders on either side.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::domain::TokenHash;
+use crate::handover::{EventDigest, ProgressSink, ProgressSource, TokenProgress};
+
+const LEADER: &str = "replica-a";
+const TERM: i32 = 7;
+
+#[derive(Default)]
+struct Source(Mutex<Vec<TokenProgress>>);
+
+impl Source {
+    fn push(&self, record: TokenProgress) {
+        self.0.lock().push(record);
+    }
+}
+
+impl ProgressSource for Source {
+    fn changed_progress(&self) -> Vec<TokenProgress> {
+        std::mem::take(&mut *self.0.lock())
+    }
+}
+
+#[derive(Default)]
+struct Sink(Mutex<Vec<TokenProgress>>);
+
+impl Sink {
+    fn got(&self) -> Vec<TokenProgress> {
+        self.0.lock().clone()
+    }
+}
+
+impl ProgressSink for Sink {
+    fn apply_progress(&self, records: &[TokenProgress]) {
+        self.0.lock().extend_from_slice(records);
+    }
+}
+
+fn record(token: &str, seq: u64) -> TokenProgress {
+    TokenProgress {
+        token: TokenHash::of(token),
+        seq,
+        tail: vec![EventDigest(seq)],
+        delivered_through: seq,
+    }
+}
+
+fn key(fill: u8) -> HandoverKey {
+    HandoverKey::new(vec![fill; 32]).unwrap()
+}
+
+struct Leader {
+    server: ProgressServer,
+    source: Arc<Source>,
+    leading: watch::Sender<Option<i32>>,
+    metrics: HandoverMetrics,
+    stop: CancellationToken,
+}
+
+async fn leader(term: Option<i32>) -> Leader {
+    let source = Arc::new(Source::default());
+    let (leading, leading_rx) = watch::channel(term);
+    let metrics = HandoverMetrics::default();
+    let stop = CancellationToken::new();
+    let server = ProgressServer::start(
+        ServerSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            key: key(1),
+            identity: LEADER.into(),
+            interval: Duration::from_millis(20),
+        },
+        source.clone(),
+        leading_rx,
+        metrics.clone(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    Leader {
+        server,
+        source,
+        leading,
+        metrics,
+        stop,
+    }
+}
+
+struct Standby {
+    sink: Arc<Sink>,
+    metrics: HandoverMetrics,
+    cancel: CancellationToken,
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn standby(key: HandoverKey, holder: Holder) -> Standby {
+    let sink = Arc::new(Sink::default());
+    let metrics = HandoverMetrics::default();
+    let cancel = CancellationToken::new();
+    let (_, holder_rx) = watch::channel(Some(holder));
+    ProgressClient::spawn(
+        key,
+        "replica-b".into(),
+        holder_rx,
+        sink.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    )
+    .unwrap();
+    Standby {
+        sink,
+        metrics,
+        cancel,
+    }
+}
+
+fn holder_of(leader: &Leader) -> Holder {
+    Holder {
+        identity: LEADER.into(),
+        term: TERM,
+        address: Some(leader.server.local_addr().to_string()),
+    }
+}
+
+/// Waits up to 10 s for `ready`.
+async fn until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn auth_failures(metrics: &HandoverMetrics, side: &'static str, reason: &'static str) -> u64 {
+    metrics
+        .auth_failures
+        .get_or_create(&SideLabel { side, reason })
+        .get()
+}
+
+#[tokio::test]
+async fn a_standby_gets_the_leaders_records_and_the_final_batch_before_finish_returns() {
+    let leader = leader(Some(TERM)).await;
+    let standby = standby(key(1), holder_of(&leader));
+    leader.source.push(record("t1", 3));
+    leader.source.push(record("t2", 1));
+    until("the first records", || standby.sink.got().len() == 2).await;
+    leader.source.push(record("t1", 5));
+    until("the change", || standby.sink.got().len() == 3).await;
+    assert_eq!(standby.sink.got()[2], record("t1", 5));
+    assert_eq!(standby.metrics.records_received.get(), 3);
+    assert!(leader.metrics.records_sent.get() >= 3);
+    assert!(standby.metrics.progress_age.seconds().is_some());
+
+    // The last records reach the standby through `finish`, and `finish` knows it.
+    leader.source.push(record("t2", 9));
+    let outcome = leader.server.finish(Duration::from_secs(5)).await;
+    assert_eq!(outcome, FinishOutcome::AllFetched);
+    assert_eq!(standby.sink.got().last(), Some(&record("t2", 9)));
+
+    // Nothing published after the final batch reaches anyone.
+    leader.source.push(record("t1", 11));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!standby.sink.got().contains(&record("t1", 11)));
+    leader.stop.cancel();
+}
+
+#[tokio::test]
+async fn finish_waits_for_a_standby_that_polled_and_not_for_ever() {
+    let leader = leader(Some(TERM)).await;
+    let gone = standby(key(1), holder_of(&leader));
+    leader.source.push(record("t1", 1));
+    until("the first record", || gone.sink.got().len() == 1).await;
+    // It polled a moment ago, then stopped: finish waits for it until its timeout.
+    drop(gone);
+    let started = std::time::Instant::now();
+    let outcome = leader.server.finish(Duration::from_millis(300)).await;
+    assert_eq!(outcome, FinishOutcome::TimedOut { waiting: 1 });
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // With no standby at all there is nobody to wait for.
+    let alone = self::leader(Some(TERM)).await;
+    assert_eq!(
+        alone.server.finish(Duration::from_secs(5)).await,
+        FinishOutcome::AllFetched
+    );
+}
+
+#[tokio::test]
+async fn a_standby_with_another_key_gets_nothing_and_is_counted() {
+    let leader = leader(Some(TERM)).await;
+    let intruder = standby(key(2), holder_of(&leader));
+    leader.source.push(record("t1", 1));
+    until("a refusal", || {
+        auth_failures(&leader.metrics, "leader", "bad_mac") > 0
+    })
+    .await;
+    until("the standby sees it", || {
+        intruder
+            .metrics
+            .poll_errors
+            .get_or_create(&crate::metrics::ReasonLabel { reason: "refused" })
+            .get()
+            > 0
+    })
+    .await;
+    assert!(intruder.sink.got().is_empty());
+    assert_eq!(leader.metrics.records_sent.get(), 0);
+}
+
+#[tokio::test]
+async fn answers_of_a_replica_that_does_not_hold_the_lease_are_refused() {
+    let leader = leader(Some(TERM)).await;
+    leader.source.push(record("t1", 1));
+    // The Lease names another holder at the same address, or this one in another term.
+    for holder in [
+        Holder {
+            identity: "replica-c".into(),
+            ..holder_of(&leader)
+        },
+        Holder {
+            term: TERM + 1,
+            ..holder_of(&leader)
+        },
+    ] {
+        let standby = standby(key(1), holder);
+        until("a refused answer", || {
+            auth_failures(&standby.metrics, "standby", "wrong_leader") > 0
+        })
+        .await;
+        assert!(standby.sink.got().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_does_not_lead_serves_nothing_until_it_does() {
+    let leader = leader(None).await;
+    let standby = standby(key(1), holder_of(&leader));
+    leader.source.push(record("t1", 1));
+    until("a 503", || {
+        standby
+            .metrics
+            .poll_errors
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: "not_leading",
+            })
+            .get()
+            > 0
+    })
+    .await;
+    assert!(standby.sink.got().is_empty());
+    leader.leading.send_replace(Some(TERM));
+    until("the record once it leads", || {
+        standby.sink.got() == vec![record("t1", 1)]
+    })
+    .await;
+}
