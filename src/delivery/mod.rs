@@ -344,6 +344,8 @@ pub(crate) struct Shared {
     /// began and a released queue's gauge is never handed to its successor.
     lifecycle: Mutex<()>,
     shutting_down: AtomicBool,
+    /// Shim: submits are refused while this replica does not lead.
+    not_routing: AtomicBool,
     stopping: CancellationToken,
     abort: CancellationToken,
     live_dispatchers: AtomicUsize,
@@ -383,6 +385,7 @@ impl DeliveryEngine {
                 destinations: DashMap::default(),
                 lifecycle: Mutex::new(()),
                 shutting_down: AtomicBool::new(false),
+                not_routing: AtomicBool::new(false),
                 stopping: CancellationToken::new(),
                 abort: CancellationToken::new(),
                 live_dispatchers: AtomicUsize::new(0),
@@ -418,7 +421,9 @@ impl DeliveryEngine {
             give_back(charge);
             shared.dropped(&listener, generation, reason)
         };
-        if shared.shutting_down.load(Ordering::Acquire) {
+        if shared.shutting_down.load(Ordering::Acquire)
+            || shared.not_routing.load(Ordering::Acquire)
+        {
             return refused(DropReason::ShuttingDown, charge);
         }
         // Routed just before the listener was forgotten: it must not come back.
@@ -560,6 +565,16 @@ impl DeliveryEngine {
         let entry = self.shared.listener(listener);
         entry.mark_removed(Instant::now());
         entry.lock().prepared = None;
+    }
+
+    /// Shim: refuses (or takes again) new submits while this replica does not lead.
+    pub fn set_routing(&self, routing: bool) {
+        self.shared.not_routing.store(!routing, Ordering::Release);
+    }
+
+    /// Shim: the lease is lost; nothing more is delivered by this replica.
+    pub fn abandon_all(&self) {
+        self.set_routing(false);
     }
 
     /// Stops taking events (later submits are dropped as `shutting_down`), lets queued, waiting

@@ -199,6 +199,18 @@ impl ForwarderRegistry {
         self.len() == 0
     }
 
+    /// Shim: a standby reads its streams but routes nothing.
+    pub fn set_role(&self, role: crate::handover::Role) {
+        self.shared
+            .engine
+            .set_routing(role == crate::handover::Role::Leading);
+    }
+
+    /// Shim: nothing read from now on is routed.
+    pub fn stop_routing(&self) {
+        self.shared.engine.set_routing(false);
+    }
+
     /// Stops every forwarder and refuses new ones.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
