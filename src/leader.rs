@@ -5,6 +5,7 @@
 //! stops leading by itself when it cannot renew before its renew deadline, which is shorter than
 //! the lease duration: the next leader cannot start before the old one has stopped.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -12,9 +13,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
 use parking_lot::Mutex;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::conventions::describe_kube_error;
+pub use crate::handover::Role;
 
 /// How replicas elect a leader.
 #[derive(clap::Args, Clone, Debug)]
@@ -46,6 +49,61 @@ pub struct LeaderArgs {
     /// How often the Lease is renewed, or tried for.
     #[arg(long, env = "LEASE_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
     pub lease_retry_period: Duration,
+
+    /// What a replica that does not hold the Lease runs: `warm` keeps its caches, reconcilers
+    /// and its own streams going (writing and delivering nothing), so a leader change loses no
+    /// event; `cold` runs nothing until it leads, for event servers that limit connections.
+    #[arg(long, env = "STANDBY", value_enum, default_value_t = StandbyMode::Warm)]
+    pub standby: StandbyMode,
+}
+
+/// What a replica runs while another one leads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StandbyMode {
+    /// Caches, reconcilers and streams run; nothing is written or delivered.
+    Warm,
+    /// Nothing runs until the Lease is won: one stream per token across the replicas.
+    Cold,
+}
+
+/// This replica's role, which every writer to the API server and every delivery checks: only
+/// a leader writes status, Events, finalizers and Secrets, and only a leader delivers.
+#[derive(Clone)]
+pub struct Leadership {
+    role: Arc<watch::Sender<Role>>,
+}
+
+impl Leadership {
+    /// A role that starts as `role`.
+    pub fn new(role: Role) -> Self {
+        Leadership {
+            role: Arc::new(watch::Sender::new(role)),
+        }
+    }
+
+    /// The role now.
+    pub fn role(&self) -> Role {
+        *self.role.borrow()
+    }
+
+    /// Whether this replica leads now, and so may write and deliver.
+    pub fn is_leading(&self) -> bool {
+        self.role() == Role::Leading
+    }
+
+    /// Switches the role; returns whether it changed.
+    pub fn set(&self, role: Role) -> bool {
+        self.role.send_if_modified(|current| {
+            let changed = *current != role;
+            *current = role;
+            changed
+        })
+    }
+
+    /// Every change of role, from now on.
+    pub fn subscribe(&self) -> watch::Receiver<Role> {
+        self.role.subscribe()
+    }
 }
 
 /// Leader election cannot work as configured.
@@ -75,6 +133,17 @@ pub enum LeadershipEnd {
     Lost,
 }
 
+/// The outcome of one round of taking or renewing the Lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// This replica holds it.
+    Held,
+    /// Another replica holds it and has renewed it within its duration.
+    HeldByOther,
+    /// The Lease changed between the read and the write (409): read it again.
+    Conflict,
+}
+
 /// What this replica last saw of the Lease, and when, by its own clock.
 struct Observed {
     record: (Option<String>, Option<MicroTime>),
@@ -93,6 +162,10 @@ pub struct LeaseLock {
     /// When the round that took the Lease was started: the renew deadline of the first term
     /// counts from there, not from when the answer came.
     won_at: Mutex<Option<Instant>>,
+    /// The Lease's `leaseTransitions` as this replica last wrote it: its term while it holds it.
+    term: Mutex<Option<i32>>,
+    /// An annotation written onto the Lease with every take and renewal.
+    annotation: Mutex<Option<(String, String)>>,
 }
 
 /// Refuses timing under which two replicas could lead at once: a renew deadline not shorter
@@ -135,6 +208,8 @@ impl LeaseLock {
             retry_period: args.lease_retry_period,
             observed: Mutex::new(None),
             won_at: Mutex::new(None),
+            term: Mutex::new(None),
+            annotation: Mutex::new(None),
         })
     }
 
@@ -142,17 +217,29 @@ impl LeaseLock {
         &self.identity
     }
 
+    /// The Lease's `leaseTransitions` of the term this replica holds, or last held: it grows
+    /// with every change of holder, so it tells two terms of the same replica apart.
+    pub fn term(&self) -> Option<i32> {
+        *self.term.lock()
+    }
+
+    /// Writes `key: value` into the Lease's annotations with every take and renewal from now
+    /// on, so other replicas reading the Lease learn it (where the leader can be reached).
+    pub fn set_annotation(&self, key: impl Into<String>, value: impl Into<String>) {
+        *self.annotation.lock() = Some((key.into(), value.into()));
+    }
+
     /// Waits until this replica holds the Lease. False when cancelled first.
     pub async fn acquire(&self, cancel: &CancellationToken) -> bool {
         loop {
             let started = Instant::now();
             match self.try_acquire_or_renew().await {
-                Ok(true) => {
+                Ok(Round::Held) => {
                     *self.won_at.lock() = Some(started);
-                    tracing::info!(identity = %self.identity, lease = %self.name, "Leading: took the lease.");
+                    tracing::info!(identity = %self.identity, lease = %self.name, term = ?self.term(), "Leading: took the lease.");
                     return true;
                 }
-                Ok(false) => {}
+                Ok(Round::HeldByOther | Round::Conflict) => {}
                 Err(error) => {
                     tracing::warn!(lease = %self.name, error = %describe_kube_error(&error), "Could not read or take the lease; trying again.")
                 }
@@ -179,7 +266,7 @@ impl LeaseLock {
             let sent = Instant::now();
             let attempt = tokio::time::timeout(
                 self.renew_deadline.saturating_sub(renewed.elapsed()),
-                self.try_acquire_or_renew(),
+                self.renew(),
             )
             .await;
             match attempt {
@@ -196,6 +283,23 @@ impl LeaseLock {
             if renewed.elapsed() >= self.renew_deadline {
                 tracing::warn!(lease = %self.name, deadline = ?self.renew_deadline, "The lease was not renewed before its deadline: no longer leading.");
                 return LeadershipEnd::Lost;
+            }
+        }
+    }
+
+    /// One renewal. A conflict (someone wrote the Lease between this replica's read and write,
+    /// a label edit for one) is no loss: the Lease is read again and, if this replica still
+    /// holds it, renewed again, until the caller's deadline cuts the round off. True when held.
+    async fn renew(&self) -> Result<bool, kube::Error> {
+        loop {
+            match self.try_acquire_or_renew().await? {
+                Round::Held => return Ok(true),
+                Round::HeldByOther => return Ok(false),
+                Round::Conflict => {
+                    tracing::debug!(lease = %self.name, "The lease changed while renewing it; reading it again.");
+                    // A short pause, so a writer racing on the Lease is not hammered.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
         }
     }
@@ -224,19 +328,23 @@ impl LeaseLock {
         }
     }
 
-    /// One round: take the Lease if it is free or expired, renew it if held. True when held.
-    async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+    /// One round: take the Lease if it is free or expired, renew it if held.
+    async fn try_acquire_or_renew(&self) -> Result<Round, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
-            let lease = Lease {
+            let mut lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.held_spec(None, 0)),
             };
+            self.annotate(&mut lease.metadata);
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Ok(_) => {
+                    *self.term.lock() = Some(0);
+                    Ok(Round::Held)
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(Round::Conflict),
                 Err(error) => Err(error),
             };
         };
@@ -244,7 +352,7 @@ impl LeaseLock {
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let ours = holder.as_deref() == Some(self.identity.as_str());
         if !ours && holder.is_some() && !self.expired(&spec) {
-            return Ok(false);
+            return Ok(Round::HeldByOther);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);
         let acquired = if ours {
@@ -253,15 +361,28 @@ impl LeaseLock {
             None
         };
         lease.spec = Some(self.held_spec(acquired, transitions));
-        // `replace` carries the resourceVersion read above: a concurrent taker makes it fail.
+        self.annotate(&mut lease.metadata);
+        // `replace` carries the resourceVersion read above: a concurrent writer makes it fail.
         match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
             .await
         {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Ok(_) => {
+                *self.term.lock() = Some(transitions);
+                Ok(Round::Held)
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(Round::Conflict),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Puts the annotation set by [`set_annotation`](Self::set_annotation), if any, on `meta`.
+    fn annotate(&self, meta: &mut ObjectMeta) {
+        if let Some((key, value)) = self.annotation.lock().clone() {
+            meta.annotations
+                .get_or_insert_with(Default::default)
+                .insert(key, value);
         }
     }
 
