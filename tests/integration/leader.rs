@@ -76,12 +76,21 @@ async fn one_replica_leads_and_a_standby_takes_over_without_double_delivery() {
     }
     receiver.wait_for_requests(5, WAIT).await;
 
-    // The leader stops (a rolling update): it hands the lease back after draining.
+    // The leader stops (a rolling update, which waits until the new pod is ready): it hands
+    // the lease back after draining.
     let (leader, mut survivor) = if h.operator.as_ref().unwrap().role() == Role::Leading {
         (h.operator.take().unwrap(), standby)
     } else {
         (standby, h.operator.take().unwrap())
     };
+    let standby_health = survivor.health_addr();
+    eventually("the standby is ready", WAIT, || async {
+        let response = reqwest::get(format!("http://{standby_health}/readyz"))
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
     leader.shutdown().await;
     let second = eventually("another leader", WAIT, || async {
         holder(&h).await.filter(|holder| *holder != first)
