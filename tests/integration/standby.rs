@@ -276,3 +276,139 @@ async fn a_conflict_on_renew_does_not_cost_the_lease() {
     .await;
     assert_eq!(operator.role(), Role::Leading);
 }
+
+/// The binary, with its JSON log lines as they come.
+struct RunProcess {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl RunProcess {
+    fn spawn(args: &[&str]) -> RunProcess {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crownstone-webhooks"))
+            .args(args)
+            .args(["--log-format", "json"])
+            .env(
+                "KUBECONFIG",
+                &crate::support::cluster::control_plane().kubeconfig,
+            )
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let (send, lines) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let send = send.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = send.send(line);
+                }
+            });
+        }
+        RunProcess { child, lines }
+    }
+
+    /// The `field` of the first log line with `message`.
+    fn logged(&self, message: &str, field: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) else {
+                continue;
+            };
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
+                if value["fields"]["message"] == message {
+                    return value["fields"][field].as_str().unwrap().to_owned();
+                }
+            }
+        }
+        panic!("no log line {message:?}");
+    }
+}
+
+impl Drop for RunProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let response = reqwest::get(url).await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_keeps_its_rest_api_up_when_its_lease_is_taken_and_stands_by() {
+    let mut h = Harness::start_with("standby-run", Arc::new(SystemClock), ELECTED).await;
+    // Only the process under test competes for the Lease.
+    h.stop_operator().await;
+    let events = h.sim.base_url();
+    let admin = format!("admin-{:016x}", rand::random::<u64>());
+    let mut process = RunProcess::spawn(&[
+        "run",
+        "--events-url",
+        &events,
+        "--watch-namespace",
+        &h.ns.name,
+        "--health-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--admin-key",
+        &admin,
+        "--leader-election",
+        "--lease-duration",
+        "3s",
+        "--lease-renew-deadline",
+        "2s",
+        "--lease-retry-period",
+        "300ms",
+    ]);
+    let health = process.logged("Operator started.", "health_addr");
+    let api = process.logged("REST API started.", "addr");
+    eventually("the process leads", WAIT, || async {
+        (get(&format!("http://{health}/readyz")).await? == (200, "leading".to_owned()))
+            .then_some(())
+    })
+    .await;
+
+    give_lease_to(&h.ns, "thief").await;
+    eventually("the process stands by", WAIT, || async {
+        (get(&format!("http://{health}/readyz")).await? == (200, "standby (warm)".to_owned()))
+            .then_some(())
+    })
+    .await;
+    let metrics = get(&format!("http://{health}/metrics")).await.unwrap().1;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "crownstone_webhooks_leader 0"),
+        "{metrics}"
+    );
+    // Still running, its REST API still answering.
+    assert!(
+        process.child.try_wait().unwrap().is_none(),
+        "the process exited"
+    );
+    let (status, _) = get(&format!("http://{api}/readyz")).await.unwrap();
+    assert_eq!(status, 200);
+
+    // And it leads again once the Lease is free, without a restart.
+    free_lease(&h.ns).await;
+    eventually("the process leads again", WAIT, || async {
+        (get(&format!("http://{health}/readyz")).await? == (200, "leading".to_owned()))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        process.child.try_wait().unwrap().is_none(),
+        "the process exited"
+    );
+}
