@@ -449,9 +449,25 @@ mod tests {
     }
 
     #[test]
+    fn a_role_change_is_seen_by_subscribers_and_only_a_change_counts() {
+        let leadership = Leadership::new(Role::Standby);
+        let mut roles = leadership.subscribe();
+        assert!(!leadership.is_leading());
+        assert!(!leadership.set(Role::Standby), "no change");
+        assert!(!roles.has_changed().unwrap());
+        assert!(leadership.set(Role::Leading));
+        assert!(leadership.clone().is_leading(), "clones share the role");
+        assert!(roles.has_changed().unwrap());
+        assert_eq!(*roles.borrow_and_update(), Role::Leading);
+    }
+
+    #[test]
     fn defaults_leave_election_off_with_sane_timing() {
         let cli = Cli::try_parse_from(["x"]).unwrap();
         assert!(!cli.leader.leader_election);
+        assert_eq!(cli.leader.standby, StandbyMode::Warm);
+        let cold = Cli::try_parse_from(["x", "--standby", "cold"]).unwrap();
+        assert_eq!(cold.leader.standby, StandbyMode::Cold);
         assert!(cli.leader.lease_renew_deadline < cli.leader.lease_duration);
         assert!(cli.leader.lease_retry_period < cli.leader.lease_renew_deadline);
     }
