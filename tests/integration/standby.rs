@@ -412,3 +412,43 @@ async fn run_keeps_its_rest_api_up_when_its_lease_is_taken_and_stands_by() {
         "the process exited"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_standby_starts_its_reconcilers_and_streams_once_it_leads() {
+    let ns = TestNamespace::new("standby-cold").await;
+    give_lease_to(&ns, "another-replica").await;
+    let cold: Vec<&str> = ELECTED
+        .iter()
+        .copied()
+        .chain(["--standby", "cold"])
+        .collect();
+    let h = Harness::start_in(ns, Arc::new(SystemClock), &cold).await;
+    let operator = h.operator.as_ref().unwrap();
+    eventually("ready as a cold standby", WAIT, || async {
+        (readyz(operator).await? == (200, "standby (cold)".to_owned())).then_some(())
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    h.create_user("acme", true, None).await;
+    let token = h.token("user-1", SPHERE).await;
+    h.create_token_secret("hook-token", &token).await;
+    h.create_listener(
+        "hook",
+        "acme",
+        "hook-token",
+        &["command"],
+        receiver.url().as_str(),
+        None,
+    )
+    .await;
+
+    // Once it leads, its reconcilers start: the Listener is adopted, streamed and delivered to.
+    free_lease(&h.ns).await;
+    wait_role(operator, Role::Leading).await;
+    h.wait_ready("hook").await;
+    h.wait_streams(1).await;
+    assert_eq!(readyz(operator).await, Some((200, "leading".to_owned())));
+    publish(&h, 1).await;
+    receiver.wait_for_requests(1, WAIT).await;
+    assert_eq!(delivered_uids(&receiver), [1]);
+}
