@@ -569,11 +569,11 @@ impl Replica {
             })
         });
 
-        let writer_stop = CancellationToken::new();
+        // The writer runs until the term ends; it keeps its counters for the next term.
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = lost.cancelled() => {}
-            _ = writer.run(writer_stop.clone()) => {}
+            _ = writer.run(CancellationToken::new()) => {}
         }
         if lost.is_cancelled() {
             tracing::warn!(

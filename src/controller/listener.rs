@@ -598,7 +598,7 @@ async fn adopt_new(
 }
 
 async fn cleanup(listener: &Listener, id: &ListenerId, ctx: &Context) -> Result<Action, Error> {
-    ctx.forget_listener(id);
+    forget(listener, id, ctx);
     let namespace = id.namespace();
     let secret_name = &listener.spec.token_secret_ref.name;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
@@ -620,7 +620,6 @@ async fn cleanup(listener: &Listener, id: &ListenerId, ctx: &Context) -> Result<
             }
         }
     }
-    forget(listener, id, ctx);
     tracing::info!(listener = %id, "Removed the Listener.");
     Ok(Action::await_change())
 }
