@@ -1,7 +1,10 @@
-//! Readiness of the operator: caches synced, and no watch failing now.
+//! Readiness of the operator: caches synced, no watch failing now, and for a warm standby its
+//! streams open; and the role it reports.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::leader::{Role, StandbyMode};
 
 /// How long after a watch error the watch counts as failing, unless it delivers again first.
 /// A watch that keeps failing errs at least this often: the watcher's backoff is capped at 30 s.
@@ -85,9 +88,83 @@ impl WatchHealth {
     }
 }
 
+/// What a replica is, as `/readyz` says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaRole {
+    Leading,
+    /// Runs everything but writes and delivers nothing, ready to take over without a gap.
+    StandbyWarm,
+    /// Runs nothing until it leads.
+    StandbyCold,
+}
+
+impl ReplicaRole {
+    /// The role of a replica with `role`, standing by as `mode` says.
+    pub fn of(role: Role, mode: StandbyMode) -> Self {
+        match (role, mode) {
+            (Role::Leading, _) => ReplicaRole::Leading,
+            (Role::Standby, StandbyMode::Warm) => ReplicaRole::StandbyWarm,
+            (Role::Standby, StandbyMode::Cold) => ReplicaRole::StandbyCold,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            ReplicaRole::Leading => "leading",
+            ReplicaRole::StandbyWarm => "standby (warm)",
+            ReplicaRole::StandbyCold => "standby (cold)",
+        }
+    }
+}
+
+/// Whether a replica is ready, `Err` saying what it waits for. A leader needs its caches; a
+/// warm standby its caches and its streams, so that a rollout stops the old leader only once
+/// the new pod reads every stream; a cold standby has nothing to wait for.
+pub fn readiness(
+    role: ReplicaRole,
+    watches_healthy: bool,
+    streams_open: bool,
+) -> Result<(), &'static str> {
+    match role {
+        ReplicaRole::StandbyCold => Ok(()),
+        _ if !watches_healthy => Err("caches not synced or a watch is failing"),
+        ReplicaRole::StandbyWarm if !streams_open => Err("streams not open yet"),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_waits_for_what_the_role_needs() {
+        use ReplicaRole::*;
+        // (role, watches healthy, streams open, ready)
+        let table = [
+            (Leading, true, false, true),
+            (Leading, false, true, false),
+            (StandbyWarm, true, true, true),
+            (StandbyWarm, true, false, false),
+            (StandbyWarm, false, true, false),
+            (StandbyCold, false, false, true),
+        ];
+        for (role, watches, streams, ready) in table {
+            assert_eq!(
+                readiness(role, watches, streams).is_ok(),
+                ready,
+                "{role:?} watches {watches} streams {streams}"
+            );
+        }
+        assert_eq!(
+            ReplicaRole::of(Role::Standby, StandbyMode::Warm).describe(),
+            "standby (warm)"
+        );
+        assert_eq!(
+            ReplicaRole::of(Role::Leading, StandbyMode::Cold),
+            ReplicaRole::Leading
+        );
+    }
 
     #[test]
     fn a_watch_is_healthy_once_synced_and_while_it_does_not_fail() {

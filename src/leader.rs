@@ -6,6 +6,7 @@
 //! the lease duration: the next leader cannot start before the old one has stopped.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -13,9 +14,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
 use parking_lot::Mutex;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::conventions::describe_kube_error;
+pub use crate::handover::Role;
 
 /// How replicas elect a leader.
 #[derive(clap::Args, Clone, Debug)]
@@ -47,6 +50,61 @@ pub struct LeaderArgs {
     /// How often the Lease is renewed, or tried for.
     #[arg(long, env = "LEASE_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
     pub lease_retry_period: Duration,
+
+    /// What a replica that does not hold the Lease runs: `warm` keeps its caches, reconcilers
+    /// and its own streams going (writing and delivering nothing), so a leader change loses no
+    /// event; `cold` runs nothing until it leads, for event servers that limit connections.
+    #[arg(long, env = "STANDBY", value_enum, default_value_t = StandbyMode::Warm)]
+    pub standby: StandbyMode,
+}
+
+/// What a replica runs while another one leads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StandbyMode {
+    /// Caches, reconcilers and streams run; nothing is written or delivered.
+    Warm,
+    /// Nothing runs until the Lease is won: one stream per token across the replicas.
+    Cold,
+}
+
+/// This replica's role, which every writer to the API server and every delivery checks: only
+/// a leader writes status, Events, finalizers and Secrets, and only a leader delivers.
+#[derive(Clone)]
+pub struct Leadership {
+    role: Arc<watch::Sender<Role>>,
+}
+
+impl Leadership {
+    /// A role that starts as `role`.
+    pub fn new(role: Role) -> Self {
+        Leadership {
+            role: Arc::new(watch::Sender::new(role)),
+        }
+    }
+
+    /// The role now.
+    pub fn role(&self) -> Role {
+        *self.role.borrow()
+    }
+
+    /// Whether this replica leads now, and so may write and deliver.
+    pub fn is_leading(&self) -> bool {
+        self.role() == Role::Leading
+    }
+
+    /// Switches the role; returns whether it changed.
+    pub fn set(&self, role: Role) -> bool {
+        self.role.send_if_modified(|current| {
+            let changed = *current != role;
+            *current = role;
+            changed
+        })
+    }
+
+    /// Every change of role, from now on.
+    pub fn subscribe(&self) -> watch::Receiver<Role> {
+        self.role.subscribe()
+    }
 }
 
 /// Leader election cannot work as configured.
@@ -76,6 +134,17 @@ pub enum LeadershipEnd {
     Lost,
 }
 
+/// The outcome of one round of taking or renewing the Lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// This replica holds it.
+    Held,
+    /// Another replica holds it and has renewed it within its duration.
+    HeldByOther,
+    /// The Lease changed between the read and the write (409): read it again.
+    Conflict,
+}
+
 /// What this replica last saw of the Lease, and when, by its own clock.
 struct Observed {
     record: (Option<String>, Option<MicroTime>),
@@ -96,6 +165,8 @@ pub struct LeaseLock {
     won_at: Mutex<Option<Instant>>,
     /// Annotations written with every take and renewal (where the handover is served).
     annotations: Mutex<BTreeMap<String, String>>,
+    /// The Lease's `leaseTransitions` as this replica last wrote it: its term while it holds it.
+    term: Mutex<Option<i32>>,
 }
 
 /// Refuses timing under which two replicas could lead at once: a renew deadline not shorter
@@ -139,11 +210,18 @@ impl LeaseLock {
             observed: Mutex::new(None),
             won_at: Mutex::new(None),
             annotations: Mutex::new(BTreeMap::new()),
+            term: Mutex::new(None),
         })
     }
 
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// The Lease's `leaseTransitions` of the term this replica holds, or last held: it grows
+    /// with every change of holder, so it tells two terms of the same replica apart.
+    pub fn term(&self) -> Option<i32> {
+        *self.term.lock()
     }
 
     /// Writes `key: value` into the Lease's annotations whenever this replica takes or renews
@@ -165,12 +243,12 @@ impl LeaseLock {
         loop {
             let started = Instant::now();
             match self.try_acquire_or_renew().await {
-                Ok(true) => {
+                Ok(Round::Held) => {
                     *self.won_at.lock() = Some(started);
-                    tracing::info!(identity = %self.identity, lease = %self.name, "Leading: took the lease.");
+                    tracing::info!(identity = %self.identity, lease = %self.name, term = ?self.term(), "Leading: took the lease.");
                     return true;
                 }
-                Ok(false) => {}
+                Ok(Round::HeldByOther | Round::Conflict) => {}
                 Err(error) => {
                     tracing::warn!(lease = %self.name, error = %describe_kube_error(&error), "Could not read or take the lease; trying again.")
                 }
@@ -197,7 +275,7 @@ impl LeaseLock {
             let sent = Instant::now();
             let attempt = tokio::time::timeout(
                 self.renew_deadline.saturating_sub(renewed.elapsed()),
-                self.try_acquire_or_renew(),
+                self.renew(),
             )
             .await;
             match attempt {
@@ -214,6 +292,23 @@ impl LeaseLock {
             if renewed.elapsed() >= self.renew_deadline {
                 tracing::warn!(lease = %self.name, deadline = ?self.renew_deadline, "The lease was not renewed before its deadline: no longer leading.");
                 return LeadershipEnd::Lost;
+            }
+        }
+    }
+
+    /// One renewal. A conflict (someone wrote the Lease between this replica's read and write,
+    /// a label edit for one) is no loss: the Lease is read again and, if this replica still
+    /// holds it, renewed again, until the caller's deadline cuts the round off. True when held.
+    async fn renew(&self) -> Result<bool, kube::Error> {
+        loop {
+            match self.try_acquire_or_renew().await? {
+                Round::Held => return Ok(true),
+                Round::HeldByOther => return Ok(false),
+                Round::Conflict => {
+                    tracing::debug!(lease = %self.name, "The lease changed while renewing it; reading it again.");
+                    // A short pause, so a writer racing on the Lease is not hammered.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
         }
     }
@@ -242,8 +337,8 @@ impl LeaseLock {
         }
     }
 
-    /// One round: take the Lease if it is free or expired, renew it if held. True when held.
-    async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+    /// One round: take the Lease if it is free or expired, renew it if held.
+    async fn try_acquire_or_renew(&self) -> Result<Round, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let mut lease = Lease {
                 metadata: ObjectMeta {
@@ -254,8 +349,11 @@ impl LeaseLock {
             };
             self.annotate(&mut lease.metadata);
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Ok(_) => {
+                    *self.term.lock() = Some(0);
+                    Ok(Round::Held)
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(Round::Conflict),
                 Err(error) => Err(error),
             };
         };
@@ -263,7 +361,7 @@ impl LeaseLock {
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let ours = holder.as_deref() == Some(self.identity.as_str());
         if !ours && holder.is_some() && !self.expired(&spec) {
-            return Ok(false);
+            return Ok(Round::HeldByOther);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);
         let acquired = if ours {
@@ -279,8 +377,11 @@ impl LeaseLock {
             .replace(&self.name, &PostParams::default(), &lease)
             .await
         {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Ok(_) => {
+                *self.term.lock() = Some(transitions);
+                Ok(Round::Held)
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(Round::Conflict),
             Err(error) => Err(error),
         }
     }
@@ -348,9 +449,25 @@ mod tests {
     }
 
     #[test]
+    fn a_role_change_is_seen_by_subscribers_and_only_a_change_counts() {
+        let leadership = Leadership::new(Role::Standby);
+        let mut roles = leadership.subscribe();
+        assert!(!leadership.is_leading());
+        assert!(!leadership.set(Role::Standby), "no change");
+        assert!(!roles.has_changed().unwrap());
+        assert!(leadership.set(Role::Leading));
+        assert!(leadership.clone().is_leading(), "clones share the role");
+        assert!(roles.has_changed().unwrap());
+        assert_eq!(*roles.borrow_and_update(), Role::Leading);
+    }
+
+    #[test]
     fn defaults_leave_election_off_with_sane_timing() {
         let cli = Cli::try_parse_from(["x"]).unwrap();
         assert!(!cli.leader.leader_election);
+        assert_eq!(cli.leader.standby, StandbyMode::Warm);
+        let cold = Cli::try_parse_from(["x", "--standby", "cold"]).unwrap();
+        assert_eq!(cold.leader.standby, StandbyMode::Cold);
         assert!(cli.leader.lease_renew_deadline < cli.leader.lease_duration);
         assert!(cli.leader.lease_retry_period < cli.leader.lease_renew_deadline);
     }

@@ -141,13 +141,14 @@ async fn run_operator(args: OperatorArgs) -> Result<(), String> {
     lost
 }
 
-/// Waits for SIGINT or SIGTERM, or for the operator to lose its lease. A replica that lost its
-/// lease exits with an error, so that it is restarted as a standby.
+/// Waits for SIGINT or SIGTERM. A replica that loses its lease stands by again and keeps
+/// running; only a cold standby stops by itself then, and exits with an error so that it is
+/// restarted as a standby.
 async fn until_stopped(operator: &RunningOperator) -> Result<(), String> {
     tokio::select! {
         _ = shutdown_signal() => Ok(()),
-        _ = operator.lost_leadership() => {
-            Err("lost the leader lease; exiting to come back as a standby".to_owned())
+        _ = operator.retired() => {
+            Err("lost the leader lease as a cold standby; exiting to come back as one".to_owned())
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Wires the operator together: routing index, delivery engine, forwarders, both controllers,
-//! the status writer and the health server; and takes them down in order.
+//! the status writer and the health server; switches the replica between standing by and
+//! leading; and takes it all down in order.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +22,10 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::{predicates, watcher, Predicate, PredicateConfig, WatchStreamExt};
 use kube::{Client, CustomResourceExt};
 use parking_lot::Mutex;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -37,10 +38,10 @@ use crate::controller::{
 };
 use crate::delivery::{DeliveryConfig, DeliveryEngine, DeliveryError};
 use crate::domain::ListenerId;
-use crate::forwarder::{ForwarderRegistry, StreamSettings, TokenNotice};
-use crate::health::WatchHealth;
+use crate::forwarder::{ForwarderRegistry, StreamSettings, StreamState, TokenNotice};
+use crate::health::{readiness, ReplicaRole, WatchHealth};
 use crate::index::RoutingIndex;
-use crate::leader::{self, LeaderError, LeadershipEnd, LeaseLock};
+use crate::leader::{self, LeaderError, Leadership, LeadershipEnd, LeaseLock, Role, StandbyMode};
 use crate::metrics::{ControllerMetrics, ForwarderMetrics};
 use crate::resources::{Listener, WebhookUser};
 
@@ -62,14 +63,17 @@ pub enum OperatorError {
     },
 }
 
-/// The health of the operator's three watches, and whether it only stands by.
-#[derive(Default)]
+/// The health of the operator's three watches, and what it takes for a warm standby to be
+/// ready: its streams.
 struct Health {
     users: WatchHealth,
     listeners: WatchHealth,
     secrets: Arc<WatchHealth>,
-    /// Waiting for the lease: nothing to watch yet, and ready for a rollout to go on.
-    standby: AtomicBool,
+    leadership: Leadership,
+    /// What this replica runs while it does not lead.
+    standby: StandbyMode,
+    index: Arc<RoutingIndex>,
+    forwarders: ForwarderRegistry,
 }
 
 impl Health {
@@ -77,9 +81,29 @@ impl Health {
         [&self.users, &self.listeners, &self.secrets]
     }
 
-    /// Ready: standing by, or every watch synced and none failing now.
-    fn ready(&self) -> bool {
-        self.standby.load(Ordering::Relaxed) || self.watches().iter().all(|w| w.is_healthy())
+    fn role(&self) -> ReplicaRole {
+        ReplicaRole::of(self.leadership.role(), self.standby)
+    }
+
+    /// Every token a Listener is routed on has its stream open, or refused for good.
+    fn streams_open(&self) -> bool {
+        self.index.listener_ids().iter().all(|id| {
+            let Some(entry) = self.index.listener(id) else {
+                return true;
+            };
+            matches!(
+                self.forwarders.state(&entry.token),
+                Some(StreamState::Streaming | StreamState::InvalidToken(_) | StreamState::Expired)
+            )
+        })
+    }
+
+    /// Ready as [`readiness`] says for this replica's role.
+    fn ready(&self) -> Result<(), &'static str> {
+        let role = self.role();
+        let watches = self.watches().iter().all(|w| w.is_healthy());
+        let streams = role != ReplicaRole::StandbyWarm || self.streams_open();
+        readiness(role, watches, streams)
     }
 
     /// Alive: no watch has failed without a break for so long that a restart is the better cure.
@@ -99,9 +123,10 @@ pub struct RunningOperator {
     health_addr: SocketAddr,
     registry: Arc<Mutex<Registry>>,
     forwarders: ForwarderRegistry,
+    leadership: Leadership,
     stop: CancellationToken,
-    /// Cancelled when this replica lost its lease and stopped leading.
-    lost: CancellationToken,
+    /// Cancelled when the operator stopped without being asked: a cold standby lost its lease.
+    retired: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -123,14 +148,26 @@ impl RunningOperator {
         &self.forwarders
     }
 
-    /// Resolves when this replica lost its lease: it no longer streams or delivers, and the
-    /// process should exit so that it comes back as a standby.
-    pub async fn lost_leadership(&self) {
-        self.lost.cancelled().await
+    /// This replica's role now: [`Role::Leading`] while it holds the Lease (or without leader
+    /// election), else [`Role::Standby`].
+    pub fn role(&self) -> Role {
+        self.leadership.role()
+    }
+
+    /// Every change of [`role`](Self::role) from now on. A replica that loses its Lease stands
+    /// by again and tries for the Lease again; it does not stop.
+    pub fn role_changes(&self) -> watch::Receiver<Role> {
+        self.leadership.subscribe()
+    }
+
+    /// Resolves when the operator stopped by itself: only a cold standby (`STANDBY=cold`) that
+    /// lost its Lease does, and its process restarts to stand by again.
+    pub async fn retired(&self) {
+        self.retired.cancelled().await
     }
 
     /// Stops taking events, lets queued deliveries finish within the grace period, writes the
-    /// last counters to status, then returns.
+    /// last counters to status while it still leads, hands the Lease on, then returns.
     pub async fn shutdown(self) {
         self.stop.cancel();
         let _ = self.task.await;
@@ -173,6 +210,12 @@ pub async fn start(
     let engine = DeliveryEngine::with_clock(delivery_config, &mut registry, clock.clone())?;
     let forwarder_metrics = ForwarderMetrics::register(&mut registry);
     let controller_metrics = ControllerMetrics::register(&mut registry);
+    let leader_gauge = Gauge::default();
+    registry.register(
+        "leader",
+        "1 while this replica leads (streams are delivered, status written), else 0",
+        leader_gauge.clone(),
+    );
 
     let index = Arc::new(RoutingIndex::new(clock.clone()));
     let (triggers, trigger_streams) = Triggers::new();
@@ -193,7 +236,48 @@ pub async fn start(
     );
 
     let scope = args.watch_scope();
-    let health = Arc::new(Health::default());
+    let lock = match args.leader.leader_election {
+        true => {
+            let lease_namespace = args
+                .leader
+                .leader_election_namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .or_else(|| scope.namespaces().and_then(|n| n.first()).cloned())
+                .unwrap_or_else(|| "default".to_owned());
+            let lock = LeaseLock::new(
+                client.clone(),
+                &args.leader,
+                &lease_namespace,
+                leader::identity(),
+            )?;
+            Some(Arc::new(lock))
+        }
+        false => None,
+    };
+    // Without election this replica leads from the start; with it, nothing is routed or
+    // written before the Lease is won.
+    let leadership = match lock {
+        Some(_) => {
+            forwarders.set_role(Role::Standby);
+            Leadership::new(Role::Standby)
+        }
+        None => {
+            forwarders.set_role(Role::Leading);
+            leader_gauge.set(1);
+            Leadership::new(Role::Leading)
+        }
+    };
+    let standby_mode = args.leader.standby;
+    let health = Arc::new(Health {
+        users: WatchHealth::default(),
+        listeners: WatchHealth::default(),
+        secrets: Arc::new(WatchHealth::default()),
+        leadership: leadership.clone(),
+        standby: standby_mode,
+        index: index.clone(),
+        forwarders: forwarders.clone(),
+    });
     let (users, users_stream) = reflected(
         scoped_apis::<WebhookUser>(&client, &scope),
         health.clone(),
@@ -249,6 +333,7 @@ pub async fn start(
         adopting: Default::default(),
         count_refresh_pending: Default::default(),
         triggers,
+        leadership: leadership.clone(),
     });
 
     let registry = Arc::new(Mutex::new(registry));
@@ -259,29 +344,8 @@ pub async fn start(
             source,
         })?;
 
-    let lock = match args.leader.leader_election {
-        true => {
-            let lease_namespace = args
-                .leader
-                .leader_election_namespace
-                .clone()
-                .or_else(|| std::env::var("POD_NAMESPACE").ok())
-                .or_else(|| scope.namespaces().and_then(|n| n.first()).cloned())
-                .unwrap_or_else(|| "default".to_owned());
-            let lock = LeaseLock::new(
-                client.clone(),
-                &args.leader,
-                &lease_namespace,
-                leader::identity(),
-            )?;
-            health.standby.store(true, Ordering::Relaxed);
-            Some(Arc::new(lock))
-        }
-        false => None,
-    };
-
     let stop = CancellationToken::new();
-    let lost = CancellationToken::new();
+    let retired = CancellationToken::new();
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -297,7 +361,7 @@ pub async fn start(
             .await;
     });
 
-    let parts = ActiveParts {
+    let parts = ControllerParts {
         ctx: ctx.clone(),
         users_controller,
         listeners_controller,
@@ -306,35 +370,41 @@ pub async fn start(
         listener_event_stream,
         secrets_apis: scoped_apis::<PartialObjectMeta<Secret>>(&client, &scope),
         secrets_health: health.secrets.clone(),
+    };
+    let replica = Replica {
+        ctx,
+        lock,
+        standby: standby_mode,
         status_pacing: StatusPacing {
             interval: args.status_interval,
             counters_every: args.counters_interval,
             writes_per_second: args.status_writes_per_second,
         },
+        grace: args.shutdown_grace,
+        leader_gauge,
     };
-    let registry_handle = forwarders.clone();
-    let grace = args.shutdown_grace;
     let task_stop = stop.clone();
-    let task_lost = lost.clone();
+    let task_retired = retired.clone();
     let task = tokio::spawn(async move {
-        lead(parts, lock, health, task_stop, task_lost, grace).await;
+        replica.run(parts, task_stop, task_retired).await;
         let _ = server.await;
         tracing::info!("Stopped.");
     });
-    tracing::info!(%health_addr, events_url = %args.events_url, "Operator started.");
+    tracing::info!(%health_addr, events_url = %args.events_url, standby = ?standby_mode, "Operator started.");
     Ok(RunningOperator {
         health_addr,
         registry,
-        forwarders: registry_handle,
+        forwarders,
+        leadership,
         stop,
-        lost,
+        retired,
         task,
     })
 }
 
-/// What runs only while this replica leads: the controllers, the Secret watch and the status
-/// writer (and through them the forwarders and deliveries).
-struct ActiveParts {
+/// The watches and reconcilers: on a warm standby they run from the start, on a cold one only
+/// once it leads.
+struct ControllerParts {
     ctx: Arc<Context>,
     users_controller: Controller<WebhookUser>,
     listeners_controller: Controller<Listener>,
@@ -343,121 +413,231 @@ struct ActiveParts {
     listener_event_stream: mpsc::UnboundedReceiver<ListenerWatchEvent>,
     secrets_apis: Vec<Api<PartialObjectMeta<Secret>>>,
     secrets_health: Arc<WatchHealth>,
-    status_pacing: StatusPacing,
 }
 
-/// Waits for leadership (when elected), runs the active parts until `stop` or until the lease
-/// is lost, then takes them down in order: streams first, then deliveries within `grace`, the
-/// last status writes, and only then the lease, so a standby never delivers beside this one.
-async fn lead(
-    parts: ActiveParts,
-    lock: Option<Arc<LeaseLock>>,
-    health: Arc<Health>,
+/// The running watches and reconcilers.
+struct RunningControllers {
     stop: CancellationToken,
-    lost: CancellationToken,
-    grace: Duration,
-) {
-    if let Some(lock) = &lock {
-        tracing::info!(identity = %lock.identity(), "Standing by until this replica leads.");
-        if !lock.acquire(&stop).await {
-            return;
-        }
-        health.standby.store(false, Ordering::Relaxed);
-    }
-    let ActiveParts {
-        ctx,
-        users_controller,
-        listeners_controller,
-        trigger_streams,
-        notices,
-        listener_event_stream,
-        secrets_apis,
-        secrets_health,
-        status_pacing,
-    } = parts;
-    let controllers_stop = CancellationToken::new();
-    let tasks = vec![
-        tokio::spawn(run_webhook_user_controller(
-            users_controller,
-            ctx.clone(),
-            trigger_streams.users,
-            controllers_stop.clone().cancelled_owned(),
-        )),
-        tokio::spawn(run_listener_controller(
-            listeners_controller,
-            ctx.clone(),
-            notices,
-            trigger_streams.listeners,
-            controllers_stop.clone().cancelled_owned(),
-        )),
-        tokio::spawn(run_secret_watch(
-            secrets_apis,
-            ctx.clone(),
-            secrets_health,
-            controllers_stop.clone().cancelled_owned(),
-        )),
-        tokio::spawn(forget_deleted_listeners(ctx.clone(), listener_event_stream)),
-    ];
-    let writer_stop = CancellationToken::new();
-    let mut writer = StatusWriter::new(ctx.clone(), status_pacing);
-    let writer_task = {
-        let writer_stop = writer_stop.clone();
-        tokio::spawn(async move {
-            writer.run(writer_stop).await;
-            writer
-        })
-    };
-    let renew_stop = CancellationToken::new();
-    let holding = lock.clone().map(|lock| {
-        let renew_stop = renew_stop.clone();
-        let lost = lost.clone();
-        tokio::spawn(async move {
-            if lock.hold(&renew_stop).await == LeadershipEnd::Lost {
-                lost.cancel();
-            }
-        })
-    });
+    tasks: Vec<JoinHandle<()>>,
+}
 
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = lost.cancelled() => {
-            // Another replica may take over after the lease duration: stop at once.
-            tracing::warn!("Lost the lease: closing streams and dropping deliveries now.");
-            ctx.forwarders.shutdown();
-            ctx.engine.shutdown(Duration::ZERO).await;
-            controllers_stop.cancel();
-            writer_stop.cancel();
-            return;
-        }
+impl ControllerParts {
+    fn start(self) -> RunningControllers {
+        let ControllerParts {
+            ctx,
+            users_controller,
+            listeners_controller,
+            trigger_streams,
+            notices,
+            listener_event_stream,
+            secrets_apis,
+            secrets_health,
+        } = self;
+        let stop = CancellationToken::new();
+        let tasks = vec![
+            tokio::spawn(run_webhook_user_controller(
+                users_controller,
+                ctx.clone(),
+                trigger_streams.users,
+                stop.clone().cancelled_owned(),
+            )),
+            tokio::spawn(run_listener_controller(
+                listeners_controller,
+                ctx.clone(),
+                notices,
+                trigger_streams.listeners,
+                stop.clone().cancelled_owned(),
+            )),
+            tokio::spawn(run_secret_watch(
+                secrets_apis,
+                ctx.clone(),
+                secrets_health,
+                stop.clone().cancelled_owned(),
+            )),
+            tokio::spawn(forget_deleted_listeners(ctx, listener_event_stream)),
+        ];
+        RunningControllers { stop, tasks }
     }
-    tracing::info!("Shutting down: closing streams and draining deliveries.");
-    ctx.forwarders.shutdown();
-    ctx.engine.shutdown(grace).await;
-    writer_stop.cancel();
-    // The last status write and the controllers' goodbye need the API server: bounded, so an
-    // unreachable one cannot hold the process past its grace period.
-    let last_writes = async {
-        if let Ok(mut writer) = writer_task.await {
-            writer.flush_all().await;
-        }
-        controllers_stop.cancel();
-        for task in tasks {
+}
+
+impl RunningControllers {
+    async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
             let _ = task.await;
         }
-    };
-    if tokio::time::timeout(grace, last_writes).await.is_err() {
-        tracing::warn!(
-            grace = %humantime::format_duration(grace),
-            "Gave up the last status writes: the API server did not answer in time."
-        );
     }
-    renew_stop.cancel();
-    if let (Some(lock), Some(holding)) = (lock, holding) {
-        let _ = holding.await;
-        if !lost.is_cancelled() {
-            lock.release().await;
+}
+
+/// How a term of leading ended.
+enum TermEnd {
+    /// Asked to stop: this replica has drained and handed the Lease on.
+    Stopped,
+    /// The Lease was lost: this replica stands by again.
+    Lost,
+}
+
+/// One replica: its role, the Lease it competes for, and what it runs in each role.
+struct Replica {
+    ctx: Arc<Context>,
+    lock: Option<Arc<LeaseLock>>,
+    standby: StandbyMode,
+    status_pacing: StatusPacing,
+    grace: Duration,
+    leader_gauge: Gauge,
+}
+
+impl Replica {
+    /// Runs until `stop`: stands by, leads when it wins the Lease, stands by again when it loses
+    /// it (a cold standby stops then and cancels `retired`), and takes everything down in order.
+    async fn run(
+        self,
+        parts: ControllerParts,
+        stop: CancellationToken,
+        retired: CancellationToken,
+    ) {
+        let mut parts = Some(parts);
+        let mut controllers = None;
+        if self.lock.is_none() || self.standby == StandbyMode::Warm {
+            controllers = parts.take().map(ControllerParts::start);
+        }
+        let mut writer = StatusWriter::new(self.ctx.clone(), self.status_pacing);
+        loop {
+            if let Some(lock) = &self.lock {
+                tracing::info!(identity = %lock.identity(), standby = ?self.standby, "Standing by until this replica leads.");
+                if !lock.acquire(&stop).await {
+                    break;
+                }
+            }
+            if controllers.is_none() {
+                controllers = parts.take().map(ControllerParts::start);
+            }
+            match self.lead(&mut writer, &stop).await {
+                TermEnd::Stopped => {
+                    if let Some(controllers) = controllers {
+                        self.bounded("stopping the reconcilers", controllers.stop())
+                            .await;
+                    }
+                    return;
+                }
+                TermEnd::Lost if self.standby == StandbyMode::Cold => {
+                    // Back to standing by cold: nothing may keep streaming here, and the
+                    // reconcilers cannot be started twice, so the process starts afresh.
+                    tracing::warn!(
+                        "A cold standby lost the lease: stopping, to start again as a standby."
+                    );
+                    retired.cancel();
+                    break;
+                }
+                TermEnd::Lost => {}
+            }
+        }
+        // Standing by when stopped: nothing to drain, nothing to write.
+        self.ctx.forwarders.shutdown();
+        self.ctx.engine.shutdown(Duration::ZERO).await;
+        if let Some(controllers) = controllers {
+            self.bounded("stopping the reconcilers", controllers.stop())
+                .await;
         }
     }
+
+    /// Becomes the leader: routes and delivers, writes status, and reconciles everything again
+    /// for the writes skipped while standing by.
+    fn take_over(&self) {
+        self.ctx.forwarders.set_role(Role::Leading);
+        self.ctx.leadership.set(Role::Leading);
+        self.leader_gauge.set(1);
+        self.ctx.requeue_all();
+    }
+
+    /// One term of leading, until `stop` or until the Lease is lost.
+    async fn lead(&self, writer: &mut StatusWriter, stop: &CancellationToken) -> TermEnd {
+        self.take_over();
+        let lost = CancellationToken::new();
+        let renew_stop = CancellationToken::new();
+        let holding = self.lock.clone().map(|lock| {
+            let renew_stop = renew_stop.clone();
+            let lost = lost.clone();
+            let ctx = self.ctx.clone();
+            let gauge = self.leader_gauge.clone();
+            tokio::spawn(async move {
+                if lock.hold(&renew_stop).await == LeadershipEnd::Lost {
+                    // Another replica may take over after the lease duration: stop at once,
+                    // whatever this one is doing (draining included).
+                    step_down(&ctx, &gauge);
+                    lost.cancel();
+                }
+            })
+        });
+
+        // The writer runs until the term ends; it keeps its counters for the next term.
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = lost.cancelled() => {}
+            _ = writer.run(CancellationToken::new()) => {}
+        }
+        if lost.is_cancelled() {
+            tracing::warn!(
+                "Lost the lease: stopped routing and dropped deliveries; standing by again."
+            );
+            if let Some(holding) = holding {
+                let _ = holding.await;
+            }
+            return TermEnd::Lost;
+        }
+
+        tracing::info!("Shutting down: no longer routing, draining deliveries.");
+        self.ctx.forwarders.stop_routing();
+        tokio::select! {
+            _ = self.ctx.engine.shutdown(self.grace) => {}
+            _ = lost.cancelled() => {
+                tracing::warn!("Lost the lease while draining: dropped the deliveries left.");
+                self.ctx.engine.shutdown(Duration::ZERO).await;
+            }
+        }
+        self.ctx.forwarders.shutdown();
+        // Each write checks that this replica still leads: none is made after the Lease is lost.
+        self.bounded("the last status writes", writer.flush_all())
+            .await;
+        if self.ctx.leadership.is_leading() {
+            self.bounded("the final progress batch", self.publish_final_progress())
+                .await;
+        }
+        renew_stop.cancel();
+        if let (Some(lock), Some(holding)) = (&self.lock, holding) {
+            let _ = holding.await;
+            if !lost.is_cancelled() {
+                step_down(&self.ctx, &self.leader_gauge);
+                lock.release().await;
+            }
+        }
+        TermEnd::Stopped
+    }
+
+    /// Where the handover transport publishes its final batch of progress records (`final:
+    /// true`) and waits, bounded, until the standbys fetched it: after the last delivery has
+    /// settled and before the Lease is handed on, so the next leader starts right after the
+    /// last event this one delivered. Nothing to publish while no transport is wired in.
+    async fn publish_final_progress(&self) {}
+
+    /// Runs `work` for at most the grace period: the API server may not answer, and that must
+    /// not hold the process past its grace period.
+    async fn bounded(&self, what: &str, work: impl std::future::Future<Output = ()>) {
+        if tokio::time::timeout(self.grace, work).await.is_err() {
+            tracing::warn!(
+                grace = %humantime::format_duration(self.grace),
+                "Gave up {what}: the API server did not answer in time."
+            );
+        }
+    }
+}
+
+/// Stops leading at once: nothing more is routed or delivered, and nothing written.
+fn step_down(ctx: &Context, gauge: &Gauge) {
+    ctx.leadership.set(Role::Standby);
+    ctx.forwarders.set_role(Role::Standby);
+    ctx.engine.abandon_all();
+    gauge.set(0);
 }
 
 /// A cache of `K` fed by a watch of `apis` (one per watched namespace, or one for all) whose
@@ -541,14 +721,16 @@ async fn healthz(State(state): State<HealthState>) -> impl IntoResponse {
     }
 }
 
+/// 200 or 503 as [`readiness`] says, the body naming the role: `leading`, `standby (warm)` or
+/// `standby (cold)`.
 async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {
-    if state.health.ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (
+    let role = state.health.role().describe();
+    match state.health.ready() {
+        Ok(()) => (StatusCode::OK, role.to_owned()),
+        Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: caches not synced or a watch is failing",
-        )
+            format!("not ready ({role}): {why}"),
+        ),
     }
 }
 

@@ -79,6 +79,9 @@ async fn reconcile(listener: Arc<Listener>, ctx: Arc<Context>) -> Result<Action,
     ctx.count_reconcile("listener");
     let id = listener_id(&listener).ok_or(Error::MissingNamespace)?;
     let api: Api<Listener> = Api::namespaced(ctx.client.clone(), id.namespace());
+    if !ctx.may_write() {
+        return reconcile_standing_by(&listener, &id, &api, &ctx).await;
+    }
     if adopt_new(&listener, &id, &api, &ctx).await? == Adoption::Pending {
         // The watch brings the patched object, and with it the next reconcile.
         return Ok(Action::requeue(Duration::from_secs(5)));
@@ -90,6 +93,25 @@ async fn reconcile(listener: Arc<Listener>, ctx: Arc<Context>) -> Result<Action,
         }
     })
     .await?;
+    ctx.reconciled(&format!("listener/{id}"));
+    Ok(action)
+}
+
+/// A standby reconciles as the leader does, so it streams every token the leader streams, but
+/// writes nothing: the leader adopts new Listeners and runs their cleanup; a standby only
+/// forgets a Listener being deleted. It streams a new Listener's token without waiting for the
+/// adoption, so it reads at least every event the leader reads.
+async fn reconcile_standing_by(
+    listener: &Listener,
+    id: &ListenerId,
+    api: &Api<Listener>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    if listener.meta().deletion_timestamp.is_some() {
+        forget(listener, id, ctx);
+        return Ok(Action::await_change());
+    }
+    let action = apply(listener, id, api, ctx).await?;
     ctx.reconciled(&format!("listener/{id}"));
     Ok(action)
 }
@@ -211,7 +233,7 @@ async fn apply(
 
     // The client's own statement that this registration is over: only this Listener goes.
     if listener.spec.expires_at.is_some_and(|at| at <= now) {
-        if delete_if_present(api, id.name()).await? {
+        if ctx.may_write() && delete_if_present(api, id.name()).await? {
             tracing::info!(listener = %id, "Deleted the Listener: its spec.expiresAt has passed.");
         }
         return Ok(Action::await_change());
@@ -278,7 +300,7 @@ async fn apply(
             if state == StreamState::Expired {
                 // The event server said TOKEN_EXPIRED: every Listener on the token goes. A failed
                 // delete is an error, retried by the error policy until it succeeds.
-                if delete_if_present(api, id.name()).await? {
+                if ctx.may_write() && delete_if_present(api, id.name()).await? {
                     tracing::info!(listener = %id, token = %hash, "Deleted the Listener: the event server says its token expired.");
                 }
                 return Ok(Action::await_change());
@@ -465,7 +487,7 @@ async fn set_owner_reference(
 ) -> Result<(), Error> {
     let current = listener.owner_references();
     let desired = desired_owner_references(current, owner);
-    if desired == current {
+    if desired == current || !ctx.may_write() {
         return Ok(());
     }
     wake_dropped_owners(listener, &desired, ctx);
@@ -576,7 +598,7 @@ async fn adopt_new(
 }
 
 async fn cleanup(listener: &Listener, id: &ListenerId, ctx: &Context) -> Result<Action, Error> {
-    ctx.forget_listener(id);
+    forget(listener, id, ctx);
     let namespace = id.namespace();
     let secret_name = &listener.spec.token_secret_ref.name;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
@@ -598,16 +620,22 @@ async fn cleanup(listener: &Listener, id: &ListenerId, ctx: &Context) -> Result<
             }
         }
     }
+    tracing::info!(listener = %id, "Removed the Listener.");
+    Ok(Action::await_change())
+}
+
+/// What every replica does about a Listener that goes: it stops routing to it, its owner's
+/// count is refreshed, and one held back past the owner's ceiling may start.
+fn forget(listener: &Listener, id: &ListenerId, ctx: &Context) {
+    ctx.forget_listener(id);
+    let namespace = id.namespace();
     ctx.wake_user(namespace, &listener.spec.owner);
-    // One Listener less: one held back past the owner's ceiling may start.
     let owner = OwnerKey::new(namespace, listener.spec.owner.as_str());
     for other in ctx.owned.listeners_of(&owner) {
         if ctx.index.listener(&other).is_none() {
             ctx.wake_listener(&other);
         }
     }
-    tracing::info!(listener = %id, "Removed the Listener.");
-    Ok(Action::await_change())
 }
 
 #[cfg(test)]

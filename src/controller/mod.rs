@@ -42,6 +42,7 @@ use crate::delivery::DeliveryEngine;
 use crate::domain::{ListenerId, OwnerKey};
 use crate::forwarder::ForwarderRegistry;
 use crate::index::RoutingIndex;
+use crate::leader::Leadership;
 use crate::metrics::{ControllerLabel, ControllerMetrics};
 use crate::resources::{self, Listener, WebhookUser};
 
@@ -84,6 +85,9 @@ pub struct Context {
     /// again (which could only conflict).
     pub adopting: DashMap<ListenerId, String>,
     pub triggers: Triggers,
+    /// Whether this replica leads: a standby reconciles into its routing index and streams,
+    /// but writes nothing to the API server.
+    pub leadership: Leadership,
 }
 
 /// What this process last did about an object's status.
@@ -237,6 +241,35 @@ fn transient_backoff(failures: u32) -> Duration {
 }
 
 impl Context {
+    /// Whether this replica may write to the API server: only while it leads. A write skipped
+    /// while standing by is made by the reconcile that [`requeue_all`](Self::requeue_all)
+    /// asks for when this replica starts leading.
+    pub fn may_write(&self) -> bool {
+        self.leadership.is_leading()
+    }
+
+    /// Asks for a reconcile of every Listener and WebhookUser in the caches: this replica just
+    /// started leading, and what it skipped writing while standing by is due now.
+    pub fn requeue_all(&self) {
+        use kube::ResourceExt;
+        for listener in self.listeners.state() {
+            if let Some(namespace) = listener.namespace() {
+                let _ = self
+                    .triggers
+                    .listeners
+                    .send(ObjectRef::new(&listener.name_any()).within(&namespace));
+            }
+        }
+        for user in self.users.state() {
+            if let Some(namespace) = user.namespace() {
+                let _ = self
+                    .triggers
+                    .users
+                    .send(ObjectRef::new(&user.name_any()).within(&namespace));
+            }
+        }
+    }
+
     /// A Secret, from the cache while the Secret watch has seen no newer version of it.
     async fn read_secret(&self, namespace: &str, name: &str) -> Result<Option<Arc<Secret>>, Error> {
         if let Some(secret) = self.secrets.get(namespace, name) {
@@ -327,6 +360,9 @@ impl Context {
                 .hash(&mut hasher);
             hasher.finish()
         };
+        if !self.may_write() {
+            return Ok(false);
+        }
         let cached_version = cached.meta().resource_version.as_deref();
         let last = self.last_applied.get(&object).map(|last| last.clone());
         if status_write_needless(last.as_ref(), digest, cached_same, cached_version) {

@@ -111,8 +111,10 @@ pub async fn run_secret_watch(
             }
             if let Some(user) = user_of_credentials_secret(key.name()) {
                 let reference = ObjectRef::<WebhookUser>::new(user).within(key.namespace());
+                // At once, not gathered like count refreshes: a standby that learns the
+                // credentials late could take over with its owner's Listeners paused.
                 if ctx.users.get(&reference).is_some() {
-                    ctx.wake_user(key.namespace(), user);
+                    let _ = ctx.triggers.users.send(reference);
                 }
             }
         }

@@ -263,6 +263,10 @@ impl StatusWriter {
     }
 
     async fn write_usage(&mut self, owner: OwnerKey) {
+        // Checked before each write: a flush that outlives this replica's lease writes no more.
+        if !self.ctx.may_write() {
+            return;
+        }
         let Some(pending) = self.usage.get_mut(&owner) else {
             return;
         };
@@ -364,6 +368,9 @@ impl StatusWriter {
     }
 
     async fn write_listener(&mut self, id: ListenerId) {
+        if !self.ctx.may_write() {
+            return;
+        }
         let Some(totals) = self.totals.get_mut(&id) else {
             return;
         };
@@ -389,6 +396,9 @@ impl StatusWriter {
     /// flush picks which Listeners, at most one Event each per [`EVENT_EVERY`]: failures that
     /// wait are counted into the next Event, not lost.
     async fn publish_failures(&mut self, id: ListenerId) {
+        if !self.ctx.may_write() {
+            return;
+        }
         let reference = ObjectRef::<Listener>::new(id.name()).within(id.namespace());
         let Some(listener) = self.ctx.listeners.get(&reference) else {
             return;

@@ -50,6 +50,18 @@ async fn reconcile(user: Arc<WebhookUser>, ctx: Arc<Context>) -> Result<Action, 
     let namespace = user.namespace().ok_or(Error::MissingNamespace)?;
     let object = format!("webhookuser/{namespace}/{}", user.name_any());
     let api: Api<WebhookUser> = Api::namespaced(ctx.client.clone(), &namespace);
+    if !ctx.may_write() {
+        // A standby routes as the leader does and writes nothing: no finalizer, no status, no
+        // Secret; the leader runs the cleanup, the standby only forgets a user being deleted.
+        let action = if user.meta().deletion_timestamp.is_some() {
+            forget(&user, &namespace, &ctx);
+            Action::await_change()
+        } else {
+            apply(&user, &namespace, &ctx).await?
+        };
+        ctx.reconciled(&object);
+        return Ok(action);
+    }
     let action = finalizer(&api, FINALIZER, user, |event| async {
         match event {
             FinalizerEvent::Apply(user) => apply(&user, &namespace, &ctx).await,
@@ -91,6 +103,13 @@ async fn ensure_credentials(
     let name = credentials_secret_name(&user_name);
     let existing = match ctx.read_secret(namespace, &name).await? {
         Some(secret) => secret,
+        // The leader creates it; its watch event brings it here and reconciles the user again.
+        None if !ctx.may_write() => {
+            return Ok(CredentialsState::Unusable {
+                reason: "CredentialsPending",
+                message: format!("Secret {name} is not created yet"),
+            })
+        }
         None => {
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
             let credentials = generate_credentials();
@@ -273,13 +292,7 @@ async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Act
 
 async fn cleanup(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Action, Error> {
     let name = user.name_any();
-    // A user being deleted is gone for routing from the first moment: no event is delivered
-    // with its secret while its Listeners are being deleted.
-    let key = OwnerKey::new(namespace, name.as_str());
-    ctx.index.remove_owner(&key);
-    ctx.last_applied
-        .remove(&format!("webhookuser/{namespace}/{name}"));
-    ctx.wake_listeners_of_owner(&key);
+    forget(user, namespace, ctx);
     // Listed from the API server, not the cache: none may be missed.
     let listeners: Api<Listener> = Api::namespaced(ctx.client.clone(), namespace);
     for listener in listeners.list(&ListParams::default()).await? {
@@ -298,4 +311,15 @@ async fn cleanup(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<A
     }
     tracing::info!(namespace, user = %name, "Deleted the WebhookUser with its listeners and credentials.");
     Ok(Action::await_change())
+}
+
+/// A user being deleted is gone for routing from the first moment, on every replica: no event
+/// is delivered with its secret while its Listeners are being deleted.
+fn forget(user: &WebhookUser, namespace: &str, ctx: &Context) {
+    let name = user.name_any();
+    let key = OwnerKey::new(namespace, name.as_str());
+    ctx.index.remove_owner(&key);
+    ctx.last_applied
+        .remove(&format!("webhookuser/{namespace}/{name}"));
+    ctx.wake_listeners_of_owner(&key);
 }

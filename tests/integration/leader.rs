@@ -1,5 +1,5 @@
-//! Two replicas: one Lease, one leader streaming and delivering, a standby that takes over, and
-//! a leader that stops by itself when it cannot renew.
+//! Two replicas: one Lease, one leader delivering, a warm standby streaming beside it that takes
+//! over, and a leader that stops leading by itself when it cannot renew.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crownstone_webhooks::clock::SystemClock;
 use crownstone_webhooks::crownstone::samples;
+use crownstone_webhooks::leader::Role;
 use crownstone_webhooks::operator::{self, RunningOperator};
 use k8s_openapi::api::coordination::v1::Lease;
 
@@ -68,19 +69,28 @@ async fn one_replica_leads_and_a_standby_takes_over_without_double_delivery() {
     h.ready_listener("hook", "acme", &["command"], &receiver.url())
         .await;
     let first = eventually("a leader", WAIT, || holder(&h)).await;
-    // One stream for the token, not one per replica.
-    h.wait_streams(1).await;
+    // A warm standby streams the token beside the leader.
+    h.wait_streams(2).await;
     for n in 0..5 {
         publish(&h, n).await;
     }
     receiver.wait_for_requests(5, WAIT).await;
 
-    // The leader stops (a rolling update): it hands the lease back after draining.
-    let (leader, mut survivor) = if h.metric("crownstone_webhooks_forwarder_streams").await == 1.0 {
+    // The leader stops (a rolling update, which waits until the new pod is ready): it hands
+    // the lease back after draining.
+    let (leader, mut survivor) = if h.operator.as_ref().unwrap().role() == Role::Leading {
         (h.operator.take().unwrap(), standby)
     } else {
         (standby, h.operator.take().unwrap())
     };
+    let standby_health = survivor.health_addr();
+    eventually("the standby is ready", WAIT, || async {
+        let response = reqwest::get(format!("http://{standby_health}/readyz"))
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
     leader.shutdown().await;
     let second = eventually("another leader", WAIT, || async {
         holder(&h).await.filter(|holder| *holder != first)
@@ -107,7 +117,7 @@ async fn one_replica_leads_and_a_standby_takes_over_without_double_delivery() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_that_cannot_renew_stops_streaming_by_itself() {
+async fn a_leader_that_cannot_renew_stops_leading_by_itself() {
     let plane = Arc::new(
         tokio::task::spawn_blocking(PrivatePlane::start)
             .await
@@ -124,10 +134,17 @@ async fn a_leader_that_cannot_renew_stops_streaming_by_itself() {
     tokio::task::spawn_blocking(move || stopping.stop())
         .await
         .unwrap();
-    // Past the renew deadline (2 s) it gives up leading, before the lease (3 s) could pass on.
+    // Past the renew deadline (2 s) it gives up leading, before the lease (3 s) could pass on;
+    // it stands by, keeping its stream open, instead of stopping.
     let operator = h.operator.as_ref().unwrap();
-    tokio::time::timeout(Duration::from_secs(20), operator.lost_leadership())
-        .await
-        .expect("the leader noticed it cannot renew");
-    h.wait_streams(0).await;
+    let mut role = operator.role_changes();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        role.wait_for(|role| *role == Role::Standby),
+    )
+    .await
+    .expect("the leader noticed it cannot renew")
+    .unwrap();
+    assert_eq!(h.metric("crownstone_webhooks_leader").await, 0.0);
+    h.wait_streams(1).await;
 }

@@ -15,5 +15,6 @@ mod operator;
 mod rbac;
 mod simulator;
 mod simulator_python;
+mod standby;
 mod stream_hardening;
 mod trust;
