@@ -6,8 +6,8 @@ use std::time::Duration;
 use url::Url;
 
 use crate::delivery::DeliveryArgs;
-use crate::handover::BufferLimits;
 use crate::handover::peer::HandoverArgs;
+use crate::handover::BufferLimits;
 use crate::leader::LeaderArgs;
 
 /// Settings of the controller, the forwarders and the delivery engine.

@@ -39,6 +39,10 @@ use crate::controller::{
 use crate::delivery::{DeliveryConfig, DeliveryEngine, DeliveryError};
 use crate::domain::ListenerId;
 use crate::forwarder::{ForwarderRegistry, StreamSettings, StreamState, TokenNotice};
+use crate::handover::peer::{
+    watch_lease_holder, FinishOutcome, HandoverError, HandoverMetrics, ProgressClient,
+    ProgressServer, ADDRESS_ANNOTATION,
+};
 use crate::health::{readiness, ReplicaRole, WatchHealth};
 use crate::index::RoutingIndex;
 use crate::leader::{self, LeaderError, Leadership, LeadershipEnd, LeaseLock, Role, StandbyMode};
@@ -56,6 +60,8 @@ pub enum OperatorError {
     Delivery(#[from] DeliveryError),
     #[error(transparent)]
     Leader(#[from] LeaderError),
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -210,6 +216,7 @@ pub async fn start(
     let engine = DeliveryEngine::with_clock(delivery_config, &mut registry, clock.clone())?;
     let forwarder_metrics = ForwarderMetrics::register(&mut registry);
     let controller_metrics = ControllerMetrics::register(&mut registry);
+    let handover_metrics = HandoverMetrics::register(&mut registry);
     let leader_gauge = Gauge::default();
     registry.register(
         "leader",
@@ -236,15 +243,15 @@ pub async fn start(
     );
 
     let scope = args.watch_scope();
+    let lease_namespace = args
+        .leader
+        .leader_election_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .or_else(|| scope.namespaces().and_then(|n| n.first()).cloned())
+        .unwrap_or_else(|| "default".to_owned());
     let lock = match args.leader.leader_election {
         true => {
-            let lease_namespace = args
-                .leader
-                .leader_election_namespace
-                .clone()
-                .or_else(|| std::env::var("POD_NAMESPACE").ok())
-                .or_else(|| scope.namespaces().and_then(|n| n.first()).cloned())
-                .unwrap_or_else(|| "default".to_owned());
             let lock = LeaseLock::new(
                 client.clone(),
                 &args.leader,
@@ -346,6 +353,49 @@ pub async fn start(
 
     let stop = CancellationToken::new();
     let retired = CancellationToken::new();
+    // The term this replica leads in, for the progress server: `None` while standing by.
+    let (leading_term, leading_term_rx) = watch::channel(None);
+    let handover = match &lock {
+        Some(lock) => match args.handover.server_settings(lock.identity()) {
+            Some(settings) => {
+                let key = settings.key.clone();
+                let server = ProgressServer::start(
+                    settings,
+                    Arc::new(forwarders.clone()),
+                    leading_term_rx,
+                    handover_metrics.clone(),
+                    stop.clone(),
+                )
+                .await?;
+                let pod_ip = std::env::var("POD_IP").ok();
+                let address = args
+                    .handover
+                    .advertised_address(server.local_addr(), pod_ip.as_deref());
+                tracing::info!(%address, "Serving handover progress to the other replicas.");
+                lock.set_annotation(ADDRESS_ANNOTATION, address);
+                let holder = watch_lease_holder(
+                    Api::namespaced(client.clone(), &lease_namespace),
+                    args.leader.leader_election_lease.clone(),
+                    args.leader.lease_retry_period,
+                    stop.clone(),
+                );
+                ProgressClient::spawn(
+                    key,
+                    lock.identity().to_owned(),
+                    holder,
+                    Arc::new(forwarders.clone()),
+                    handover_metrics,
+                    stop.clone(),
+                )?;
+                Some(server)
+            }
+            None => {
+                tracing::warn!("No HANDOVER_KEY: the replicas exchange no progress, so a standby that takes over delivers everything it buffered again (repeats, never losses).");
+                None
+            }
+        },
+        None => None,
+    };
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -382,6 +432,8 @@ pub async fn start(
         },
         grace: args.shutdown_grace,
         leader_gauge,
+        handover,
+        leading_term: Arc::new(leading_term),
     };
     let task_stop = stop.clone();
     let task_retired = retired.clone();
@@ -485,6 +537,9 @@ struct Replica {
     status_pacing: StatusPacing,
     grace: Duration,
     leader_gauge: Gauge,
+    /// The progress server, when the replicas share a handover key.
+    handover: Option<ProgressServer>,
+    leading_term: Arc<watch::Sender<Option<i32>>>,
 }
 
 impl Replica {
@@ -547,6 +602,8 @@ impl Replica {
         self.ctx.forwarders.set_role(Role::Leading);
         self.ctx.leadership.set(Role::Leading);
         self.leader_gauge.set(1);
+        let term = self.lock.as_ref().and_then(|lock| lock.term());
+        self.leading_term.send_replace(term);
         self.ctx.requeue_all();
     }
 
@@ -560,11 +617,12 @@ impl Replica {
             let lost = lost.clone();
             let ctx = self.ctx.clone();
             let gauge = self.leader_gauge.clone();
+            let leading_term = self.leading_term.clone();
             tokio::spawn(async move {
                 if lock.hold(&renew_stop).await == LeadershipEnd::Lost {
                     // Another replica may take over after the lease duration: stop at once,
                     // whatever this one is doing (draining included).
-                    step_down(&ctx, &gauge);
+                    step_down(&ctx, &gauge, &leading_term);
                     lost.cancel();
                 }
             })
@@ -595,30 +653,42 @@ impl Replica {
                 self.ctx.engine.shutdown(Duration::ZERO).await;
             }
         }
-        self.ctx.forwarders.shutdown();
-        // Each write checks that this replica still leads: none is made after the Lease is lost.
-        self.bounded("the last status writes", writer.flush_all())
-            .await;
+        // The streams stay open until the final progress is out: it is taken from their logs.
         if self.ctx.leadership.is_leading() {
             self.bounded("the final progress batch", self.publish_final_progress())
                 .await;
         }
+        self.ctx.forwarders.shutdown();
+        // Each write checks that this replica still leads: none is made after the Lease is lost.
+        self.bounded("the last status writes", writer.flush_all())
+            .await;
         renew_stop.cancel();
         if let (Some(lock), Some(holding)) = (&self.lock, holding) {
             let _ = holding.await;
             if !lost.is_cancelled() {
-                step_down(&self.ctx, &self.leader_gauge);
+                step_down(&self.ctx, &self.leader_gauge, &self.leading_term);
                 lock.release().await;
             }
         }
         TermEnd::Stopped
     }
 
-    /// Where the handover transport publishes its final batch of progress records (`final:
-    /// true`) and waits, bounded, until the standbys fetched it: after the last delivery has
-    /// settled and before the Lease is handed on, so the next leader starts right after the
-    /// last event this one delivered. Nothing to publish while no transport is wired in.
-    async fn publish_final_progress(&self) {}
+    /// Publishes the final batch of progress records (`final: true`) and waits, bounded, until
+    /// the standbys fetched it: after the last delivery has settled and before the Lease is
+    /// handed on, so the next leader starts right after the last event this one delivered.
+    async fn publish_final_progress(&self) {
+        let Some(server) = &self.handover else {
+            return;
+        };
+        match server.finish(FINAL_BATCH_WAIT).await {
+            FinishOutcome::AllFetched => {
+                tracing::info!("The standbys fetched the final progress.")
+            }
+            FinishOutcome::TimedOut { waiting } => {
+                tracing::warn!(?waiting, "Not every standby fetched the final progress in time: the next leader may deliver some events again.")
+            }
+        }
+    }
 
     /// Runs `work` for at most the grace period: the API server may not answer, and that must
     /// not hold the process past its grace period.
@@ -632,8 +702,12 @@ impl Replica {
     }
 }
 
+/// How long a leader handing over waits for the standbys to fetch its final progress.
+const FINAL_BATCH_WAIT: Duration = Duration::from_secs(2);
+
 /// Stops leading at once: nothing more is routed or delivered, and nothing written.
-fn step_down(ctx: &Context, gauge: &Gauge) {
+fn step_down(ctx: &Context, gauge: &Gauge, leading_term: &watch::Sender<Option<i32>>) {
+    leading_term.send_replace(None);
     ctx.leadership.set(Role::Standby);
     ctx.forwarders.set_role(Role::Standby);
     ctx.engine.abandon_all();

@@ -64,6 +64,7 @@ async fn replica(ns: &TestNamespace, name: &str, stop: &CancellationToken) -> Re
         lease_duration: Duration::from_secs(3),
         lease_renew_deadline: Duration::from_secs(2),
         lease_retry_period: Duration::from_millis(300),
+        standby: crownstone_webhooks::leader::StandbyMode::Warm,
     };
     let lock = Arc::new(LeaseLock::new(ns.client.clone(), &args, &ns.name, name.into()).unwrap());
     let key = HandoverKey::new(b"a key both replicas share, 32 bytes or more".to_vec()).unwrap();
