@@ -8,6 +8,7 @@ mod chart;
 mod crds;
 mod delivery;
 mod facade_hardening;
+mod handover;
 mod leader;
 mod namespaces;
 mod operator;
