@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::handover::{Audit, Rig, Signal, LEASE_DURATION};
+use crate::support::handover::{Audit, Published, Rig, Signal, LEASE_DURATION};
+use crate::support::receiver::Receiver;
 
 const TOKENS: usize = 20;
 const RATE: f64 = 100.0;
@@ -165,4 +166,40 @@ async fn a_rollout_then_a_crash_among_three_replicas_loses_nothing() {
 
     assert_nothing_lost(&rig, &audit);
     assert_repeats_keep_their_id(&rig, &audit);
+}
+
+/// The audit itself, on deliveries posted straight to a receiver: a gap, a repeat under the same
+/// id and a repeat under another id are each told apart, so the tests above count right.
+#[tokio::test]
+async fn the_audit_tells_lost_from_repeated_from_repeated_under_another_id() {
+    let receiver = Receiver::start().await;
+    let http = reqwest::Client::new();
+    for (seq, id) in [
+        (0, "msg_a"),
+        (1, "msg_b"),
+        (1, "msg_b"),
+        (3, "msg_d"),
+        (3, "msg_e"),
+    ] {
+        http.post(receiver.url())
+            .header("webhook-id", id)
+            .json(&serde_json::json!({"data": {"sphere": {"uid": seq}}}))
+            .send()
+            .await
+            .expect("the receiver answers");
+    }
+    let published: Vec<Published> = (0..4)
+        .map(|seq| Published {
+            seq,
+            at: Instant::now(),
+            streams: 1,
+        })
+        .collect();
+
+    let audit = Audit::of(&published, &receiver);
+    assert_eq!(audit.lost, [2]);
+    assert_eq!(audit.repeated, [1, 3]);
+    assert_eq!(audit.repeated_with_new_id, [3]);
+    assert_eq!(audit.delivered_events, 3);
+    assert_eq!(audit.unknown, 0);
 }
