@@ -6,6 +6,7 @@
 //! it and runs it without, and then it does nothing.
 
 mod cluster;
+mod handover;
 mod load;
 mod phase;
 mod receivers;
@@ -56,11 +57,14 @@ bench_error_from!(
 );
 
 /// Every scenario, in the order they run.
-pub const SCENARIOS: [&str; 10] = ["ceiling", "f", "b", "a", "g", "d", "e", "h", "i", "c"];
+pub const SCENARIOS: [&str; 11] = [
+    "ceiling", "f", "b", "a", "g", "d", "e", "h", "i", "c", "handover",
+];
 
 /// The order of the table.
-pub const SCENARIOS_IN_TABLE_ORDER: [&str; 10] =
-    ["ceiling", "a", "b", "c", "d", "e", "f", "g", "h", "i"];
+pub const SCENARIOS_IN_TABLE_ORDER: [&str; 11] = [
+    "ceiling", "a", "b", "c", "d", "e", "f", "g", "h", "i", "handover",
+];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -84,7 +88,7 @@ struct Args {
     #[arg(long)]
     phase: Option<f64>,
 
-    /// Only these scenarios, comma-separated: ceiling,a,b,c,d,e,f,g,h,i.
+    /// Only these scenarios, comma-separated: ceiling,a,b,c,d,e,f,g,h,i,handover.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 
@@ -118,6 +122,9 @@ pub struct Sizes {
     pub tokens_small: usize,
     pub tokens: usize,
     pub tokens_scale: usize,
+    /// Tokens and events a second of the leader changes (`handover`).
+    pub tokens_handover: usize,
+    pub handover_rate: f64,
     /// Receivers of the ceiling and of (a)'s first half.
     pub receivers_few: usize,
     /// Receivers of (a)'s second half and of the fan-out.
@@ -147,6 +154,8 @@ impl Sizes {
             tokens_small: n(100.0, 2.0) as usize,
             tokens: n(1000.0, 4.0) as usize,
             tokens_scale: n(10_000.0, 10.0) as usize,
+            tokens_handover: n(10_000.0, 10.0) as usize,
+            handover_rate: n(500.0, 50.0),
             receivers_few: 8,
             receivers_many: n(100.0, 2.0) as usize,
             fixed_rate: n(2000.0, 20.0),

@@ -2,7 +2,8 @@
 //! (f) at the small size, (b) latency (also (f) at the middle size), (a) throughput at 8
 //! receivers, (g) the REST facade, (a) at 100 receivers, (d) fan-out, (e) a slow receiver,
 //! (h) overload, (i) fair sharing of one receiver; then on namespace `bench-scale` (a fresh
-//! operator) (c) connection scale and (f) at the large size.
+//! operator) (c) connection scale and (f) at the large size; last, on namespace
+//! `bench-handover` (replicas of their own), leader changes under load (`handover.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -94,7 +95,7 @@ async fn run_selected(context: &Context, report: &mut Report) -> Result<(), Benc
         println!("\n== ceiling: bare POSTs over loopback");
         ceiling(context, report, &receivers).await?;
     }
-    if !context.wants_any(&["a", "b", "c", "d", "e", "f", "g", "h", "i"]) {
+    if !context.wants_any(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "handover"]) {
         return Ok(());
     }
     println!("\n== starting the control plane, the simulator and the operator");
@@ -116,6 +117,9 @@ async fn run_selected(context: &Context, report: &mut Report) -> Result<(), Benc
     }
     if context.wants_any(&["c", "f"]) {
         connection_scale(context, report, &parts).await?;
+    }
+    if context.wants("handover") {
+        crate::handover::run(context, report, &plane, &client, &simulator, &publisher).await?;
     }
     Ok(())
 }

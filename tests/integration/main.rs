@@ -8,6 +8,7 @@ mod chart;
 mod crds;
 mod delivery;
 mod facade_hardening;
+mod handover;
 mod handover_peer;
 mod leader;
 mod namespaces;

@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod handover;
 pub mod operator;
 pub mod receiver;
 pub mod sim;

@@ -1,0 +1,526 @@
+//! Scenario `handover`: leader changes under load. Two replicas with leader election (the
+//! Lease's default timings), one Listener per token all posting to an audit receiver in this
+//! process that records, per event number, every delivery and its `webhook-id`. Two changes,
+//! each while events are published: a rollout (a third replica starts, then the leader gets
+//! SIGTERM) and a crash (the leader gets SIGKILL). For each: events lost, repeated, repeated
+//! under another `webhook-id`, and how long until the new leader delivers; and the standby's
+//! memory per token.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Router;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::cluster::{self, wait_until, Plane, SimulatorProcess, TokenSet};
+use crate::load::{EventTemplates, Publisher};
+use crate::report::Report;
+use crate::scenarios::Context;
+use crate::system::{free_addr, rss_kb, unix_ns, ChildGuard};
+use crate::BenchError;
+
+const SCENARIO: &str = "handover";
+const NAMESPACE: &str = "bench-handover";
+/// The operator's default Lease name; the Lease lives in the watched namespace.
+const LEASE: &str = "crownstone-webhooks";
+/// The key replicas authenticate their progress records with; a benchmark value.
+const HANDOVER_KEY: &str = "b7e6d5c4f1d2c8a94f1d2c8a9b7e6d5c4f1d2c8a9b7e6d5c4f1d2c8a9b7e6d5c";
+/// The replicas' shutdown grace: what a rollout gives the old leader to drain.
+const SHUTDOWN_GRACE: &str = "10s";
+/// Publishing after a change: past the default lease duration (15 s), so a crashed leader's
+/// Lease expires and the new leader delivers for a while before publishing stops.
+const AFTER_CHANGE: Duration = Duration::from_secs(25);
+/// How long the audit waits for deliveries still on their way once publishing stopped.
+const QUIET: Duration = Duration::from_secs(5);
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// One replica: `crownstone-webhooks controller --leader-election`, named `name` in the Lease.
+struct Replica {
+    name: String,
+    process: ChildGuard,
+    health: SocketAddr,
+}
+
+impl Replica {
+    async fn start(
+        exe: &Path,
+        name: &str,
+        events_url: &str,
+        kubeconfig: &Path,
+        logs: &Path,
+    ) -> Result<Replica, BenchError> {
+        let health = free_addr()?;
+        let handover = free_addr()?;
+        let process = ChildGuard::spawn(
+            name,
+            Command::new(exe)
+                .args(["controller", "--events-url", events_url])
+                .args(["--watch-namespace", NAMESPACE])
+                .args(["--health-listen", &health.to_string()])
+                .args(["--allow-private-destinations", "--log-format", "json"])
+                .args(["--leader-election", "--shutdown-grace", SHUTDOWN_GRACE])
+                .env("KUBECONFIG", kubeconfig)
+                .env("POD_NAME", name)
+                .env("POD_IP", "127.0.0.1")
+                .env("HANDOVER_LISTEN", handover.to_string())
+                .env("HANDOVER_KEY", HANDOVER_KEY)
+                .env("RUST_LOG", "info"),
+            &logs.join(format!("operator-{name}.log")),
+            Duration::from_secs(30),
+        )?;
+        let mut replica = Replica {
+            name: name.to_owned(),
+            process,
+            health,
+        };
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let ready = format!("http://{}/readyz", replica.health);
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            replica.process.check_running()?;
+            if http
+                .get(&ready)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return Ok(replica);
+            }
+            if Instant::now() > until {
+                return Err(BenchError::new(format!(
+                    "{name} did not become ready in 120 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    fn signal(&self, signal: &str) -> Result<(), BenchError> {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()?;
+        match status.success() {
+            true => Ok(()),
+            false => Err(BenchError::new(format!(
+                "kill {signal} {} failed",
+                self.name
+            ))),
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        self.process
+            .child_mut()
+            .is_none_or(|child| matches!(child.try_wait(), Ok(Some(_))))
+    }
+}
+
+/// One delivery at the audit receiver.
+#[derive(Clone, Debug)]
+struct Delivery {
+    seq: u64,
+    id: String,
+    arrived_ns: u64,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    data: Stamp,
+}
+
+#[derive(Deserialize)]
+struct Stamp {
+    #[serde(rename = "benchSeq")]
+    seq: u64,
+}
+
+/// Answers 200 to every POST and records its event number and `webhook-id`.
+struct AuditReceiver {
+    url: String,
+    deliveries: Arc<Mutex<Vec<Delivery>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl AuditReceiver {
+    async fn start() -> Result<AuditReceiver, BenchError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/hook", listener.local_addr()?);
+        let deliveries = Arc::new(Mutex::new(Vec::new()));
+        let router = Router::new()
+            .fallback(record)
+            .with_state(deliveries.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(AuditReceiver {
+            url,
+            deliveries,
+            server,
+        })
+    }
+
+    fn reset(&self) {
+        self.deliveries.lock().clear();
+    }
+
+    fn deliveries(&self) -> Vec<Delivery> {
+        self.deliveries.lock().clone()
+    }
+}
+
+impl Drop for AuditReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn record(
+    State(deliveries): State<Arc<Mutex<Vec<Delivery>>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let arrived_ns = unix_ns();
+    let Ok(envelope) = serde_json::from_slice::<Envelope>(&body) else {
+        return StatusCode::OK;
+    };
+    let id = headers
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    deliveries.lock().push(Delivery {
+        seq: envelope.data.seq,
+        id,
+        arrived_ns,
+    });
+    StatusCode::OK
+}
+
+/// What one leader change did to the events published around it.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ChangeOutcome {
+    published: u64,
+    /// Stream frames per published event: how many replicas read each event.
+    frames_per_event: f64,
+    lost: u64,
+    repeated: u64,
+    repeated_with_another_id: u64,
+    /// From the signal until another replica held the Lease.
+    lease_taken_after_s: f64,
+    /// From the signal until the old process had exited.
+    old_exited_after_s: f64,
+    /// From the signal until the first delivery after the old process had exited.
+    new_leader_delivered_after_s: Option<f64>,
+    /// The longest time without any delivery during the run.
+    longest_gap_s: f64,
+    /// The standby's resident memory just before the signal, under load.
+    standby_rss_kb: u64,
+}
+
+/// Runs the scenario on namespace `bench-handover` and adds its rows to `report`.
+pub async fn run(
+    context: &Context,
+    report: &mut Report,
+    plane: &Plane,
+    client: &kube::Client,
+    simulator: &SimulatorProcess,
+    publisher: &Publisher,
+) -> Result<(), BenchError> {
+    let (sizes, exe, logs) = (&context.sizes, &context.exe, &context.logs);
+    let tokens = sizes.tokens_handover;
+    let rate = sizes.handover_rate;
+    let before_change = sizes.phase.min(Duration::from_secs(10));
+    println!(
+        "\n== (handover) leader changes at {tokens} tokens, {rate:.0} events/s: a rollout \
+         (SIGTERM) and a crash (SIGKILL)"
+    );
+    cluster::create_namespace(client, NAMESPACE).await?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let receiver = AuditReceiver::start().await?;
+    let streams_before = simulator.open_streams().await?;
+    let start =
+        |name: &'static str| Replica::start(exe, name, &simulator.url, &plane.kubeconfig, logs);
+    let mut replicas = vec![start("replica-a").await?, start("replica-b").await?];
+    let leader = leader_index(&leases, &replicas, None).await?;
+    let standby = 1 - leader;
+    // The standby's memory with no token at all, after its caches have synced.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_empty_kb = rss_kb(replicas[standby].pid()).unwrap_or(0);
+
+    let mut set = TokenSet::new(NAMESPACE, "ho");
+    let took = set
+        .grow(
+            client,
+            &simulator.admin,
+            tokens,
+            sizes.create_concurrency,
+            |_| receiver.url.clone(),
+        )
+        .await?;
+    println!("  {tokens} tokens with a Listener each, created in {took:.1?}");
+    wait_until(
+        &format!("{tokens} streams"),
+        Duration::from_secs(300),
+        || async {
+            simulator
+                .open_streams()
+                .await
+                .is_ok_and(|n| n >= streams_before + tokens)
+        },
+    )
+    .await?;
+    // A warm standby opens its own streams too; a cold one does not. Give it the time.
+    let _ = wait_until("the standby's streams", Duration::from_secs(60), || async {
+        simulator
+            .open_streams()
+            .await
+            .is_ok_and(|n| n >= streams_before + 2 * tokens)
+    })
+    .await;
+    let templates = Arc::new(EventTemplates::new(&set.spheres()));
+    let spheres = Arc::new((0..set.len()).collect::<Vec<_>>());
+    // First events: every token's first delivery opens its path; not audited.
+    publisher
+        .run(&templates, &spheres, rate, Duration::from_secs(3))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // A rollout: the new pod comes up first, then the old leader is stopped.
+    replicas.push(start("replica-c").await?);
+    let _ = wait_until(
+        "the new replica's streams",
+        Duration::from_secs(60),
+        || async {
+            simulator
+                .open_streams()
+                .await
+                .is_ok_and(|n| n >= streams_before + 3 * tokens)
+        },
+    )
+    .await;
+    let load = Load {
+        publisher,
+        templates: &templates,
+        spheres: &spheres,
+        rate,
+        before_change,
+    };
+    let rollout = change("rollout", "-TERM", &mut replicas, &leases, &receiver, &load).await?;
+    let crash = change("crash", "-KILL", &mut replicas, &leases, &receiver, &load).await?;
+
+    for (name, outcome) in [("rollout (SIGTERM)", &rollout), ("crash (SIGKILL)", &crash)] {
+        report.figure(
+            SCENARIO,
+            &format!("{name}: events lost"),
+            outcome.lost as f64,
+            "",
+        );
+        report.figure(
+            SCENARIO,
+            &format!("{name}: events repeated"),
+            outcome.repeated as f64,
+            "",
+        );
+        report.figure(
+            SCENARIO,
+            &format!("{name}: repeated with another webhook-id"),
+            outcome.repeated_with_another_id as f64,
+            "",
+        );
+        match outcome.new_leader_delivered_after_s {
+            Some(seconds) => report.figure(
+                SCENARIO,
+                &format!("{name}: new leader delivers after"),
+                seconds,
+                "s",
+            ),
+            None => report.text(
+                SCENARIO,
+                &format!("{name}: new leader delivers after"),
+                "never",
+            ),
+        }
+    }
+    let per_token_kb = rollout.standby_rss_kb.saturating_sub(rss_empty_kb) as f64 / tokens as f64;
+    report.figure(SCENARIO, "standby memory per token", per_token_kb, "kB");
+    report.detail(
+        SCENARIO,
+        json!({
+            "tokens": tokens,
+            "eventsPerSecond": rate,
+            "standbyRssEmptyKb": rss_empty_kb,
+            "rollout": rollout,
+            "crash": crash,
+        }),
+    );
+    Ok(())
+}
+
+/// The load published around a change.
+struct Load<'a> {
+    publisher: &'a Publisher,
+    templates: &'a Arc<EventTemplates>,
+    spheres: &'a Arc<Vec<usize>>,
+    rate: f64,
+    before_change: Duration,
+}
+
+/// The index of the replica holding the Lease, other than `not`; waits up to a minute.
+async fn leader_index(
+    leases: &Api<Lease>,
+    replicas: &[Replica],
+    not: Option<usize>,
+) -> Result<usize, BenchError> {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(index) = holder(leases, replicas).await.filter(|i| Some(*i) != not) {
+            return Ok(index);
+        }
+        if Instant::now() > until {
+            return Err(BenchError::new("no replica took the Lease within 60 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The replica whose name the Lease's holder identity starts with.
+async fn holder(leases: &Api<Lease>, replicas: &[Replica]) -> Option<usize> {
+    let lease = leases.get_opt(LEASE).await.ok()??;
+    let identity = lease.spec?.holder_identity?;
+    replicas
+        .iter()
+        .position(|r| identity.starts_with(&format!("{}-", r.name)))
+}
+
+/// Publishes for `before_change`, signals the leader, keeps publishing for [`AFTER_CHANGE`],
+/// then audits every event of the run. The signalled replica is removed from `replicas`.
+async fn change(
+    label: &str,
+    signal: &str,
+    replicas: &mut Vec<Replica>,
+    leases: &Api<Lease>,
+    receiver: &AuditReceiver,
+    load: &Load<'_>,
+) -> Result<ChangeOutcome, BenchError> {
+    let leader = leader_index(leases, replicas, None).await?;
+    let standby = (0..replicas.len())
+        .find(|i| *i != leader)
+        .ok_or_else(|| BenchError::new("no standby"))?;
+    receiver.reset();
+    let publishing = {
+        let (publisher, templates, spheres) = (
+            load.publisher.clone(),
+            load.templates.clone(),
+            load.spheres.clone(),
+        );
+        let (rate, duration) = (load.rate, load.before_change + AFTER_CHANGE);
+        tokio::spawn(async move { publisher.run(&templates, &spheres, rate, duration).await })
+    };
+    tokio::time::sleep(load.before_change).await;
+    let standby_rss_kb = rss_kb(replicas[standby].pid()).unwrap_or(0);
+    let signalled = Instant::now();
+    let signalled_ns = unix_ns();
+    replicas[leader].signal(signal)?;
+    let mut old = replicas.remove(leader);
+    let mut exited_ns = None;
+    let mut taken = None;
+    let until = Instant::now() + Duration::from_secs(90);
+    while (exited_ns.is_none() || taken.is_none()) && Instant::now() < until {
+        if exited_ns.is_none() && old.exited() {
+            exited_ns = Some(unix_ns());
+        }
+        if taken.is_none() && holder(leases, replicas).await.is_some() {
+            taken = Some(signalled.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let published = publishing.await?;
+    let deliveries = settle(receiver, published.events).await;
+    let exited_ns = exited_ns.ok_or_else(|| BenchError::new("the old leader did not exit"))?;
+    let mut outcome = audit(&deliveries, published.events, signalled_ns, exited_ns);
+    outcome.frames_per_event = published.frames as f64 / published.events.max(1) as f64;
+    outcome.lease_taken_after_s = taken.map_or(f64::NAN, |t| t.as_secs_f64());
+    outcome.standby_rss_kb = standby_rss_kb;
+    println!(
+        "  {label}: published {}, lost {}, repeated {} ({} with another webhook-id), Lease \
+         taken after {:.2} s, new leader delivers after {}",
+        outcome.published,
+        outcome.lost,
+        outcome.repeated,
+        outcome.repeated_with_another_id,
+        outcome.lease_taken_after_s,
+        outcome
+            .new_leader_delivered_after_s
+            .map_or("never".to_owned(), |s| format!("{s:.2} s")),
+    );
+    drop(old);
+    Ok(outcome)
+}
+
+/// Waits until every one of `events` arrived, or no delivery arrived for [`QUIET`].
+async fn settle(receiver: &AuditReceiver, events: u64) -> Vec<Delivery> {
+    let until = Instant::now() + SETTLE_LIMIT;
+    let mut last = (0, Instant::now());
+    loop {
+        let deliveries = receiver.deliveries();
+        let seen: std::collections::BTreeSet<u64> = deliveries.iter().map(|d| d.seq).collect();
+        if seen.len() as u64 >= events || Instant::now() > until {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return receiver.deliveries();
+        }
+        if deliveries.len() != last.0 {
+            last = (deliveries.len(), Instant::now());
+        } else if last.1.elapsed() >= QUIET {
+            return deliveries;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Lost, repeated and repeated under another id, over events `0..events`; and when the first
+/// delivery after the old leader's exit arrived.
+fn audit(deliveries: &[Delivery], events: u64, signalled_ns: u64, exited_ns: u64) -> ChangeOutcome {
+    let mut ids: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+    for delivery in deliveries.iter().filter(|d| d.seq < events) {
+        ids.entry(delivery.seq).or_default().push(&delivery.id);
+    }
+    let repeated = ids.values().filter(|ids| ids.len() > 1);
+    let mut arrivals: Vec<u64> = deliveries.iter().map(|d| d.arrived_ns).collect();
+    arrivals.sort_unstable();
+    let longest_gap_ns = arrivals.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let seconds = |ns: u64| ns as f64 / 1e9;
+    ChangeOutcome {
+        published: events,
+        lost: events - ids.len() as u64,
+        repeated: repeated.clone().count() as u64,
+        repeated_with_another_id: repeated
+            .filter(|ids| ids.iter().any(|id| *id != ids[0]))
+            .count() as u64,
+        old_exited_after_s: seconds(exited_ns.saturating_sub(signalled_ns)),
+        new_leader_delivered_after_s: arrivals
+            .iter()
+            .find(|at| **at > exited_ns)
+            .map(|at| seconds(at - signalled_ns)),
+        longest_gap_s: seconds(longest_gap_ns),
+        ..ChangeOutcome::default()
+    }
+}
