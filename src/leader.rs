@@ -6,6 +6,7 @@
 //! the lease duration: the next leader cannot start before the old one has stopped.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -151,6 +152,48 @@ struct Observed {
     at: Instant,
 }
 
+/// Until when this replica may act as the leader, by its own monotonic clock: the renew
+/// deadline counted from the last renewal sent. Checked before every delivery attempt, so a
+/// leader frozen past its Lease (a stopped process, a paused VM) sends nothing when it wakes,
+/// before its renew loop has even noticed.
+#[derive(Debug)]
+pub struct LeaseFence {
+    base: Instant,
+    /// Nanoseconds after `base`; `u64::MAX`: no election, always holds.
+    until: AtomicU64,
+}
+
+impl LeaseFence {
+    /// A fence that always holds: a replica without leader election.
+    pub fn open() -> Self {
+        LeaseFence {
+            base: Instant::now(),
+            until: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Whether this replica may still act as the leader now.
+    pub fn holds(&self) -> bool {
+        let until = self.until.load(Ordering::Acquire);
+        until == u64::MAX || nanos(self.base.elapsed()) < until
+    }
+
+    /// Leading until `deadline`.
+    fn extend_to(&self, deadline: Instant) {
+        let until = nanos(deadline.saturating_duration_since(self.base)).min(u64::MAX - 1);
+        self.until.store(until, Ordering::Release);
+    }
+
+    /// Not leading any more.
+    fn close(&self) {
+        self.until.store(0, Ordering::Release);
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// One replica's handle on the Lease.
 pub struct LeaseLock {
     api: Api<Lease>,
@@ -167,6 +210,8 @@ pub struct LeaseLock {
     annotations: Mutex<BTreeMap<String, String>>,
     /// The Lease's `leaseTransitions` as this replica last wrote it: its term while it holds it.
     term: Mutex<Option<i32>>,
+    /// The fence this replica's deliveries check, moved on with every renewal.
+    fence: Mutex<Option<Arc<LeaseFence>>>,
 }
 
 /// Refuses timing under which two replicas could lead at once: a renew deadline not shorter
@@ -211,6 +256,7 @@ impl LeaseLock {
             won_at: Mutex::new(None),
             annotations: Mutex::new(BTreeMap::new()),
             term: Mutex::new(None),
+            fence: Mutex::new(None),
         })
     }
 
@@ -238,6 +284,21 @@ impl LeaseLock {
         }
     }
 
+    /// Makes `fence` follow this replica's hold on the Lease; closed until it is won.
+    pub fn set_fence(&self, fence: Arc<LeaseFence>) {
+        fence.close();
+        *self.fence.lock() = Some(fence);
+    }
+
+    fn fence_until(&self, deadline: Option<Instant>) {
+        if let Some(fence) = self.fence.lock().as_ref() {
+            match deadline {
+                Some(deadline) => fence.extend_to(deadline),
+                None => fence.close(),
+            }
+        }
+    }
+
     /// Waits until this replica holds the Lease. False when cancelled first.
     pub async fn acquire(&self, cancel: &CancellationToken) -> bool {
         loop {
@@ -245,6 +306,7 @@ impl LeaseLock {
             match self.try_acquire_or_renew().await {
                 Ok(Round::Held) => {
                     *self.won_at.lock() = Some(started);
+                    self.fence_until(Some(started + self.renew_deadline));
                     tracing::info!(identity = %self.identity, lease = %self.name, term = ?self.term(), "Leading: took the lease.");
                     return true;
                 }
@@ -264,6 +326,14 @@ impl LeaseLock {
     /// Stopping does not hand the Lease back: the caller does with [`release`](Self::release)
     /// once it has stopped delivering, so no standby starts before.
     pub async fn hold(&self, cancel: &CancellationToken) -> LeadershipEnd {
+        let end = self.renew_until_stopped(cancel).await;
+        if end == LeadershipEnd::Lost {
+            self.fence_until(None);
+        }
+        end
+    }
+
+    async fn renew_until_stopped(&self, cancel: &CancellationToken) -> LeadershipEnd {
         // Counted from when each successful round was sent: the other replicas start counting
         // the lease duration no earlier than the write landed, so this side stops first.
         let mut renewed = self.won_at.lock().take().unwrap_or_else(Instant::now);
@@ -279,7 +349,10 @@ impl LeaseLock {
             )
             .await;
             match attempt {
-                Ok(Ok(true)) => renewed = sent,
+                Ok(Ok(true)) => {
+                    renewed = sent;
+                    self.fence_until(Some(sent + self.renew_deadline));
+                }
                 Ok(Ok(false)) => {
                     tracing::warn!(lease = %self.name, "Another replica holds the lease: no longer leading.");
                     return LeadershipEnd::Lost;
@@ -315,6 +388,7 @@ impl LeaseLock {
 
     /// Hands the Lease back, so a standby takes over at once instead of after its duration.
     pub async fn release(&self) {
+        self.fence_until(None);
         let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
             return;
         };

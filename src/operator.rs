@@ -258,6 +258,7 @@ pub async fn start(
                 &lease_namespace,
                 leader::identity(),
             )?;
+            lock.set_fence(engine.fence());
             Some(Arc::new(lock))
         }
         false => None,

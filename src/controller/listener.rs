@@ -258,7 +258,10 @@ async fn apply(
     if !within_ceiling(listener, id, &owner_key, ceiling, ctx) {
         return hold_back(listener, id, api, ctx, ceiling).await;
     }
-    if owner.is_some() && ctx.index.owner(&owner_key).is_none() {
+    let owner_live = owner
+        .as_deref()
+        .is_some_and(|user| user.meta().deletion_timestamp.is_none());
+    if owner_live && ctx.index.owner(&owner_key).is_none() {
         // The owner exists but this process has not reconciled it yet (just after a start):
         // streaming now would read events that routing skips for want of the owner's
         // credentials. The owner's reconcile wakes this Listener; the requeue is a fallback.

@@ -523,7 +523,7 @@ pub(crate) async fn dispatch(
 
 /// Checks a delivery before an attempt: drops or fails the ones that must not be sent.
 fn ready_for_attempt(mut delivery: Delivery, shared: &Shared) -> Option<Delivery> {
-    if delivery.lead != shared.abandons.load(Ordering::Acquire) {
+    if delivery.lead != shared.abandons.load(Ordering::Acquire) || !shared.fence.holds() {
         delivery.settle(Settlement::Dropped(DropReason::LeadershipLost), shared);
         return None;
     }

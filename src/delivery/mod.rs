@@ -360,6 +360,8 @@ pub(crate) struct Shared {
     /// How many times [`DeliveryEngine::abandon_all`] was called: a delivery submitted before
     /// the latest call is dropped instead of attempted.
     pub(crate) abandons: AtomicU64,
+    /// Whether this replica still holds its Lease; checked before every attempt.
+    pub(crate) fence: Arc<crate::leader::LeaseFence>,
     stopping: CancellationToken,
     abort: CancellationToken,
     live_dispatchers: AtomicUsize,
@@ -400,6 +402,7 @@ impl DeliveryEngine {
                 lifecycle: Mutex::new(()),
                 shutting_down: AtomicBool::new(false),
                 abandons: AtomicU64::new(0),
+                fence: Arc::new(crate::leader::LeaseFence::open()),
                 stopping: CancellationToken::new(),
                 abort: CancellationToken::new(),
                 live_dispatchers: AtomicUsize::new(0),
@@ -618,6 +621,12 @@ impl DeliveryEngine {
         let entry = self.shared.listener(listener);
         entry.mark_removed(Instant::now());
         entry.lock().prepared = None;
+    }
+
+    /// The fence every attempt checks: give it to the Lease lock, which moves it on with every
+    /// renewal. Without election it always holds.
+    pub fn fence(&self) -> Arc<crate::leader::LeaseFence> {
+        Arc::clone(&self.shared.fence)
     }
 
     /// Drops every delivery queued or waiting to retry, now, as `leadership_lost`, without

@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 use super::events::{EventStreamClient, StreamEnded};
 use super::{Backoff, InvalidTokenCause, Shared, StreamState, Token, TokenHash, TokenNotice};
 use crate::crownstone::{EventType, StreamFrame, SystemCode};
-use crate::delivery::{Charge, DeliveryTarget};
+use crate::delivery::DeliveryTarget;
 use crate::domain::Skip;
 use crate::handover::{EventDigest, EventPlace, LoggedEvent, Seq, Settle, TokenLog};
-use crate::index::Routed;
+use crate::index::{Allowance, Routed};
 
 /// The longest `Reconnecting` reason, in characters: it ends up in a Listener condition, and
 /// part of it can come from the event server or the network.
@@ -221,7 +221,9 @@ async fn connect_and_forward(
 #[derive(Default)]
 pub(super) struct Scratch {
     routed: Vec<Routed>,
-    ready: Vec<(DeliveryTarget, Charge)>,
+    /// The allowance is taken only when the delivery is submitted: a delivery refused at once
+    /// (a suspended listener) gives its charge back before the next one takes its own.
+    ready: Vec<(DeliveryTarget, Allowance)>,
 }
 
 /// One event as the log decides: leading, routed to the listeners of its token with its place
@@ -257,15 +259,13 @@ pub(super) fn deliver(
         match log.record(digest, deliveries) {
             Some(seq) => (seq, log.epoch()),
             None => {
-                for (_, charge) in scratch.ready.drain(..) {
-                    charge.refund();
-                }
+                scratch.ready.clear();
                 return;
             }
         }
     };
     // Submitted without the lock: a delivery settled at once takes it.
-    for (target, charge) in scratch.ready.drain(..) {
+    for (target, allowance) in scratch.ready.drain(..) {
         submit(
             shared,
             hash,
@@ -275,7 +275,7 @@ pub(super) fn deliver(
             digest,
             json.clone(),
             target,
-            charge,
+            allowance,
         );
     }
 }
@@ -288,12 +288,9 @@ fn route(shared: &Shared, hash: TokenHash, event_type: EventType, scratch: &mut 
             shared.metrics.skipped(skip);
         });
     let before = scratch.ready.len();
-    for routed in scratch.routed.drain(..) {
-        match routed.allowance.take() {
-            Some(charge) => scratch.ready.push((routed.target, charge)),
-            None => shared.metrics.skipped(Skip::AllowanceUsed),
-        }
-    }
+    scratch
+        .ready
+        .extend(scratch.routed.drain(..).map(|r| (r.target, r.allowance)));
     u32::try_from(scratch.ready.len() - before).unwrap_or(u32::MAX)
 }
 
@@ -312,13 +309,19 @@ fn submit(
     digest: EventDigest,
     json: Bytes,
     target: DeliveryTarget,
-    charge: Charge,
+    allowance: Allowance,
 ) {
+    let settle = Settle::new(Arc::clone(log), seq, epoch);
+    let Some(charge) = allowance.take() else {
+        shared.metrics.skipped(Skip::AllowanceUsed);
+        settle.settled();
+        return;
+    };
     let place = EventPlace {
         token: hash,
         seq,
         digest,
-        settle: Settle::new(Arc::clone(log), seq, epoch),
+        settle,
     };
     shared
         .engine
@@ -342,7 +345,7 @@ pub(super) fn take_over(shared: &Shared, hash: TokenHash, log: &Arc<Mutex<TokenL
     let mut ready = scratch.ready.drain(..);
     let mut taken = 0;
     for (seq, digest, json, end) in events {
-        for (target, charge) in ready.by_ref().take(end - taken) {
+        for (target, allowance) in ready.by_ref().take(end - taken) {
             submit(
                 shared,
                 hash,
@@ -352,7 +355,7 @@ pub(super) fn take_over(shared: &Shared, hash: TokenHash, log: &Arc<Mutex<TokenL
                 digest,
                 json.clone(),
                 target,
-                charge,
+                allowance,
             );
         }
         taken = end;
