@@ -459,12 +459,13 @@ impl DeliveryEngine {
         let shared = &self.shared;
         let listener = shared.listener(&target.listener);
         let generation = target.generation;
-        let (message_id, settle) = match place {
+        // The id is made only for a delivery that is queued, not for one refused at once.
+        let (settle, place) = match place {
             Some(place) => (
-                webhook_id(&target.listener, &place.token, place.seq, place.digest),
                 Some(place.settle),
+                Some((place.token, place.seq, place.digest)),
             ),
-            None => (signature::new_message_id(), None),
+            None => (None, None),
         };
         let refused = |reason: DropReason, charge: Option<Charge>, settle: Option<Settle>| {
             give_back(charge);
@@ -497,6 +498,10 @@ impl DeliveryEngine {
             Err(Unavailable::ShuttingDown) => {
                 return refused(DropReason::ShuttingDown, charge, settle)
             }
+        };
+        let message_id = match place {
+            Some((token, seq, digest)) => webhook_id(&target.listener, &token, seq, digest),
+            None => signature::new_message_id(),
         };
         let message_id = match HeaderValue::try_from(message_id) {
             Ok(id) => id,

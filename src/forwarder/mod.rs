@@ -387,12 +387,10 @@ mod tests {
     use crate::domain::OwnerKey;
     use prometheus_client::registry::Registry;
 
-    fn registry() -> ForwarderRegistry {
-        let clock: crate::clock::SharedClock = Arc::new(SystemClock);
-        let engine =
-            DeliveryEngine::new(DeliveryConfig::default(), &mut Registry::default()).unwrap();
-        let settings = StreamSettings {
-            // Nothing listens there: streams keep reconnecting, which is all these tests need.
+    /// Stream settings whose event server never answers: streams keep reconnecting, which is
+    /// all these tests need.
+    fn settings() -> StreamSettings {
+        StreamSettings {
             events_url: Url::parse("http://127.0.0.1:9").unwrap(),
             silence_timeout: Duration::from_secs(35),
             reconnect_initial: Duration::from_secs(60),
@@ -401,7 +399,14 @@ mod tests {
             proxy: None,
             max_event_bytes: 1024,
             buffer: BufferLimits::default(),
-        };
+        }
+    }
+
+    fn registry() -> ForwarderRegistry {
+        let clock: crate::clock::SharedClock = Arc::new(SystemClock);
+        let engine =
+            DeliveryEngine::new(DeliveryConfig::default(), &mut Registry::default()).unwrap();
+        let settings = settings();
         let index = Arc::new(RoutingIndex::new(clock));
         ForwarderRegistry::new(index, engine, settings, ForwarderMetrics::default()).0
     }
@@ -584,16 +589,7 @@ mod tests {
                 &mut Registry::default(),
             )
             .unwrap();
-            let settings = StreamSettings {
-                events_url: Url::parse("http://127.0.0.1:9").unwrap(),
-                silence_timeout: Duration::from_secs(35),
-                reconnect_initial: Duration::from_secs(60),
-                reconnect_max: Duration::from_secs(60),
-                project_name: "test".into(),
-                proxy: None,
-                max_event_bytes: 1024,
-                buffer: BufferLimits::default(),
-            };
+            let settings = settings();
             let index = Arc::new(RoutingIndex::new(clock));
             index.upsert_owner(
                 OwnerKey::new("ns", "acme"),

@@ -265,19 +265,15 @@ pub(super) fn deliver(
         }
     };
     // Submitted without the lock: a delivery settled at once takes it.
-    for (target, allowance) in scratch.ready.drain(..) {
-        submit(
-            shared,
-            hash,
-            log,
-            seq,
-            epoch,
-            digest,
-            json.clone(),
-            target,
-            allowance,
-        );
-    }
+    let event = PlacedEvent {
+        log,
+        hash,
+        seq,
+        epoch,
+        digest,
+        json,
+    };
+    submit_all(shared, &event, scratch.ready.drain(..));
 }
 
 /// Routes an event into `scratch.ready`, each with the allowance it takes; returns how many.
@@ -294,38 +290,40 @@ fn route(shared: &Shared, hash: TokenHash, event_type: EventType, scratch: &mut 
     u32::try_from(scratch.ready.len() - before).unwrap_or(u32::MAX)
 }
 
-/// Submits one delivery of the event at `seq`; the engine gives the charge back if the
-/// delivery is never attempted, and settles the event in its log.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one delivery's parts, in one place"
-)]
-fn submit(
-    shared: &Shared,
+/// An event read while leading, with its place in its token's log.
+struct PlacedEvent<'a> {
+    log: &'a Arc<Mutex<TokenLog>>,
     hash: TokenHash,
-    log: &Arc<Mutex<TokenLog>>,
     seq: Seq,
     epoch: u64,
     digest: EventDigest,
     json: Bytes,
-    target: DeliveryTarget,
-    allowance: Allowance,
+}
+
+/// Submits the event's deliveries, each taking its allowance first; the engine gives a charge
+/// back if its delivery is never attempted, and settles the event in its log.
+fn submit_all(
+    shared: &Shared,
+    event: &PlacedEvent<'_>,
+    deliveries: impl Iterator<Item = (DeliveryTarget, Allowance)>,
 ) {
-    let settle = Settle::new(Arc::clone(log), seq, epoch);
-    let Some(charge) = allowance.take() else {
-        shared.metrics.skipped(Skip::AllowanceUsed);
-        settle.settled();
-        return;
-    };
-    let place = EventPlace {
-        token: hash,
-        seq,
-        digest,
-        settle,
-    };
-    shared
-        .engine
-        .submit_placed(json, target, Some(charge), place);
+    for (target, allowance) in deliveries {
+        let settle = Settle::new(Arc::clone(event.log), event.seq, event.epoch);
+        let Some(charge) = allowance.take() else {
+            shared.metrics.skipped(Skip::AllowanceUsed);
+            settle.settled();
+            continue;
+        };
+        let place = EventPlace {
+            token: event.hash,
+            seq: event.seq,
+            digest: event.digest,
+            settle,
+        };
+        shared
+            .engine
+            .submit_placed(event.json.clone(), target, Some(charge), place);
+    }
 }
 
 /// Standby -> leading for one token: routes the buffered events the leader did not settle,
@@ -345,19 +343,15 @@ pub(super) fn take_over(shared: &Shared, hash: TokenHash, log: &Arc<Mutex<TokenL
     let mut ready = scratch.ready.drain(..);
     let mut taken = 0;
     for (seq, digest, json, end) in events {
-        for (target, allowance) in ready.by_ref().take(end - taken) {
-            submit(
-                shared,
-                hash,
-                log,
-                seq,
-                epoch,
-                digest,
-                json.clone(),
-                target,
-                allowance,
-            );
-        }
+        let event = PlacedEvent {
+            log,
+            hash,
+            seq,
+            epoch,
+            digest,
+            json,
+        };
+        submit_all(shared, &event, ready.by_ref().take(end - taken));
         taken = end;
     }
     count
