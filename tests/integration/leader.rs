@@ -99,17 +99,26 @@ async fn one_replica_leads_and_a_standby_takes_over_without_double_delivery() {
     for n in 5..10 {
         publish(&h, n).await;
     }
-    receiver.wait_for_requests(10, WAIT).await;
     // The standby keeps what it read before its first alignment with the leader (a token's
     // first events): those may come again, but only ever under the id of their first delivery.
-    let deliveries: Vec<(u64, String)> = receiver
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let uid = r.json()["data"]["sphere"]["uid"].as_u64()?;
-            Some((uid, r.header("webhook-id")?.to_owned()))
-        })
-        .collect();
+    // So ten requests need not be ten events: wait for every event, not for a count.
+    let delivered = || -> Vec<(u64, String)> {
+        receiver
+            .requests()
+            .iter()
+            .filter_map(|r| {
+                let uid = r.json()["data"]["sphere"]["uid"].as_u64()?;
+                Some((uid, r.header("webhook-id")?.to_owned()))
+            })
+            .collect()
+    };
+    let everything: HashSet<u64> = (0..10).collect();
+    eventually("every event delivered", WAIT, || async {
+        let seen: HashSet<u64> = delivered().iter().map(|(uid, _)| *uid).collect();
+        (seen == everything).then_some(())
+    })
+    .await;
+    let deliveries = delivered();
     let unique: HashSet<u64> = deliveries.iter().map(|(uid, _)| *uid).collect();
     let ids: HashSet<&String> = deliveries.iter().map(|(_, id)| id).collect();
     assert_eq!(
@@ -117,7 +126,7 @@ async fn one_replica_leads_and_a_standby_takes_over_without_double_delivery() {
         unique.len(),
         "an event was delivered again under another id: {deliveries:?}"
     );
-    assert_eq!(unique, (0..10).collect());
+    assert_eq!(unique, everything);
     survivor = h.operator.take().unwrap();
     survivor.shutdown().await;
 }
