@@ -21,7 +21,7 @@ LABEL org.opencontainers.image.title="crownstone-webhooks" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /crownstone-webhooks /usr/local/bin/crownstone-webhooks
 USER 65532:65532
-# The REST API and /healthz, /readyz, /metrics.
-EXPOSE 8082 8081
+# The REST API; /healthz, /readyz and /metrics; the handover records between replicas.
+EXPOSE 8082 8081 8084
 ENTRYPOINT ["/usr/local/bin/crownstone-webhooks"]
 CMD ["run"]

@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 use crownstone_webhooks::api::{self, ApiArgs, ApiEventsArgs, ApiMetricsExport, ApiSettings};
 use crownstone_webhooks::clock::SystemClock;
 use crownstone_webhooks::config::{LogArgs, OperatorArgs};
-use crownstone_webhooks::operator::RunningOperator;
 use crownstone_webhooks::receiver::{self, ReceiveArgs};
 use crownstone_webhooks::simulator::{self, SimulatorArgs};
 
@@ -136,21 +135,10 @@ async fn run_operator(args: OperatorArgs) -> Result<(), String> {
     let operator = crownstone_webhooks::operator::start(client, args, Arc::new(SystemClock))
         .await
         .map_err(|e| e.to_string())?;
-    let lost = until_stopped(&operator).await;
+    // A replica that loses its lease stands by again and keeps running, warm or cold.
+    shutdown_signal().await;
     operator.shutdown().await;
-    lost
-}
-
-/// Waits for SIGINT or SIGTERM. A replica that loses its lease stands by again and keeps
-/// running; only a cold standby stops by itself then, and exits with an error so that it is
-/// restarted as a standby.
-async fn until_stopped(operator: &RunningOperator) -> Result<(), String> {
-    tokio::select! {
-        _ = shutdown_signal() => Ok(()),
-        _ = operator.retired() => {
-            Err("lost the leader lease as a cold standby; exiting to come back as one".to_owned())
-        }
-    }
+    Ok(())
 }
 
 /// The REST facade alone; the controller runs elsewhere.
@@ -203,11 +191,11 @@ async fn run_all(operator_args: OperatorArgs, api_args: ApiArgs) -> Result<(), S
             return Err(error.to_string());
         }
     };
-    let lost = until_stopped(&operator).await;
+    shutdown_signal().await;
     // The API stops taking writes before the controller stops reconciling them.
     facade.shutdown().await;
     operator.shutdown().await;
-    lost
+    Ok(())
 }
 
 /// SIGINT or SIGTERM.

@@ -131,8 +131,6 @@ pub struct RunningOperator {
     forwarders: ForwarderRegistry,
     leadership: Leadership,
     stop: CancellationToken,
-    /// Cancelled when the operator stopped without being asked: a cold standby lost its lease.
-    retired: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -164,12 +162,6 @@ impl RunningOperator {
     /// by again and tries for the Lease again; it does not stop.
     pub fn role_changes(&self) -> watch::Receiver<Role> {
         self.leadership.subscribe()
-    }
-
-    /// Resolves when the operator stopped by itself: only a cold standby (`STANDBY=cold`) that
-    /// lost its Lease does, and its process restarts to stand by again.
-    pub async fn retired(&self) {
-        self.retired.cancelled().await
     }
 
     /// Stops taking events, lets queued deliveries finish within the grace period, writes the
@@ -353,7 +345,6 @@ pub async fn start(
         })?;
 
     let stop = CancellationToken::new();
-    let retired = CancellationToken::new();
     // The term this replica leads in, for the progress server: `None` while standing by.
     let (leading_term, leading_term_rx) = watch::channel(None);
     let handover = match &lock {
@@ -437,9 +428,8 @@ pub async fn start(
         leading_term: Arc::new(leading_term),
     };
     let task_stop = stop.clone();
-    let task_retired = retired.clone();
     let task = tokio::spawn(async move {
-        replica.run(parts, task_stop, task_retired).await;
+        replica.run(parts, task_stop).await;
         let _ = server.await;
         tracing::info!("Stopped.");
     });
@@ -450,7 +440,6 @@ pub async fn start(
         forwarders,
         leadership,
         stop,
-        retired,
         task,
     })
 }
@@ -545,13 +534,8 @@ struct Replica {
 
 impl Replica {
     /// Runs until `stop`: stands by, leads when it wins the Lease, stands by again when it loses
-    /// it (a cold standby stops then and cancels `retired`), and takes everything down in order.
-    async fn run(
-        self,
-        parts: ControllerParts,
-        stop: CancellationToken,
-        retired: CancellationToken,
-    ) {
+    /// it (a cold standby closes its streams then), and takes everything down in order.
+    async fn run(self, parts: ControllerParts, stop: CancellationToken) {
         let mut parts = Some(parts);
         let mut controllers = None;
         if self.lock.is_none() || self.standby == StandbyMode::Warm {
@@ -577,13 +561,11 @@ impl Replica {
                     return;
                 }
                 TermEnd::Lost if self.standby == StandbyMode::Cold => {
-                    // Back to standing by cold: nothing may keep streaming here, and the
-                    // reconcilers cannot be started twice, so the process starts afresh.
-                    tracing::warn!(
-                        "A cold standby lost the lease: stopping, to start again as a standby."
-                    );
-                    retired.cancel();
-                    break;
+                    // Back to standing by cold: one stream per token between the replicas, the
+                    // leader's. The reconcilers keep their caches (writing nothing), so leading
+                    // again is a matter of reopening the streams.
+                    self.ctx.forwarders.close_streams();
+                    tracing::warn!("A cold standby lost the lease: streams closed, standing by.");
                 }
                 TermEnd::Lost => {}
             }
@@ -600,6 +582,7 @@ impl Replica {
     /// Becomes the leader: routes and delivers, writes status, and reconciles everything again
     /// for the writes skipped while standing by.
     fn take_over(&self) {
+        self.ctx.forwarders.open_streams();
         self.ctx.forwarders.set_role(Role::Leading);
         self.ctx.leadership.set(Role::Leading);
         self.leader_gauge.set(1);

@@ -110,6 +110,9 @@ struct Shared {
     role_change: Mutex<()>,
     /// Routing stopped for a rollout.
     frozen: AtomicBool,
+    /// No stream may be open: a cold standby that lost the Lease. Read under the forwarders'
+    /// lock, like `leading`.
+    closed: AtomicBool,
     /// The leader's records of tokens without a forwarder here, with when they came.
     waiting_records: Mutex<HashMap<TokenHash, (TokenProgress, Instant)>>,
 }
@@ -149,6 +152,7 @@ impl ForwarderRegistry {
                 leading: AtomicBool::new(true),
                 role_change: Mutex::new(()),
                 frozen: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
                 waiting_records: Mutex::default(),
             }),
             shutdown: CancellationToken::new(),
@@ -186,7 +190,10 @@ impl ForwarderRegistry {
     /// starts a new one.
     fn ensure(&self, forwarders: &mut HashMap<TokenHash, Forwarder>, token: &Token) {
         let hash = token.hash();
-        if forwarders.contains_key(&hash) || self.shutdown.is_cancelled() {
+        if forwarders.contains_key(&hash)
+            || self.shutdown.is_cancelled()
+            || self.shared.closed.load(Ordering::Acquire)
+        {
             return;
         }
         let cancel = self.shutdown.child_token();
@@ -275,6 +282,25 @@ impl ForwarderRegistry {
         for (_, log) in self.logs() {
             log.lock().freeze();
         }
+    }
+
+    /// Closes every stream and opens none until [`open_streams`](Self::open_streams): a cold
+    /// standby keeps one stream per token between the replicas, the leader's. The routing
+    /// index stays, so opening again needs only the Listeners reconciled.
+    pub fn close_streams(&self) {
+        let mut forwarders = self.forwarders.lock();
+        self.shared.closed.store(true, Ordering::Release);
+        for (hash, forwarder) in forwarders.drain() {
+            forwarder.cancel.cancel();
+            tracing::debug!(token = %hash, "forwarder stopped: streams closed");
+        }
+        self.shared.metrics.streams.set(0);
+    }
+
+    /// Lets forwarders start again after [`close_streams`](Self::close_streams).
+    pub fn open_streams(&self) {
+        let _forwarders = self.forwarders.lock();
+        self.shared.closed.store(false, Ordering::Release);
     }
 
     /// The registry's role.

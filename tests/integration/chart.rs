@@ -339,8 +339,9 @@ fn the_dockerfile_and_tiltfile_agree_with_the_chart() {
     );
     let api = values["containerPorts"]["api"].as_u64().unwrap();
     let health = values["containerPorts"]["health"].as_u64().unwrap();
+    let handover = values["containerPorts"]["handover"].as_u64().unwrap();
     assert!(
-        dockerfile.contains(&format!("EXPOSE {api} {health}")),
+        dockerfile.contains(&format!("EXPOSE {api} {health} {handover}")),
         "ports"
     );
     let image = values["image"]["repository"].as_str().unwrap();

@@ -414,7 +414,7 @@ async fn run_keeps_its_rest_api_up_when_its_lease_is_taken_and_stands_by() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cold_standby_starts_its_reconcilers_and_streams_once_it_leads() {
+async fn a_cold_standby_streams_only_while_it_leads_and_stands_by_again_when_it_loses_the_lease() {
     let ns = TestNamespace::new("standby-cold").await;
     give_lease_to(&ns, "another-replica").await;
     let cold: Vec<&str> = ELECTED
@@ -451,4 +451,21 @@ async fn a_cold_standby_starts_its_reconcilers_and_streams_once_it_leads() {
     publish(&h, 1).await;
     receiver.wait_for_requests(1, WAIT).await;
     assert_eq!(delivered_uids(&receiver), [1]);
+
+    // Losing the Lease closes its streams (one per token between the replicas) and it stands
+    // by again, without stopping.
+    give_lease_to(&h.ns, "another-replica").await;
+    wait_role(operator, Role::Standby).await;
+    h.wait_streams(0).await;
+    assert_eq!(
+        readyz(operator).await,
+        Some((200, "standby (cold)".to_owned()))
+    );
+    // Leading again reopens them.
+    free_lease(&h.ns).await;
+    wait_role(operator, Role::Leading).await;
+    h.wait_streams(1).await;
+    publish(&h, 2).await;
+    receiver.wait_for_requests(2, WAIT).await;
+    assert_eq!(delivered_uids(&receiver), [1, 2]);
 }
