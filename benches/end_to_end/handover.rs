@@ -30,8 +30,37 @@ use crate::scenarios::Context;
 use crate::system::{free_addr, rss_kb, unix_ns, ChildGuard};
 use crate::BenchError;
 
-const SCENARIO: &str = "handover";
-const NAMESPACE: &str = "bench-handover";
+/// How the replicas stand by: the scenario `handover` and its two variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// Warm standbys sharing a handover key (the chart's default).
+    Warm,
+    /// Warm standbys without a handover key: a new leader delivers everything it buffered.
+    NoKey,
+    /// Cold standbys: only the leader streams.
+    Cold,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 3] = [Variant::Warm, Variant::NoKey, Variant::Cold];
+
+    /// The scenario's name in `--only` and in the table.
+    pub fn scenario(self) -> &'static str {
+        match self {
+            Variant::Warm => "handover",
+            Variant::NoKey => "handover-nokey",
+            Variant::Cold => "handover-cold",
+        }
+    }
+
+    fn namespace(self) -> String {
+        format!("bench-{}", self.scenario())
+    }
+
+    fn warm(self) -> bool {
+        self != Variant::Cold
+    }
+}
 /// The operator's default Lease name; the Lease lives in the watched namespace.
 const LEASE: &str = "crownstone-webhooks";
 /// The key replicas authenticate their progress records with; a benchmark value.
@@ -54,6 +83,7 @@ struct Replica {
 
 impl Replica {
     async fn start(
+        variant: Variant,
         exe: &Path,
         name: &str,
         events_url: &str,
@@ -62,20 +92,25 @@ impl Replica {
     ) -> Result<Replica, BenchError> {
         let health = free_addr()?;
         let handover = free_addr()?;
+        let mut command = Command::new(exe);
+        command
+            .args(["controller", "--events-url", events_url])
+            .args(["--watch-namespace", &variant.namespace()])
+            .args(["--health-listen", &health.to_string()])
+            .args(["--allow-private-destinations", "--log-format", "json"])
+            .args(["--leader-election", "--shutdown-grace", SHUTDOWN_GRACE])
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", name)
+            .env("POD_IP", "127.0.0.1")
+            .env("HANDOVER_LISTEN", handover.to_string())
+            .env("STANDBY", if variant.warm() { "warm" } else { "cold" })
+            .env("RUST_LOG", "info");
+        if variant != Variant::NoKey {
+            command.env("HANDOVER_KEY", HANDOVER_KEY);
+        }
         let process = ChildGuard::spawn(
             name,
-            Command::new(exe)
-                .args(["controller", "--events-url", events_url])
-                .args(["--watch-namespace", NAMESPACE])
-                .args(["--health-listen", &health.to_string()])
-                .args(["--allow-private-destinations", "--log-format", "json"])
-                .args(["--leader-election", "--shutdown-grace", SHUTDOWN_GRACE])
-                .env("KUBECONFIG", kubeconfig)
-                .env("POD_NAME", name)
-                .env("POD_IP", "127.0.0.1")
-                .env("HANDOVER_LISTEN", handover.to_string())
-                .env("HANDOVER_KEY", HANDOVER_KEY)
-                .env("RUST_LOG", "info"),
+            &mut command,
             &logs.join(format!("operator-{name}.log")),
             Duration::from_secs(30),
         )?;
@@ -244,21 +279,25 @@ pub async fn run(
     client: &kube::Client,
     simulator: &SimulatorProcess,
     publisher: &Publisher,
+    variant: Variant,
 ) -> Result<(), BenchError> {
     let (sizes, exe, logs) = (&context.sizes, &context.exe, &context.logs);
+    let scenario = variant.scenario();
+    let namespace = variant.namespace();
     let tokens = sizes.tokens_handover;
     let rate = sizes.handover_rate;
     let before_change = sizes.phase.min(Duration::from_secs(10));
     println!(
-        "\n== (handover) leader changes at {tokens} tokens, {rate:.0} events/s: a rollout \
+        "\n== ({scenario}) leader changes at {tokens} tokens, {rate:.0} events/s: a rollout \
          (SIGTERM) and a crash (SIGKILL)"
     );
-    cluster::create_namespace(client, NAMESPACE).await?;
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    cluster::create_namespace(client, &namespace).await?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let receiver = AuditReceiver::start().await?;
     let streams_before = simulator.open_streams().await?;
-    let start =
-        |name: &'static str| Replica::start(exe, name, &simulator.url, &plane.kubeconfig, logs);
+    let start = |name: &'static str| {
+        Replica::start(variant, exe, name, &simulator.url, &plane.kubeconfig, logs)
+    };
     let mut replicas = vec![start("replica-a").await?, start("replica-b").await?];
     let leader = leader_index(&leases, &replicas, None).await?;
     let standby = 1 - leader;
@@ -266,7 +305,7 @@ pub async fn run(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_empty_kb = rss_kb(replicas[standby].pid()).unwrap_or(0);
 
-    let mut set = TokenSet::new(NAMESPACE, "ho");
+    let mut set = TokenSet::new(&namespace, "ho");
     let took = set
         .grow(
             client,
@@ -289,13 +328,15 @@ pub async fn run(
     )
     .await?;
     // A warm standby opens its own streams too; a cold one does not. Give it the time.
-    let _ = wait_until("the standby's streams", Duration::from_secs(60), || async {
-        simulator
-            .open_streams()
-            .await
-            .is_ok_and(|n| n >= streams_before + 2 * tokens)
-    })
-    .await;
+    if variant.warm() {
+        let _ = wait_until("the standby's streams", Duration::from_secs(60), || async {
+            simulator
+                .open_streams()
+                .await
+                .is_ok_and(|n| n >= streams_before + 2 * tokens)
+        })
+        .await;
+    }
     let templates = Arc::new(EventTemplates::new(&set.spheres()));
     let spheres = Arc::new((0..set.len()).collect::<Vec<_>>());
     // First events: every token's first delivery opens its path; not audited.
@@ -306,17 +347,19 @@ pub async fn run(
 
     // A rollout: the new pod comes up first, then the old leader is stopped.
     replicas.push(start("replica-c").await?);
-    let _ = wait_until(
-        "the new replica's streams",
-        Duration::from_secs(60),
-        || async {
-            simulator
-                .open_streams()
-                .await
-                .is_ok_and(|n| n >= streams_before + 3 * tokens)
-        },
-    )
-    .await;
+    if variant.warm() {
+        let _ = wait_until(
+            "the new replica's streams",
+            Duration::from_secs(60),
+            || async {
+                simulator
+                    .open_streams()
+                    .await
+                    .is_ok_and(|n| n >= streams_before + 3 * tokens)
+            },
+        )
+        .await;
+    }
     let load = Load {
         publisher,
         templates: &templates,
@@ -329,41 +372,41 @@ pub async fn run(
 
     for (name, outcome) in [("rollout (SIGTERM)", &rollout), ("crash (SIGKILL)", &crash)] {
         report.figure(
-            SCENARIO,
+            scenario,
             &format!("{name}: events lost"),
             outcome.lost as f64,
             "",
         );
         report.figure(
-            SCENARIO,
+            scenario,
             &format!("{name}: events repeated"),
             outcome.repeated as f64,
             "",
         );
         report.figure(
-            SCENARIO,
+            scenario,
             &format!("{name}: repeated with another webhook-id"),
             outcome.repeated_with_another_id as f64,
             "",
         );
         match outcome.new_leader_delivered_after_s {
             Some(seconds) => report.figure(
-                SCENARIO,
+                scenario,
                 &format!("{name}: new leader delivers after"),
                 seconds,
                 "s",
             ),
             None => report.text(
-                SCENARIO,
+                scenario,
                 &format!("{name}: new leader delivers after"),
                 "never",
             ),
         }
     }
     let per_token_kb = rollout.standby_rss_kb.saturating_sub(rss_empty_kb) as f64 / tokens as f64;
-    report.figure(SCENARIO, "standby memory per token", per_token_kb, "kB");
+    report.figure(scenario, "standby memory per token", per_token_kb, "kB");
     report.detail(
-        SCENARIO,
+        scenario,
         json!({
             "tokens": tokens,
             "eventsPerSecond": rate,

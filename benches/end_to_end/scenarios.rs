@@ -21,6 +21,7 @@ use serde_json::json;
 use crate::cluster::{
     self, wait_until, OperatorProcess, Plane, RequestRates, SimulatorProcess, TokenSet, SET_LABEL,
 };
+use crate::handover::Variant;
 use crate::load::{self, CeilingRun, EventTemplates, Publisher};
 use crate::phase::{self, Load, Phase, Quantiles, SearchPlan, Stage, DROPS};
 use crate::receivers::{Receivers, QUIET_PATH};
@@ -95,7 +96,11 @@ async fn run_selected(context: &Context, report: &mut Report) -> Result<(), Benc
         println!("\n== ceiling: bare POSTs over loopback");
         ceiling(context, report, &receivers).await?;
     }
-    if !context.wants_any(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "handover"]) {
+    let handovers: Vec<Variant> = Variant::ALL
+        .into_iter()
+        .filter(|variant| context.wants(variant.scenario()))
+        .collect();
+    if !context.wants_any(&["a", "b", "c", "d", "e", "f", "g", "h", "i"]) && handovers.is_empty() {
         return Ok(());
     }
     println!("\n== starting the control plane, the simulator and the operator");
@@ -118,8 +123,11 @@ async fn run_selected(context: &Context, report: &mut Report) -> Result<(), Benc
     if context.wants_any(&["c", "f"]) {
         connection_scale(context, report, &parts).await?;
     }
-    if context.wants("handover") {
-        crate::handover::run(context, report, &plane, &client, &simulator, &publisher).await?;
+    for variant in handovers {
+        crate::handover::run(
+            context, report, &plane, &client, &simulator, &publisher, variant,
+        )
+        .await?;
     }
     Ok(())
 }
