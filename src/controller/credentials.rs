@@ -176,6 +176,8 @@ pub fn observe_rotation(
         let expires_at = now
             .checked_add_signed(overlap)
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        // Whole seconds, as it is stored: what signs now is what a restart reads back.
+        let expires_at = DateTime::from_timestamp(expires_at.timestamp(), 0).unwrap_or(expires_at);
         previous.insert(0, PreviousSecret::new(replaced, expires_at));
     }
     // Newest first; a secret listed twice (or the current one again) signs once, as the newest.
@@ -272,7 +274,7 @@ mod tests {
     }
 
     fn now() -> DateTime<Utc> {
-        at("2026-01-01T12:00:00Z")
+        at("2026-01-01T12:00:00.250Z")
     }
 
     fn live(rotation: &Rotation) -> Vec<(&str, DateTime<Utc>)> {
