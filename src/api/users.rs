@@ -1,5 +1,5 @@
 //! The admin routes: WebhookUsers as upstream's users `{id, name, apiKey, secret, enabled}`,
-//! and the two key checks. A new user's credentials are made by the WebhookUser controller
+//! the rotation of a client secret, and the two key checks. A new user's credentials are made by the WebhookUser controller
 //! (the one place that generates them); `POST /users` waits for them, bounded.
 
 use std::collections::BTreeMap;
