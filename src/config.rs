@@ -36,6 +36,12 @@ pub struct OperatorArgs {
     #[arg(long, env = "MAX_LISTENERS_PER_USER", default_value_t = 1000)]
     pub max_listeners_per_user: u32,
 
+    /// How long a replaced client secret still signs every delivery beside the new one, so
+    /// receivers can switch without rejecting a delivery; 0 replaces it at once. At most three
+    /// previous secrets sign; past that the oldest stops first.
+    #[arg(long, env = "SECRET_ROTATION_OVERLAP", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub secret_rotation_overlap: Duration,
+
     /// Address of /healthz, /readyz and /metrics; on every interface by default, so a kubelet's
     /// probes and a Prometheus scrape reach it.
     #[arg(long, env = "HEALTH_LISTEN", default_value = "0.0.0.0:8081")]

@@ -22,6 +22,12 @@ pub const LISTENER_ANNOTATION: &str = "webhooks.crownstone.rocks/listener";
 pub const API_KEY: &str = "apiKey";
 /// Secret key holding a WebhookUser's client secret.
 pub const CLIENT_SECRET: &str = "clientSecret";
+/// Secret key holding the client secrets a WebhookUser's current one replaced, still signing
+/// until each expires: JSON `[{"secret": "…", "expiresAt": "RFC 3339"}]`, newest first.
+pub const PREVIOUS_SECRETS: &str = "previousSecrets";
+/// Secret key holding the client secret the operator last saw as current: when `clientSecret`
+/// differs from it, the secret was changed and this one becomes a previous secret.
+pub const RECORDED_CLIENT_SECRET: &str = "recordedClientSecret";
 /// The Secret key of the facade's token Secrets.
 pub const TOKEN_KEY: &str = "token";
 

@@ -6,6 +6,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 /// A Listener, by namespace and name.
@@ -86,19 +87,40 @@ impl fmt::Debug for OwnerKey {
     }
 }
 
-/// An owner's client secret: sent in every delivery's body and the key of its signature.
-/// `Debug` never shows it.
+/// An owner's client secret: sent in every delivery's body and the key of its signature,
+/// with the secrets it replaced that receivers may still verify with until each expires.
+/// `Debug` never shows a secret.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ClientSecret(Arc<str>);
+pub struct ClientSecret(Arc<SecretSet>);
+
+#[derive(PartialEq, Eq)]
+struct SecretSet {
+    current: Box<str>,
+    previous: Box<[PreviousSecret]>,
+}
 
 impl ClientSecret {
-    pub fn new(secret: impl Into<Arc<str>>) -> Self {
-        Self(secret.into())
+    /// A secret that replaced none still live.
+    pub fn new(secret: impl Into<Box<str>>) -> Self {
+        Self::with_previous(secret, Vec::new())
     }
 
-    /// The secret itself, for the body and the signing key.
+    /// The current secret with the ones it replaced, newest first.
+    pub fn with_previous(secret: impl Into<Box<str>>, previous: Vec<PreviousSecret>) -> Self {
+        Self(Arc::new(SecretSet {
+            current: secret.into(),
+            previous: previous.into_boxed_slice(),
+        }))
+    }
+
+    /// The current secret itself, for the body and the signing key.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.0.current
+    }
+
+    /// The secrets this one replaced, newest first; each also signs until it expires.
+    pub fn previous(&self) -> &[PreviousSecret] {
+        &self.0.previous
     }
 
     /// Whether two handles share one allocation: a cheap first test of equality.
@@ -109,7 +131,43 @@ impl ClientSecret {
 
 impl fmt::Debug for ClientSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ClientSecret(<redacted>)")
+        write!(
+            f,
+            "ClientSecret(<redacted>, {} previous)",
+            self.0.previous.len()
+        )
+    }
+}
+
+/// A client secret that was replaced, and when it stops signing deliveries.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PreviousSecret {
+    secret: Box<str>,
+    expires_at: DateTime<Utc>,
+}
+
+impl PreviousSecret {
+    pub fn new(secret: impl Into<Box<str>>, expires_at: DateTime<Utc>) -> Self {
+        Self {
+            secret: secret.into(),
+            expires_at,
+        }
+    }
+
+    /// The secret itself, for its signing key.
+    pub fn expose(&self) -> &str {
+        &self.secret
+    }
+
+    /// From this moment on it signs nothing.
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        self.expires_at
+    }
+}
+
+impl fmt::Debug for PreviousSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PreviousSecret(<redacted>, expires {})", self.expires_at)
     }
 }
 
@@ -237,11 +295,18 @@ mod tests {
     #[test]
     fn formatting_never_shows_a_secret() {
         let token = Token::new("super-secret-token-value");
-        let secret = ClientSecret::new("super-secret-client-secret");
+        let secret = ClientSecret::with_previous(
+            "super-secret-client-secret",
+            vec![PreviousSecret::new(
+                "super-secret-previous",
+                DateTime::<Utc>::UNIX_EPOCH,
+            )],
+        );
         for shown in [
             format!("{token:?}"),
             format!("{}", token.hash()),
             format!("{secret:?}"),
+            format!("{:?}", secret.previous()),
         ] {
             assert!(!shown.contains("super-secret"), "{shown}");
         }

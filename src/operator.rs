@@ -323,6 +323,7 @@ pub async fn start(
         metrics: controller_metrics,
         default_daily_allowance: args.daily_allowance,
         default_max_listeners: args.max_listeners_per_user,
+        secret_rotation_overlap: args.secret_rotation_overlap,
         listeners,
         users,
         secrets: SecretCache::default(),

@@ -315,6 +315,7 @@ pub(crate) fn router_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(users::is_valid_admin_key))
         .routes(routes!(users::list, users::create))
         .routes(routes!(users::patch, users::delete))
+        .routes(routes!(users::rotate))
         .routes(routes!(listeners::list, listeners::create))
         .routes(routes!(listeners::active))
         .routes(routes!(listeners::delete_one))

@@ -148,6 +148,7 @@ mod tests {
             ("/api/users", "post", "adminKey"),
             ("/api/users/{id}", "patch", "adminKey"),
             ("/api/users/{id}", "delete", "adminKey"),
+            ("/api/users/{id}/rotate", "post", "adminKey"),
             ("/api/listeners", "get", "apiKey"),
             ("/api/listeners", "post", "apiKey"),
             ("/api/listeners/active", "get", "apiKey"),
@@ -208,6 +209,8 @@ mod tests {
                 .len(),
             6
         );
+        let rotated = &doc["components"]["schemas"]["RotatedSecret"];
+        assert_eq!(rotated["required"], serde_json::json!(["id", "secret"]));
         let patch = &doc["components"]["schemas"]["UserPatchRequest"];
         assert_eq!(
             patch["properties"]["secret"]["pattern"],

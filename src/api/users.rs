@@ -1,5 +1,5 @@
 //! The admin routes: WebhookUsers as upstream's users `{id, name, apiKey, secret, enabled}`,
-//! and the two key checks. A new user's credentials are made by the WebhookUser controller
+//! the rotation of a client secret, and the two key checks. A new user's credentials are made by the WebhookUser controller
 //! (the one place that generates them); `POST /users` waits for them, bounded.
 
 use std::collections::BTreeMap;
@@ -20,6 +20,7 @@ use super::error::{ApiError, ErrorBody};
 use super::input::{JsonBody, NewUserRequest, PathId, UserPatchRequest};
 use super::names;
 use super::{AppState, FIELD_MANAGER};
+use crate::controller::generate_client_secret;
 use crate::conventions::{credentials_secret_name, managed_labels, secret_value, CLIENT_SECRET};
 use crate::resources::{WebhookUser, WebhookUserSpec};
 
@@ -173,6 +174,10 @@ pub async fn create(
 #[utoipa::path(
     patch, path = "/api/users/{id}", tag = "users",
     summary = "Change a user's name, enabled flag or secret",
+    description = "A new `secret` is in every delivery's `clientSecret` from now on; the one it \
+        replaces still signs every delivery beside it for the operator's \
+        `SECRET_ROTATION_OVERLAP` (24 h by default), so receivers can switch without rejecting \
+        a delivery.",
     security(("adminKey" = []), ("adminKeyQuery" = [])),
     params(("id" = String, Path, description = "The user's id")),
     request_body(content = UserPatchRequest, content_type = "application/json"),
@@ -206,28 +211,8 @@ pub async fn patch(
     };
     // Everything is checked before anything is written: a secret that cannot be stored
     // refuses the whole request.
-    let secret_name = credentials_secret_name(&id);
-    let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
     if body.secret.is_some() {
-        let ours = match state.cache.secret(&secret_name) {
-            Some(stored) => credentials_user(&stored) == Some(id.as_str()),
-            // Only managed Secrets are cached: look whether one that is not ours holds the name.
-            None => match secrets.get_opt(&secret_name).await {
-                Ok(None) => {
-                    return Err(ApiError::Unavailable(
-                        "The user's credentials are not made yet; try again.".into(),
-                    ))
-                }
-                Ok(Some(_)) => false,
-                Err(error) => return Err(ApiError::kube("read the user's credentials", &error)),
-            },
-        };
-        if !ours {
-            return Err(ApiError::Conflict(format!(
-                "Secret {secret_name} was not made by the operator for this user; delete or \
-                 rename it and the operator makes new credentials."
-            )));
-        }
+        check_credentials_ours(&state, &id).await?;
     }
     // The spec goes first, as the API server may refuse it; the secret, whose write is then
     // checked, follows, and a failure there puts the spec back.
@@ -267,22 +252,14 @@ pub async fn patch(
         }
     }
     if let Some(secret) = &body.secret {
-        let data = BTreeMap::from([(
-            CLIENT_SECRET.to_owned(),
-            ByteString(secret.as_bytes().to_vec()),
-        )]);
-        let patch = serde_json::json!({"data": data});
-        if let Err(error) = secrets
-            .patch(&secret_name, &params, &Patch::Merge(&patch))
-            .await
-        {
+        if let Err(error) = write_client_secret(&state, &id, secret).await {
             if !before.is_empty() {
                 let undo = serde_json::json!({ "spec": before });
                 if let Err(undo_error) = users.patch(&id, &params, &Patch::Merge(&undo)).await {
                     tracing::warn!(user = %id, error = %crate::conventions::describe_kube_error(&undo_error), "Could not undo a user change whose secret could not be stored.");
                 }
             }
-            return Err(ApiError::kube("change the user's secret", &error));
+            return Err(error);
         }
     }
     tracing::info!(user = %id, "Changed a user.");
@@ -296,12 +273,10 @@ pub async fn patch(
                 .as_ref()
                 .is_none_or(|n| &cached.spec.display_name == n);
             let enabled_ok = body.enabled.is_none_or(|e| cached.spec.enabled == e);
-            let secret_ok = body.secret.as_ref().is_none_or(|s| {
-                c.secret(&credentials_secret_name(&id))
-                    .and_then(|secret| secret_value(&secret, CLIENT_SECRET))
-                    .as_deref()
-                    == Some(s.as_str())
-            });
+            let secret_ok = body
+                .secret
+                .as_ref()
+                .is_none_or(|s| shows_client_secret(c, &id, s));
             (name_ok && enabled_ok && secret_ok).then_some(())
         })
         .await;
@@ -309,6 +284,122 @@ pub async fn patch(
         tracing::warn!(user = %id, "A changed user is not in the facade's cache yet.");
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A user's new client secret, shown once by the rotation that made it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotatedSecret {
+    /// The user's id.
+    pub id: String,
+    /// The new client secret: in every delivery's `clientSecret` from now on, and the first
+    /// key of every signature.
+    pub secret: String,
+}
+
+#[utoipa::path(
+    post, path = "/api/users/{id}/rotate", tag = "users",
+    summary = "Give a user a new client secret, keeping the old one for the overlap",
+    description = "Generates a new client secret (16 random bytes, hex) and answers it. Every \
+        delivery carries the new secret in `clientSecret` and is signed with it and, until the \
+        operator's `SECRET_ROTATION_OVERLAP` (24 h by default) has passed, also with the one it \
+        replaced: `webhook-signature: v1,<new> v1,<old>`. Receivers switch to the new secret \
+        within the overlap without rejecting a delivery.",
+    security(("adminKey" = []), ("adminKeyQuery" = [])),
+    params(("id" = String, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "The new secret", body = RotatedSecret),
+        (status = 401, description = "No admin key, a wrong one, or none configured", body = ErrorBody),
+        (status = 404, description = "No user has that id", body = ErrorBody),
+        (status = 409, description = "The user's credentials Secret is not the operator's", body = ErrorBody),
+        (status = 503, description = "The service cannot answer now, or the user's credentials \
+         are not made yet", body = ErrorBody),
+    )
+)]
+pub async fn rotate(
+    State(state): State<AppState>,
+    _admin: Admin,
+    PathId(id): PathId,
+) -> Result<Json<RotatedSecret>, ApiError> {
+    if !state.cache.is_synced() {
+        return Err(ApiError::not_ready());
+    }
+    state.cache.user(&id).ok_or_else(not_found)?;
+    check_credentials_ours(&state, &id).await?;
+    let secret = generate_client_secret();
+    write_client_secret(&state, &id, &secret).await?;
+    tracing::info!(user = %id, "Rotated a user's client secret.");
+    let shown = state
+        .cache
+        .wait_for(state.write_wait, |c| {
+            shows_client_secret(c, &id, &secret).then_some(())
+        })
+        .await;
+    if shown.is_none() {
+        tracing::warn!(user = %id, "A rotated secret is not in the facade's cache yet.");
+    }
+    Ok(Json(RotatedSecret { id, secret }))
+}
+
+/// Refuses to write a user's client secret unless its credentials Secret is the operator's.
+async fn check_credentials_ours(state: &AppState, id: &str) -> Result<(), ApiError> {
+    let secret_name = credentials_secret_name(id);
+    let ours = match state.cache.secret(&secret_name) {
+        Some(stored) => credentials_user(&stored) == Some(id),
+        // Only managed Secrets are cached: look whether one that is not ours holds the name.
+        None => {
+            let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
+            match secrets.get_opt(&secret_name).await {
+                Ok(None) => {
+                    return Err(ApiError::Unavailable(
+                        "The user's credentials are not made yet; try again.".into(),
+                    ))
+                }
+                Ok(Some(_)) => false,
+                Err(error) => return Err(ApiError::kube("read the user's credentials", &error)),
+            }
+        }
+    };
+    if ours {
+        Ok(())
+    } else {
+        Err(ApiError::Conflict(format!(
+            "Secret {secret_name} was not made by the operator for this user; delete or \
+             rename it and the operator makes new credentials."
+        )))
+    }
+}
+
+/// Stores a user's new client secret. The operator sees it differ from the one it recorded and
+/// keeps that one signing for the overlap, as it does for a hand edit of the Secret.
+async fn write_client_secret(state: &AppState, id: &str, secret: &str) -> Result<(), ApiError> {
+    let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &state.namespace);
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    let data = BTreeMap::from([(
+        CLIENT_SECRET.to_owned(),
+        ByteString(secret.as_bytes().to_vec()),
+    )]);
+    secrets
+        .patch(
+            &credentials_secret_name(id),
+            &params,
+            &Patch::Merge(&serde_json::json!({ "data": data })),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|error| ApiError::kube("change the user's secret", &error))
+}
+
+/// Whether the facade's cache shows `secret` as the user's client secret.
+fn shows_client_secret(cache: &FacadeCache, id: &str, secret: &str) -> bool {
+    cache
+        .secret(&credentials_secret_name(id))
+        .and_then(|stored| secret_value(&stored, CLIENT_SECRET))
+        .as_deref()
+        == Some(secret)
 }
 
 #[utoipa::path(

@@ -26,7 +26,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use conditions::{listener_conditions, ListenerObservation, OwnerState, TokenState};
-pub use credentials::{generate_credentials, Credentials};
+pub use credentials::{generate_client_secret, generate_credentials, Credentials};
 pub use listener::run_listener_controller;
 pub use owners::ListenersByOwner;
 pub use scoped_watch::{scoped_apis, scoped_watch};
@@ -65,6 +65,8 @@ pub struct Context {
     pub default_daily_allowance: u64,
     /// Listeners per WebhookUser unless it sets `spec.maxListeners`.
     pub default_max_listeners: u32,
+    /// How long a replaced client secret still signs deliveries beside the new one.
+    pub secret_rotation_overlap: Duration,
     pub listeners: Store<Listener>,
     pub users: Store<WebhookUser>,
     /// Secrets as last read.

@@ -18,11 +18,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::conditions::{same_conditions, to_conditions, DesiredCondition};
-use super::credentials::generate_credentials;
+use super::credentials::{generate_credentials, observe_credentials};
 use super::{delete_if_present, Context, Error, FINALIZER};
 use crate::conventions::{
     credentials_owner, credentials_secret_name, is_managed, managed_labels, secret_value, API_KEY,
-    CLIENT_SECRET, USER_ANNOTATION,
+    CLIENT_SECRET, RECORDED_CLIENT_SECRET, USER_ANNOTATION,
 };
 use crate::domain::{ClientSecret, OwnerKey};
 use crate::index::{OwnerEntry, RoutingIndex};
@@ -144,7 +144,11 @@ async fn ensure_credentials(
         });
     }
     Ok(match secret_value(&existing, CLIENT_SECRET) {
-        Some(secret) => CredentialsState::Ready(ClientSecret::new(secret)),
+        Some(secret) => CredentialsState::Ready(
+            observe_credentials(&existing, &secret, &user_name, namespace, ctx)
+                .await?
+                .client_secret,
+        ),
         None => CredentialsState::Unusable {
             reason: "CredentialsInvalid",
             message: format!(
@@ -173,6 +177,10 @@ fn credentials_secret(user: &WebhookUser, name: &str, credentials: &super::Crede
             ),
             (
                 CLIENT_SECRET.to_owned(),
+                ByteString(credentials.client_secret.clone().into_bytes()),
+            ),
+            (
+                RECORDED_CLIENT_SECRET.to_owned(),
                 ByteString(credentials.client_secret.clone().into_bytes()),
             ),
         ])),
@@ -287,7 +295,19 @@ async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Act
         &status,
     )
     .await?;
-    Ok(Action::requeue(Duration::from_secs(600)))
+    // The leader prunes a previous secret soon after it expires (it signs nothing from then on).
+    let prune_in = match &credentials {
+        CredentialsState::Ready(secret) => secret
+            .previous()
+            .iter()
+            .filter_map(|previous| (previous.expires_at() - ctx.clock.now()).to_std().ok())
+            .min(),
+        CredentialsState::Unusable { .. } => None,
+    };
+    let requeue = Duration::from_secs(600);
+    Ok(Action::requeue(prune_in.map_or(requeue, |due| {
+        requeue.min(due + Duration::from_secs(1))
+    })))
 }
 
 async fn cleanup(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Action, Error> {

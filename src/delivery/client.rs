@@ -29,7 +29,7 @@ use url::{Host, Position, Url};
 
 use super::{
     retry::{parse_retry_after, AttemptResult},
-    signature::{SigningKey, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP},
+    signature::{SigningKeys, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP},
     url_policy::{DestinationRefused, ResolveError, UrlPolicy},
 };
 use crate::http1::{self, Http1Error, ResponseBody};
@@ -207,7 +207,7 @@ pub(crate) struct AttemptRequest<'a> {
     pub authorization: Option<&'a HeaderValue>,
     pub body: &'a Bytes,
     pub message_id: &'a HeaderValue,
-    pub signing_key: &'a SigningKey,
+    pub signing_key: &'a SigningKeys,
     pub timestamp: DateTime<Utc>,
     pub timeout: Duration,
 }
@@ -505,6 +505,7 @@ mod proptests;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::signature::SigningKey;
     use crate::http1::testing::{localhost_certificate, tls_acceptor};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -607,7 +608,7 @@ mod tests {
     }
 
     struct Sender {
-        key: SigningKey,
+        key: SigningKeys,
         body: Bytes,
         message_id: HeaderValue,
         authorization: HeaderValue,
@@ -616,7 +617,7 @@ mod tests {
     impl Sender {
         fn new() -> Self {
             Sender {
-                key: SigningKey::from_client_secret(SECRET).unwrap(),
+                key: SigningKey::from_client_secret(SECRET).unwrap().into(),
                 body: Bytes::from_static(br#"{"data":{"type":"command"}}"#),
                 message_id: HeaderValue::from_static("msg_1"),
                 authorization: HeaderValue::from_static("Basic dTpw"),

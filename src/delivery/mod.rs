@@ -52,8 +52,8 @@ pub use client::USER_AGENT;
 pub use config::{ConfigError, DeliveryArgs, DeliveryConfig, NetworkList};
 pub use retry::{classify_status, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
 pub use signature::{
-    receiver_secret, verify, SignatureError, SigningKey, WEBHOOK_ID, WEBHOOK_SIGNATURE,
-    WEBHOOK_TIMESTAMP,
+    receiver_secret, verify, SignatureError, SigningKey, SigningKeys, WEBHOOK_ID,
+    WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
 };
 pub use url_policy::{AddressClass, DestinationRefused, UrlPolicy, UrlRefused};
 
@@ -74,7 +74,8 @@ pub struct DeliveryTarget {
     /// The owner's id: `clientId` in the body. With the listener's namespace it names the owner
     /// whose share of the destination the delivery takes.
     pub client_id: Arc<str>,
-    /// The owner's secret: `clientSecret` in the body, and the signing key.
+    /// The owner's secret: `clientSecret` in the body, and with the secrets it replaced that
+    /// are still live, the signing keys.
     pub client_secret: ClientSecret,
     /// The Crownstone user id: `userId` in the body.
     pub user_id: Arc<str>,
@@ -250,7 +251,7 @@ pub(crate) struct PreparedTarget {
     client_secret: ClientSecret,
     user_id: Arc<str>,
     pub(crate) prefix: BodyPrefix,
-    pub(crate) signing_key: SigningKey,
+    pub(crate) signing_key: SigningKeys,
     destination: DestinationKey,
     /// The WebhookUser whose lane of the destination the deliveries go to.
     pub(crate) owner: OwnerKey,
@@ -261,8 +262,7 @@ impl PreparedTarget {
     fn new(target: &DeliveryTarget, policy: &UrlPolicy) -> Result<Self, String> {
         policy.check_url(&target.url).map_err(|e| e.to_string())?;
         let destination = DestinationKey::of(&target.url).ok_or("url has no host")?;
-        let signing_key = SigningKey::from_client_secret(target.client_secret.expose())
-            .map_err(|e| e.to_string())?;
+        let signing_key = SigningKeys::of(&target.client_secret).map_err(|e| e.to_string())?;
         let (request_url, authorization) = split_credentials(&target.url)?;
         Ok(Self {
             generation: target.generation,

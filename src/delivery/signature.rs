@@ -7,6 +7,9 @@
 //!   (see `handover::webhook_id`), so a receiver can drop duplicates.
 //! - `webhook-timestamp`: the unix time in seconds at which this attempt was sent.
 //! - `webhook-signature`: `v1,` followed by the base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`.
+//!   While a replaced client secret is still in its overlap, the header carries one such entry
+//!   per live secret, space-separated, the current one first: `v1,<new> v1,<old>`. A receiver's
+//!   library accepts the delivery when any entry matches its secret.
 //!
 //! The HMAC key is the UTF-8 bytes of the owner's `clientSecret` (the 32-character hex string
 //! that the body also carries). Standard Webhooks libraries take the key as `whsec_` followed by
@@ -26,6 +29,8 @@
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+use crate::domain::ClientSecret;
 
 /// Header carrying the message id.
 pub const WEBHOOK_ID: &str = "webhook-id";
@@ -89,7 +94,54 @@ impl SigningKey {
     }
 }
 
-/// The secret a receiver gives its Standard Webhooks library: `whsec_` + base64(client secret).
+/// The keys that sign an owner's deliveries: the current client secret's, and each replaced
+/// one's until it expires. Made once per change of the secrets, cloned with the target.
+#[derive(Clone, Debug)]
+pub struct SigningKeys {
+    current: SigningKey,
+    /// Newest first, each with the unix second from which it signs nothing.
+    previous: Vec<(SigningKey, i64)>,
+}
+
+impl SigningKeys {
+    /// The keys of an owner's current and previous secrets.
+    pub fn of(secret: &ClientSecret) -> Result<Self, SignatureError> {
+        Ok(Self {
+            current: SigningKey::from_client_secret(secret.expose())?,
+            previous: secret
+                .previous()
+                .iter()
+                .map(|previous| {
+                    SigningKey::from_client_secret(previous.expose())
+                        .map(|key| (key, previous.expires_at().timestamp()))
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// The `webhook-signature` value for an attempt sent at `timestamp`: one `v1,` entry per
+    /// secret live then, the current one first.
+    pub fn sign(&self, message_id: &str, timestamp: i64, body: &[u8]) -> String {
+        let mut out = self.current.sign(message_id, timestamp, body);
+        for (key, expires_at) in &self.previous {
+            if timestamp < *expires_at {
+                out.push(' ');
+                out.push_str(&key.sign(message_id, timestamp, body));
+            }
+        }
+        out
+    }
+}
+
+impl From<SigningKey> for SigningKeys {
+    fn from(current: SigningKey) -> Self {
+        Self {
+            current,
+            previous: Vec::new(),
+        }
+    }
+}
+
 /// Whether a `webhook-signature` header (one or more space-separated `v1,<base64>` entries)
 /// holds a valid signature of `{id}.{timestamp}.{body}` under `key`; compared in constant time.
 pub fn verify(
@@ -112,6 +164,7 @@ pub fn verify(
     })
 }
 
+/// The secret a receiver gives its Standard Webhooks library: `whsec_` + base64(client secret).
 pub fn receiver_secret(client_secret: &str) -> String {
     format!("whsec_{}", STANDARD.encode(client_secret.as_bytes()))
 }
@@ -189,6 +242,70 @@ mod tests {
                 .map(|other| other.sign("msg_1", 100, b"{}"))
                 .unwrap_or_default()
         );
+    }
+
+    fn keys(previous: &[(&str, i64)]) -> SigningKeys {
+        let secret = ClientSecret::with_previous(
+            "0123456789abcdef0123456789abcdef",
+            previous
+                .iter()
+                .map(|(secret, expires)| {
+                    crate::domain::PreviousSecret::new(
+                        *secret,
+                        chrono::DateTime::from_timestamp(*expires, 0).unwrap(),
+                    )
+                })
+                .collect(),
+        );
+        SigningKeys::of(&secret).unwrap()
+    }
+
+    #[test]
+    fn each_live_secret_signs_newest_first() {
+        let keys = keys(&[("old-1", 2_000), ("old-2", 1_500)]);
+        let header = keys.sign("msg_1", 1_000, b"{}");
+        let entries: Vec<&str> = header.split(' ').collect();
+        assert_eq!(
+            entries,
+            [
+                key("0123456789abcdef0123456789abcdef").sign("msg_1", 1_000, b"{}"),
+                key("old-1").sign("msg_1", 1_000, b"{}"),
+                key("old-2").sign("msg_1", 1_000, b"{}"),
+            ]
+        );
+        for secret in ["0123456789abcdef0123456789abcdef", "old-1", "old-2"] {
+            assert!(
+                verify(&key(secret), "msg_1", 1_000, b"{}", &header),
+                "{secret}"
+            );
+        }
+        assert!(!verify(&key("old-3"), "msg_1", 1_000, b"{}", &header));
+    }
+
+    #[test]
+    fn an_expired_secret_signs_nothing_from_its_expiry_on() {
+        let keys = keys(&[("old-1", 2_000), ("old-2", 1_500)]);
+        let before = keys.sign("msg_1", 1_499, b"{}");
+        assert_eq!(before.split(' ').count(), 3);
+        let at = keys.sign("msg_1", 1_500, b"{}");
+        assert_eq!(at.split(' ').count(), 2);
+        assert!(!verify(&key("old-2"), "msg_1", 1_500, b"{}", &at));
+        assert!(verify(&key("old-1"), "msg_1", 1_500, b"{}", &at));
+        let after = keys.sign("msg_1", 2_000, b"{}");
+        assert_eq!(
+            after,
+            key("0123456789abcdef0123456789abcdef").sign("msg_1", 2_000, b"{}")
+        );
+    }
+
+    #[test]
+    fn one_secret_signs_as_a_single_key_does() {
+        let single = SigningKeys::from(key("0123456789abcdef0123456789abcdef"));
+        assert_eq!(
+            single.sign("msg_1", 7, b"{}"),
+            keys(&[]).sign("msg_1", 7, b"{}")
+        );
+        assert!(!format!("{single:?}").contains("0123"));
     }
 
     #[test]

@@ -730,7 +730,7 @@ async fn metrics_name_destinations_without_paths_or_secrets() {
 }
 
 /// Runs `tests/integration/python/verify_signature.py` on recorded requests.
-async fn verify_with_python(
+pub(crate) async fn verify_with_python(
     secret: &str,
     deliveries: &[(HashMap<String, String>, Vec<u8>)],
 ) -> Vec<serde_json::Value> {
@@ -793,7 +793,7 @@ async fn verify_with_python(
     }
 }
 
-fn signed_parts(request: &RecordedRequest) -> (HashMap<String, String>, Vec<u8>) {
+pub(crate) fn signed_parts(request: &RecordedRequest) -> (HashMap<String, String>, Vec<u8>) {
     let headers = ["webhook-id", "webhook-timestamp", "webhook-signature"]
         .iter()
         .map(|name| (name.to_string(), header(request, name).to_owned()))

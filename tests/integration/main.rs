@@ -14,6 +14,7 @@ mod leader;
 mod namespaces;
 mod operator;
 mod rbac;
+mod rotation;
 mod simulator;
 mod simulator_python;
 mod standby;

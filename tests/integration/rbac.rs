@@ -128,13 +128,14 @@ fn watched<'a>(
     ]
 }
 
-/// Secret writes of the controller (credentials) in a namespace.
+/// Secret writes of the controller (credentials, and the facade's token Secrets) in a namespace.
 fn secret_writes<'a>(
     ns: &'a str,
     allowed: bool,
 ) -> Vec<(&'a str, &'a str, Option<&'a str>, In<'a>, bool)> {
     vec![
         ("create", SECRETS, None, In::Ns(ns), allowed),
+        ("patch", SECRETS, None, In::Ns(ns), allowed),
         ("delete", SECRETS, None, In::Ns(ns), allowed),
     ]
 }
@@ -149,7 +150,6 @@ fn api_only<'a>(
         ("get", LISTENERS, None, In::Ns(ns), allowed),
         ("create", USERS, None, In::Ns(ns), allowed),
         ("delete", USERS, None, In::Ns(ns), allowed),
-        ("patch", SECRETS, None, In::Ns(ns), allowed),
     ]
 }
 

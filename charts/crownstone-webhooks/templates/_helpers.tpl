@@ -96,12 +96,13 @@ are created and patched as kube's Recorder does. */}}
   verbs: [create, patch]
 {{- end }}
 
-{{/* Secret writes of the controller: a WebhookUser's credentials Secret is created, and deleted
-with the WebhookUser, as is a managed token Secret no Listener reads any more. */}}
+{{/* Secret writes of the controller: a WebhookUser's credentials Secret is created, patched
+to record a changed client secret and prune expired previous ones, and deleted with the
+WebhookUser, as is a managed token Secret no Listener reads any more. */}}
 {{- define "crownstone-webhooks.secretWriteRules" -}}
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [create, delete]
+  verbs: [create, patch, delete]
 {{- end }}
 
 {{/* What the REST API does in its namespace: users and listeners are created, patched and

@@ -16,7 +16,7 @@ use url::Url;
 
 use super::{attempt, AttemptRequest, Connector, MAX_INTERIM_ANSWERS, MAX_RESPONSE_BODY};
 use crate::delivery::retry::AttemptResult;
-use crate::delivery::signature::SigningKey;
+use crate::delivery::signature::{SigningKey, SigningKeys};
 use crate::delivery::url_policy::UrlPolicy;
 use crate::http1::proptests::cut;
 
@@ -56,8 +56,9 @@ fn attempt_answered(pieces: Vec<Vec<u8>>) -> (AttemptResult, bool) {
             denied_networks: Vec::new(),
         }))
         .expect("a connector");
-        let key =
-            SigningKey::from_client_secret("0123456789abcdef0123456789abcdef").expect("a key");
+        let key: SigningKeys = SigningKey::from_client_secret("0123456789abcdef0123456789abcdef")
+            .expect("a key")
+            .into();
         let body = Bytes::from_static(br#"{"data":{}}"#);
         let message_id = HeaderValue::from_static("msg_1");
         let request = AttemptRequest {
