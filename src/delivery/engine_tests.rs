@@ -166,6 +166,7 @@ fn target(listener: &str, owner: &str, url: &Url) -> DeliveryTarget {
         client_id: Arc::from(owner),
         client_secret: ClientSecret::new(SECRET),
         user_id: Arc::from("user-1"),
+        delivery: Arc::default(),
     }
 }
 
