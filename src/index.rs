@@ -12,7 +12,7 @@ use url::Url;
 
 use crate::clock::SharedClock;
 use crate::crownstone::EventType;
-use crate::delivery::{Charge, DeliveryTarget, Ledger};
+use crate::delivery::{Charge, DeliveryOverrides, DeliveryTarget, Ledger};
 use crate::domain::{ClientSecret, ListenerId, OwnerKey, Skip, TokenHash};
 
 /// A set of event types, as a bitmask: checked for every event and every listener.
@@ -56,6 +56,8 @@ pub struct ListenerEntry {
     pub url: Arc<Url>,
     pub user_id: Arc<str>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The Listener's delivery policy over its owner's; shared by every delivery to it.
+    pub delivery: Arc<DeliveryOverrides>,
 }
 
 /// Deliveries of one owner on one UTC day.
@@ -311,6 +313,7 @@ impl RoutingIndex {
                     client_id: owner.client_id.clone(),
                     client_secret: client_secret.clone(),
                     user_id: listener.user_id.clone(),
+                    delivery: listener.delivery.clone(),
                 },
                 allowance: Allowance {
                     counter: owner.usage.clone(),
@@ -415,6 +418,7 @@ mod tests {
             url: Arc::new(Url::parse("https://example.com/hook").unwrap()),
             user_id: Arc::from("user-1"),
             expires_at: None,
+            delivery: Arc::default(),
         }
     }
 

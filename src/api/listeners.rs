@@ -419,6 +419,8 @@ async fn create_new(
                 key: TOKEN_KEY.into(),
             },
             expires_at: None,
+            // Upstream's API has no delivery policy: the owner's, or the defaults, apply.
+            delivery: None,
         },
     );
     listener.metadata.labels = Some(managed_labels());

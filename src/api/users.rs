@@ -136,6 +136,8 @@ pub async fn create(
             enabled: body.enabled.unwrap_or(true),
             daily_allowance: None,
             max_listeners: None,
+            // Upstream's API has no delivery policy: the operator's defaults apply.
+            delivery: None,
         },
     );
     user.metadata.labels = Some(managed_labels());

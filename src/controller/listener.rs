@@ -29,7 +29,7 @@ use crate::delivery::Suspension;
 use crate::domain::{ListenerId, OwnerKey, Token};
 use crate::forwarder::{StreamState, TokenNotice};
 use crate::index::ListenerEntry;
-use crate::resources::{Listener, WebhookUser};
+use crate::resources::{resource_overrides, EffectiveDelivery, Listener, WebhookUser};
 
 /// How the routing index and the delivery engine name a Listener.
 pub fn listener_id(listener: &Listener) -> Option<ListenerId> {
@@ -189,6 +189,8 @@ struct ListenerStatusApply<'a> {
     expires_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     url_host: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    effective_delivery: Option<&'a EffectiveDelivery>,
     observed_generation: i64,
 }
 
@@ -280,8 +282,14 @@ async fn apply(
         .set_paused(id, owner_state != OwnerState::Enabled);
 
     let url = Url::parse(&listener.spec.url);
-    let token_state = match (&token, &url) {
-        (Ok(token), Ok(url)) => {
+    let delivery = resource_overrides(
+        listener.spec.delivery.as_ref(),
+        owner
+            .as_deref()
+            .and_then(|user| user.spec.delivery.as_ref()),
+    );
+    let token_state = match (&token, &url, &delivery) {
+        (Ok(token), Ok(url), Ok(delivery)) => {
             let hash = token.hash();
             ctx.forwarders.attach(
                 ListenerEntry {
@@ -293,6 +301,7 @@ async fn apply(
                     url: Arc::new(url.clone()),
                     user_id: Arc::from(listener.spec.user_id.as_str()),
                     expires_at: listener.spec.expires_at,
+                    delivery: Arc::new(delivery.clone()),
                 },
                 token,
             );
@@ -310,11 +319,11 @@ async fn apply(
             }
             TokenState::Stream(state)
         }
-        (Err(refused), _) => {
+        (Err(refused), _, _) => {
             ctx.forwarders.detach(id);
             refused.clone()
         }
-        (Ok(_), Err(_)) => {
+        (Ok(_), _, _) => {
             ctx.forwarders.detach(id);
             TokenState::Stream(StreamState::Connecting)
         }
@@ -353,8 +362,30 @@ async fn apply(
             message: format!("spec.url cannot be used: {error}"),
         };
     }
+    if let Err(error) = &delivery {
+        // The schema's rules let it through (an older CRD, or the owner's spec): say which.
+        desired[2] = DesiredCondition {
+            type_: "Ready",
+            status: "False",
+            reason: "InvalidSpec",
+            message: format!("{error} (on the Listener or its owner)"),
+        };
+    }
     let host = url.as_ref().ok().map(url_host);
-    let wrote = write_status(listener, status_key, api, ctx, &desired, host, now).await?;
+    let effective = delivery
+        .as_ref()
+        .ok()
+        .map(|overrides| EffectiveDelivery::from(&ctx.engine.effective_policy(overrides)));
+    let wrote = write_status(
+        listener,
+        status_key,
+        api,
+        ctx,
+        &desired,
+        StatusFacts { host, effective },
+        now,
+    )
+    .await?;
     if wrote && previous.observed_generation != Some(generation) {
         // New, or its spec changed: the owner's count may have changed.
         ctx.wake_user(id.namespace(), &listener.spec.owner);
@@ -439,41 +470,59 @@ async fn hold_back(
         .ok()
         .map(|url| url_host(&url));
     let status_key = format!("listener/{id}");
+    let facts = StatusFacts {
+        host,
+        effective: listener
+            .status
+            .as_ref()
+            .and_then(|status| status.effective_delivery.clone()),
+    };
     write_status(
         listener,
         status_key,
         api,
         ctx,
         &desired,
-        host,
+        facts,
         ctx.clock.now(),
     )
     .await?;
     Ok(Action::requeue(Duration::from_secs(600)))
 }
 
-/// Applies the Listener's conditions, expiry and url host to its status unless they are what
-/// it already says; true when it wrote.
+/// What a Listener's status shows besides its conditions.
+struct StatusFacts {
+    /// The url's host, for display.
+    host: Option<String>,
+    /// The delivery policy in force, when the spec's can be used.
+    effective: Option<EffectiveDelivery>,
+}
+
+/// Applies the Listener's conditions, expiry, url host and effective delivery policy to its
+/// status unless they are what it already says; true when it wrote.
 async fn write_status(
     listener: &Listener,
     status_key: String,
     api: &Api<Listener>,
     ctx: &Context,
     desired: &[DesiredCondition],
-    host: Option<String>,
+    facts: StatusFacts,
     now: DateTime<Utc>,
 ) -> Result<bool, Error> {
+    let StatusFacts { host, effective } = facts;
     let generation = listener.meta().generation.unwrap_or(0);
     let previous = listener.status.clone().unwrap_or_default();
     let conditions = to_conditions(desired, &previous.conditions, Some(generation), now);
     let unchanged = same_conditions(&conditions, &previous.conditions)
         && previous.expires_at == listener.spec.expires_at
         && previous.url_host == host
+        && previous.effective_delivery == effective
         && previous.observed_generation == Some(generation);
     let status = ListenerStatusApply {
         conditions: &conditions,
         expires_at: listener.spec.expires_at,
         url_host: host.as_deref(),
+        effective_delivery: effective.as_ref(),
         observed_generation: generation,
     };
     ctx.apply_status_if_changed(status_key, api, listener, unchanged, &status)

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::{retry::RetryPolicy, url_policy::UrlPolicy};
+use super::{
+    retry::{Backoff, RetryPolicy},
+    url_policy::UrlPolicy,
+};
 
 /// How deliveries are made. `Default` gives the production defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,12 +98,16 @@ impl DeliveryConfig {
         Ok(())
     }
 
-    /// The retry schedule.
+    /// The operator's default policy, which a resource's `spec.delivery` overrides field by
+    /// field.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             max_attempts: self.max_attempts,
+            backoff: Backoff::Exponential,
             initial_backoff: self.initial_backoff,
             max_backoff: self.max_backoff,
+            timeout: self.timeout,
+            max_age: self.max_delivery_age,
         }
     }
 

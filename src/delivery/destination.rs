@@ -540,7 +540,7 @@ fn ready_for_attempt(mut delivery: Delivery, shared: &Shared) -> Option<Delivery
         return None;
     }
     if Instant::now() >= delivery.deadline {
-        let reason = delivery.expiry_reason(shared.config.max_delivery_age);
+        let reason = delivery.expiry_reason(delivery.target.retry.max_age);
         delivery.settle(Settlement::Failed(reason, FailureEffect::Counted), shared);
         return None;
     }
@@ -577,7 +577,7 @@ async fn send(
             message_id: &delivery.message_id,
             signing_key: &delivery.target.signing_key,
             timestamp: shared.clock.now(),
-            timeout: shared.config.timeout,
+            timeout: delivery.target.retry.timeout,
         },
     )
     .await;
@@ -605,9 +605,11 @@ fn conclude(attempted: Attempted, shared: &Shared) -> Option<(Instant, Delivery)
         Verdict::Gone => Settlement::Failed(result.reason(), FailureEffect::Gone),
         Verdict::Fail => Settlement::Failed(result.reason(), FailureEffect::Counted),
         Verdict::Retry { retry_after } => {
-            let delay = shared
-                .retry
-                .delay_after(delivery.attempts, retry_after, &mut rand::rng());
+            let delay =
+                delivery
+                    .target
+                    .retry
+                    .delay_after(delivery.attempts, retry_after, &mut rand::rng());
             match delay.map(|delay| Instant::now() + delay) {
                 // Abandoned while in flight: whoever leads now delivers it.
                 _ if delivery.lead != shared.abandons.load(Ordering::Acquire) => {

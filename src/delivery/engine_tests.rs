@@ -1,6 +1,7 @@
 //! The engine against receivers on loopback: allowance given back for every delivery that is
 //! never attempted, and a forgotten listener that stays forgotten.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 use chrono::NaiveDate;
@@ -166,6 +167,7 @@ fn target(listener: &str, owner: &str, url: &Url) -> DeliveryTarget {
         client_id: Arc::from(owner),
         client_secret: ClientSecret::new(SECRET),
         user_id: Arc::from("user-1"),
+        delivery: Arc::default(),
     }
 }
 
@@ -588,4 +590,75 @@ mod placed {
         );
         eventually("a delivery after the abandon", || fine.requests() == 2).await;
     }
+}
+
+#[tokio::test]
+async fn each_delivery_follows_its_targets_policy_over_the_defaults() {
+    let failing = Receiver::start(Answer::After(500, Duration::ZERO)).await;
+    let other = Receiver::start(Answer::After(500, Duration::ZERO)).await;
+    let hanging = Receiver::start(Answer::Never).await;
+    let engine = start(DeliveryConfig {
+        timeout: Duration::from_secs(30),
+        max_attempts: 1,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        allow_private_destinations: true,
+        ..DeliveryConfig::default()
+    });
+    let three = DeliveryTarget {
+        delivery: Arc::new(DeliveryOverrides {
+            attempts: Some(3),
+            ..DeliveryOverrides::default()
+        }),
+        ..target("three", "acme", &failing.url)
+    };
+    let short = DeliveryTarget {
+        delivery: Arc::new(DeliveryOverrides {
+            timeout: Some(Duration::from_millis(100)),
+            ..DeliveryOverrides::default()
+        }),
+        ..target("short", "acme", &hanging.url)
+    };
+    assert!(engine.submit(event(), three).is_queued());
+    assert!(engine
+        .submit(event(), target("default", "acme", &other.url))
+        .is_queued());
+    assert!(engine.submit(event(), short).is_queued());
+
+    eventually("three attempts and one", || {
+        failing.requests() == 3 && other.requests() == 1
+    })
+    .await;
+    // Failures and the last error per listener, summed over reports.
+    let mut tallies: HashMap<String, (u64, Option<String>)> = HashMap::new();
+    let done = |tallies: &HashMap<String, (u64, Option<String>)>| {
+        ["three", "default", "short"]
+            .iter()
+            .all(|name| tallies.get(*name).is_some_and(|t| t.0 == 1))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done(&tallies) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for report in engine.take_reports() {
+            let tally = tallies
+                .entry(report.listener.name().to_owned())
+                .or_default();
+            tally.0 += report.failed;
+            if report.last_error.is_some() {
+                tally.1 = report.last_error;
+            }
+        }
+    }
+    let tally = |name: &str| tallies.get(name).cloned().unwrap_or_default();
+    let (three, default, short) = (tally("three"), tally("default"), tally("short"));
+    assert_eq!((three.0, default.0, short.0), (1, 1, 1));
+    // Well before the engine's 30 s: the target's own timeout.
+    assert_eq!(short.1.as_deref(), Some("timed out after 100ms"));
+    assert_eq!((failing.requests(), other.requests()), (3, 1));
+    assert_eq!(
+        engine
+            .effective_policy(&DeliveryOverrides::default())
+            .max_attempts,
+        1
+    );
 }

@@ -19,6 +19,7 @@ mod engine_tests;
 mod fair;
 mod listener;
 mod metrics;
+mod policy;
 mod retry;
 mod signature;
 mod url_policy;
@@ -50,7 +51,10 @@ pub use body::BodyPrefix;
 pub use charge::{Charge, Ledger};
 pub use client::USER_AGENT;
 pub use config::{ConfigError, DeliveryArgs, DeliveryConfig, NetworkList};
-pub use retry::{classify_status, parse_retry_after, AttemptResult, RetryPolicy, Verdict};
+pub use policy::{
+    format_iso_duration, parse_iso_duration, DeliveryOverrides, DurationError, ISO_DURATION_PATTERN,
+};
+pub use retry::{classify_status, parse_retry_after, AttemptResult, Backoff, RetryPolicy, Verdict};
 pub use signature::{
     receiver_secret, verify, SignatureError, SigningKey, SigningKeys, WEBHOOK_ID,
     WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
@@ -79,6 +83,8 @@ pub struct DeliveryTarget {
     pub client_secret: ClientSecret,
     /// The Crownstone user id: `userId` in the body.
     pub user_id: Arc<str>,
+    /// The listener's delivery policy over its owner's; the engine's defaults fill the rest.
+    pub delivery: Arc<DeliveryOverrides>,
 }
 
 /// Why a listener gets no more deliveries (until its generation changes).
@@ -250,6 +256,9 @@ pub(crate) struct PreparedTarget {
     client_id: Arc<str>,
     client_secret: ClientSecret,
     user_id: Arc<str>,
+    delivery: Arc<DeliveryOverrides>,
+    /// The effective policy: the target's overrides over the engine's defaults.
+    pub(crate) retry: RetryPolicy,
     pub(crate) prefix: BodyPrefix,
     pub(crate) signing_key: SigningKeys,
     destination: DestinationKey,
@@ -259,7 +268,11 @@ pub(crate) struct PreparedTarget {
 
 impl PreparedTarget {
     /// Prepares a target, or says why it can never be delivered to.
-    fn new(target: &DeliveryTarget, policy: &UrlPolicy) -> Result<Self, String> {
+    fn new(
+        target: &DeliveryTarget,
+        policy: &UrlPolicy,
+        defaults: &RetryPolicy,
+    ) -> Result<Self, String> {
         policy.check_url(&target.url).map_err(|e| e.to_string())?;
         let destination = DestinationKey::of(&target.url).ok_or("url has no host")?;
         let signing_key = SigningKeys::of(&target.client_secret).map_err(|e| e.to_string())?;
@@ -272,6 +285,8 @@ impl PreparedTarget {
             client_id: Arc::clone(&target.client_id),
             client_secret: target.client_secret.clone(),
             user_id: Arc::clone(&target.user_id),
+            delivery: Arc::clone(&target.delivery),
+            retry: defaults.with_overrides(&target.delivery),
             prefix: BodyPrefix::new(
                 &target.client_id,
                 target.client_secret.expose(),
@@ -293,6 +308,7 @@ impl PreparedTarget {
             && same(&self.url, &target.url)
             && same(&self.client_id, &target.client_id)
             && same(&self.user_id, &target.user_id)
+            && same(&self.delivery, &target.delivery)
             && (self.client_secret.ptr_eq(&target.client_secret)
                 || self.client_secret == target.client_secret)
     }
@@ -512,7 +528,7 @@ impl DeliveryEngine {
                 return Submission::Refused;
             }
         };
-        let deadline = Instant::now() + shared.config.max_delivery_age;
+        let deadline = Instant::now() + prepared.retry.max_age;
         let mut delivery = Delivery::new(
             Arc::clone(&listener),
             Arc::clone(&prepared),
@@ -544,6 +560,12 @@ impl DeliveryEngine {
                 }
             }
         }
+    }
+
+    /// The policy deliveries with these overrides get: the overrides over the engine's
+    /// defaults.
+    pub fn effective_policy(&self, overrides: &DeliveryOverrides) -> RetryPolicy {
+        self.shared.retry.with_overrides(overrides)
     }
 
     /// The changes since the previous call: one report per listener with activity, or whose
@@ -731,9 +753,10 @@ impl Shared {
         }
         let prepared = match reusable {
             Some(slot) => Arc::clone(&slot.target),
-            None => {
-                Arc::new(PreparedTarget::new(target, &self.policy).map_err(Unavailable::Refused)?)
-            }
+            None => Arc::new(
+                PreparedTarget::new(target, &self.policy, &self.retry)
+                    .map_err(Unavailable::Refused)?,
+            ),
         };
         let queue = self.queue_for(&prepared.destination)?;
         state.prepared = Some(PreparedSlot {

@@ -180,24 +180,55 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
 }
 
-/// Bounded retries with exponential backoff and full jitter.
+/// How the ceiling of the wait grows from one attempt to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backoff {
+    /// `delay × 2^(attempt−1)`.
+    Exponential,
+    /// `delay × attempt`.
+    Linear,
+}
+
+impl Backoff {
+    /// The name used in specs and status: `exponential` or `linear`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exponential => "exponential",
+            Self::Linear => "linear",
+        }
+    }
+}
+
+/// One delivery's policy: bounded retries with exponential or linear backoff and full jitter,
+/// a timeout per attempt and a maximum age. Built from the operator's defaults with a
+/// resource's overrides over them ([`with_overrides`](Self::with_overrides)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts per delivery, the first one included.
     pub max_attempts: u32,
+    /// How the ceiling grows per attempt.
+    pub backoff: Backoff,
     /// Ceiling of the delay after the first attempt.
     pub initial_backoff: Duration,
-    /// Largest delay between two attempts.
+    /// Largest delay between two attempts, computed or asked for by `Retry-After`.
     pub max_backoff: Duration,
+    /// Time for one attempt, from connecting to the end of the response.
+    pub timeout: Duration,
+    /// Longest time a delivery is kept: after it no new attempt starts.
+    pub max_age: Duration,
 }
 
 impl RetryPolicy {
-    /// The ceiling of the delay after attempt `attempt` (1-based): `initial × 2^(attempt−1)`,
-    /// at most `max_backoff`.
+    /// The ceiling of the delay after attempt `attempt` (1-based): `initial × 2^(attempt−1)`
+    /// (exponential) or `initial × attempt` (linear), at most `max_backoff`.
     pub fn ceiling(&self, attempt: u32) -> Duration {
-        let doublings = attempt.saturating_sub(1).min(63);
-        let factor = 1u64 << doublings;
-        let factor = u32::try_from(factor).unwrap_or(u32::MAX);
+        let factor = match self.backoff {
+            Backoff::Exponential => {
+                let doublings = attempt.saturating_sub(1).min(63);
+                u32::try_from(1u64 << doublings).unwrap_or(u32::MAX)
+            }
+            Backoff::Linear => attempt.max(1),
+        };
         self.initial_backoff
             .checked_mul(factor)
             .unwrap_or(Duration::MAX)
@@ -243,8 +274,11 @@ mod tests {
 
     const POLICY: RetryPolicy = RetryPolicy {
         max_attempts: 5,
+        backoff: Backoff::Exponential,
         initial_backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(60),
+        timeout: Duration::from_secs(10),
+        max_age: Duration::from_secs(300),
     };
 
     #[test]
@@ -373,6 +407,40 @@ mod tests {
     }
 
     #[test]
+    fn linear_backoff_ceiling_grows_by_the_delay_up_to_the_cap() {
+        let linear = RetryPolicy {
+            backoff: Backoff::Linear,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(3),
+            ..POLICY
+        };
+        let table = [
+            (0, 500),
+            (1, 500),
+            (2, 1000),
+            (3, 1500),
+            (4, 2000),
+            (6, 3000),
+            (7, 3000),
+            (u32::MAX, 3000),
+        ];
+        for (attempt, millis) in table {
+            assert_eq!(
+                linear.ceiling(attempt),
+                Duration::from_millis(millis),
+                "attempt {attempt}"
+            );
+        }
+        // Full jitter under the linear ceiling too.
+        let mut rng = StdRng::seed_from_u64(11);
+        let delays: Vec<Duration> = (0..200)
+            .filter_map(|_| linear.delay_after(4, None, &mut rng))
+            .collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays.iter().any(|d| *d > Duration::from_millis(1500)));
+    }
+
+    #[test]
     fn no_delay_once_attempts_are_used_up() {
         let mut rng = StdRng::seed_from_u64(1);
         let table = [(1, true), (4, true), (5, false), (6, false)];
@@ -421,6 +489,7 @@ mod tests {
             max_attempts: 3,
             initial_backoff: Duration::from_secs(10),
             max_backoff: Duration::from_secs(1),
+            ..POLICY
         };
         assert_eq!(
             reversed.clamp(Duration::from_secs(5)),

@@ -447,6 +447,7 @@ mod tests {
             url: Arc::new(Url::parse("https://example.com/hook").unwrap()),
             user_id: Arc::from("u"),
             expires_at: None,
+            delivery: Arc::default(),
         }
     }
 

@@ -5,6 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use super::delivery::{DeliverySpec, EffectiveDelivery};
 use crate::crownstone::EventType;
 
 /// A webhook registration: the events of `eventTypes` seen on the stream of the token in
@@ -37,6 +38,12 @@ use crate::crownstone::EventType;
         priority = "1"
     ),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
+    printcolumn(
+        name = "Delivery",
+        type_ = "string",
+        json_path = ".status.effectiveDelivery.summary",
+        priority = "1"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -71,6 +78,11 @@ pub struct ListenerSpec {
     /// Listener is deleted at that moment. Other Listeners on the same token are not affected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+
+    /// How this Listener's deliveries are retried and how long they are kept; each field left
+    /// out comes from the owner's `spec.delivery`, then from the operator's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliverySpec>,
 }
 
 /// A key of a Secret in the Listener's namespace.
@@ -116,6 +128,10 @@ pub struct ListenerStatus {
     /// window survives a restart of the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_window: Option<FailureWindow>,
+    /// The delivery policy in force: the Listener's `spec.delivery` over its owner's over the
+    /// operator's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_delivery: Option<EffectiveDelivery>,
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

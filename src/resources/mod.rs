@@ -1,8 +1,12 @@
 //! The custom resources: `Listener` and `WebhookUser`, and the CRD YAML generated from them.
 
+mod delivery;
 mod listener;
 mod webhook_user;
 
+pub use delivery::{
+    resource_overrides, BackoffPolicy, DeliverySpec, DeliverySpecError, EffectiveDelivery,
+};
 pub use listener::{FailureWindow, Listener, ListenerSpec, ListenerStatus, SecretKeyRef};
 pub use webhook_user::{Usage, WebhookUser, WebhookUserSpec, WebhookUserStatus};
 

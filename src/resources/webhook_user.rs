@@ -4,6 +4,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use super::delivery::DeliverySpec;
+
 /// A client of the webhook service (upstream "User"). Its name is the `clientId` / `ownerId`
 /// of the REST API; its API key and client secret live in the Secret named in its status.
 // Each printcolumn(...) repeats the same keys, which clippy takes for duplicated attributes.
@@ -61,6 +63,11 @@ pub struct WebhookUserSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0), extend("format" = "int32"))]
     pub max_listeners: Option<u32>,
+
+    /// The delivery policy of this user's Listeners, field by field under what each Listener's
+    /// own `spec.delivery` sets, and over the operator's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliverySpec>,
 }
 
 fn enabled_by_default() -> bool {

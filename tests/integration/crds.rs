@@ -197,7 +197,10 @@ async fn kubectl_get_listeners_prints_the_columns() {
     let header: Vec<&str> = stdout.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "OWNER", "USER", "EVENTS", "HOST", "READY", "REASON", "EXPIRES", "AGE"]
+        [
+            "NAME", "OWNER", "USER", "EVENTS", "HOST", "READY", "REASON", "EXPIRES", "DELIVERY",
+            "AGE"
+        ]
     );
     let row = stdout.lines().nth(1).unwrap();
     assert!(row.starts_with("shown"));

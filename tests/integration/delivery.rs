@@ -49,6 +49,7 @@ fn target(listener: &str, generation: i64, url: Url) -> DeliveryTarget {
         client_id: Arc::from("owner-1"),
         client_secret: ClientSecret::new(SECRET),
         user_id: Arc::from("user-1"),
+        delivery: Arc::default(),
     }
 }
 

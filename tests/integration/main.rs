@@ -7,6 +7,7 @@ mod api;
 mod chart;
 mod crds;
 mod delivery;
+mod delivery_policy;
 mod facade_hardening;
 mod handover;
 mod handover_peer;
