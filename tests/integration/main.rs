@@ -12,6 +12,7 @@ mod handover;
 mod handover_peer;
 mod leader;
 mod namespaces;
+mod observability;
 mod operator;
 mod rbac;
 mod simulator;
