@@ -161,6 +161,8 @@ fn the_schema_refuses_bad_values_with_a_clear_message() {
             "/handover/progressInterval",
         ),
         ("containerPorts.handover=0", "/containerPorts/handover"),
+        ("traces.otlpEndpoint=collector:4317", "/traces/otlpEndpoint"),
+        ("dashboards.label=", "/dashboards/label"),
     ] {
         let output = Command::new(helm())
             .args(["template", "r"])

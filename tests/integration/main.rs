@@ -19,4 +19,5 @@ mod simulator;
 mod simulator_python;
 mod standby;
 mod stream_hardening;
+mod traces;
 mod trust;
