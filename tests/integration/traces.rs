@@ -20,7 +20,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::support::cluster::eventually;
 use crate::support::operator::{Harness, ALLOW_LOOPBACK, WAIT};
-use crate::support::receiver::Receiver;
+use crate::support::receiver::{Receiver, Reply};
 
 /// An OTLP trace receiver on 127.0.0.1 that keeps every span it is sent.
 #[derive(Clone, Default)]
@@ -90,7 +90,8 @@ async fn receive_route_and_attempt_spans_reach_an_otlp_receiver() {
     let mut flags = ALLOW_LOOPBACK.to_vec();
     flags.extend(["--otlp-endpoint", endpoint.as_str()]);
     let h = Harness::start_with("traces", Arc::new(SystemClock), &flags).await;
-    let receiver = Receiver::start().await;
+    // The first attempt fails and is retried: two attempt spans under one trace.
+    let receiver = Receiver::scripted([Reply::status(500)], Reply::status(200)).await;
     let url = receiver.url_with_path("/hooks/private-path?key=query-secret");
     let token = h
         .ready_listener("traced", "owner", &["command"], &url)
@@ -100,16 +101,23 @@ async fn receive_route_and_attempt_spans_reach_an_otlp_receiver() {
         .publish(&[samples::multi_switch("sphere-1")])
         .await
         .expect("the simulator publishes");
-    let request = receiver.wait_for_requests(1, WAIT).await.remove(0);
-    let traceparent = request
-        .header("traceparent")
-        .expect("the delivery carries a traceparent")
-        .to_owned();
+    let requests = receiver.wait_for_requests(2, WAIT).await;
+    let traceparents: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            r.header("traceparent")
+                .expect("every attempt carries a traceparent")
+                .to_owned()
+        })
+        .collect();
 
-    let attempt = eventually("the attempt span", WAIT, || async {
-        otlp.named("delivery attempt").into_iter().next()
+    let attempts = eventually("both attempt spans", WAIT, || async {
+        let mut attempts = otlp.named("delivery attempt");
+        attempts.sort_by_key(|s| s.start_time_unix_nano);
+        (attempts.len() == 2).then_some(attempts)
     })
     .await;
+    let (failed, attempt) = (&attempts[0], &attempts[1]);
     let route = eventually("the route span", WAIT, || async {
         otlp.named("route").into_iter().next()
     })
@@ -124,9 +132,33 @@ async fn receive_route_and_attempt_spans_reach_an_otlp_receiver() {
     assert_eq!(route.trace_id, receive.trace_id);
     assert_eq!(attempt.trace_id, route.trace_id);
     assert_eq!(attempt.parent_span_id, route.span_id);
+    assert_eq!(failed.trace_id, attempt.trace_id);
+    assert_eq!(failed.parent_span_id, route.span_id);
+    for (traceparent, span) in traceparents.iter().zip([failed, attempt]) {
+        assert_eq!(
+            *traceparent,
+            format!("00-{}-{}-01", hex(&span.trace_id), hex(&span.span_id))
+        );
+    }
     assert_eq!(
-        traceparent,
-        format!("00-{}-{}-01", hex(&attempt.trace_id), hex(&attempt.span_id))
+        attribute(failed, "http.response.status_code"),
+        Some(&AnyValue::IntValue(500))
+    );
+    assert_eq!(
+        attribute(failed, "crownstone_webhooks.attempt.result"),
+        Some(&AnyValue::StringValue("server_error".into()))
+    );
+    assert_eq!(
+        failed.status.as_ref().map(|s| s.code),
+        Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
+    );
+    assert_eq!(
+        attribute(failed, "http.request.resend_count"),
+        Some(&AnyValue::IntValue(0))
+    );
+    assert_eq!(
+        attribute(attempt, "http.request.resend_count"),
+        Some(&AnyValue::IntValue(1))
     );
 
     assert_eq!(
@@ -138,23 +170,23 @@ async fn receive_route_and_attempt_spans_reach_an_otlp_receiver() {
         Some(&AnyValue::IntValue(1))
     );
     assert_eq!(
-        attribute(&attempt, "server.address"),
+        attribute(attempt, "server.address"),
         Some(&AnyValue::StringValue("127.0.0.1".into()))
     );
     assert_eq!(
-        attribute(&attempt, "server.port"),
+        attribute(attempt, "server.port"),
         Some(&AnyValue::IntValue(i64::from(receiver.address().port())))
     );
     assert_eq!(
-        attribute(&attempt, "http.response.status_code"),
+        attribute(attempt, "http.response.status_code"),
         Some(&AnyValue::IntValue(200))
     );
     assert_eq!(
-        attribute(&attempt, "crownstone_webhooks.attempt.result"),
+        attribute(attempt, "crownstone_webhooks.attempt.result"),
         Some(&AnyValue::StringValue("success".into()))
     );
     assert!(matches!(
-        attribute(&attempt, "crownstone_webhooks.attempt.duration_ms"),
+        attribute(attempt, "crownstone_webhooks.attempt.duration_ms"),
         Some(AnyValue::DoubleValue(ms)) if *ms > 0.0
     ));
     assert!(attempt.end_time_unix_nano > attempt.start_time_unix_nano);
