@@ -35,7 +35,7 @@ pub struct TelemetryArgs {
 /// Why traces could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    /// The exporter could not be built; the message names no credentials of the endpoint.
+    /// The exporter could not be built, e.g. from a malformed endpoint.
     #[error("could not build the OTLP span exporter: {0}")]
     Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
     /// Not inside a Tokio runtime, which the gRPC client needs.
