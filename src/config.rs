@@ -112,6 +112,9 @@ pub struct OperatorArgs {
 
     #[command(flatten)]
     pub handover: HandoverArgs,
+
+    #[command(flatten)]
+    pub telemetry: crate::telemetry::TelemetryArgs,
 }
 
 impl OperatorArgs {

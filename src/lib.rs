@@ -20,3 +20,4 @@ pub mod operator;
 pub mod receiver;
 pub mod resources;
 pub mod simulator;
+pub mod telemetry;

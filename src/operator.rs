@@ -62,6 +62,8 @@ pub enum OperatorError {
     Leader(#[from] LeaderError),
     #[error(transparent)]
     Handover(#[from] HandoverError),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -206,6 +208,7 @@ pub async fn start(
     let delivery_config =
         DeliveryConfig::try_from(args.delivery.clone()).map_err(DeliveryError::Config)?;
     let engine = DeliveryEngine::with_clock(delivery_config, &mut registry, clock.clone())?;
+    engine.set_tracing(crate::telemetry::Tracing::start(&args.telemetry)?);
     let forwarder_metrics = ForwarderMetrics::register(&mut registry);
     let controller_metrics = ControllerMetrics::register(&mut registry);
     let handover_metrics = HandoverMetrics::register(&mut registry);

@@ -37,6 +37,9 @@ use crate::http1::{self, Http1Error, ResponseBody};
 /// `User-Agent` of every delivery.
 pub const USER_AGENT: &str = concat!("crownstone-webhooks/", env!("CARGO_PKG_VERSION"));
 
+/// The W3C Trace Context header every delivery carries.
+const TRACEPARENT: &str = "traceparent";
+
 /// Response bytes read (and discarded) before a connection is given up instead of reused: a
 /// receiver cannot make us read an endless body.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
@@ -210,6 +213,8 @@ pub(crate) struct AttemptRequest<'a> {
     pub signing_key: &'a SigningKeys,
     pub timestamp: DateTime<Utc>,
     pub timeout: Duration,
+    /// The W3C `traceparent` value, so the receiver's trace joins ours.
+    pub traceparent: &'a [u8],
 }
 
 /// How an attempt ended, and the connection when it can carry another request.
@@ -301,6 +306,7 @@ impl Connection {
         push_header(out, WEBHOOK_TIMESTAMP, b"");
         let _ = write!(out, "{unix}");
         push_header(out, WEBHOOK_SIGNATURE, signature.as_bytes());
+        push_header(out, TRACEPARENT, request.traceparent);
         if let Some(authorization) = request.authorization {
             push_header(
                 out,
@@ -639,6 +645,7 @@ mod tests {
                 signing_key: &self.key,
                 timestamp: Utc::now(),
                 timeout,
+                traceparent: b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             };
             attempt(connector, idle, request).await
         }

@@ -38,6 +38,7 @@ use super::{
     DropReason, PreparedTarget, Shared,
 };
 use crate::handover::Settle;
+use crate::telemetry::DeliveryTrace;
 
 /// Where connections go: deliveries to the same destination share a queue and a limit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -100,6 +101,8 @@ pub(crate) struct Delivery {
     pub(crate) settle_handle: Option<Settle>,
     /// The engine's count of abandons when the delivery was submitted.
     pub(crate) lead: u64,
+    /// The trace the delivery's attempts belong to.
+    pub(crate) trace: DeliveryTrace,
 }
 
 /// How a delivery ended.
@@ -134,6 +137,7 @@ impl Delivery {
             settled: false,
             settle_handle: None,
             lead: 0,
+            trace: DeliveryTrace::UNTRACED,
         }
     }
 
@@ -566,6 +570,11 @@ async fn send(
             body
         }
     };
+    let trace = shared.tracing().attempt(
+        &delivery.trace,
+        &delivery.target.request_url,
+        delivery.attempts,
+    );
     let started = Instant::now();
     let attempt = client::attempt(
         &shared.connector,
@@ -578,13 +587,16 @@ async fn send(
             signing_key: &delivery.target.signing_key,
             timestamp: shared.clock.now(),
             timeout: delivery.target.retry.timeout,
+            traceparent: trace.traceparent(),
         },
     )
     .await;
+    let elapsed = started.elapsed();
+    trace.finish(&attempt.result, elapsed);
     Attempted {
         delivery,
         result: attempt.result,
-        elapsed: started.elapsed(),
+        elapsed,
         connection: attempt.connection,
     }
 }

@@ -28,7 +28,7 @@ use std::{
     fmt,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
     time::Duration,
 };
@@ -38,6 +38,7 @@ use bytes::Bytes;
 use crate::domain::OwnerKey;
 pub use crate::domain::{ClientSecret, ListenerId};
 use crate::handover::{webhook_id, EventPlace, Settle};
+use crate::telemetry::Tracing;
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use http::HeaderValue;
@@ -382,6 +383,16 @@ pub(crate) struct Shared {
     abort: CancellationToken,
     live_dispatchers: AtomicUsize,
     dispatcher_exit: Notify,
+    /// Spans of routing and attempts; unset: traces off.
+    tracing: OnceLock<Tracing>,
+}
+
+impl Shared {
+    /// The spans to make, or none.
+    pub(crate) fn tracing(&self) -> &Tracing {
+        static OFF: Tracing = Tracing::disabled();
+        self.tracing.get().unwrap_or(&OFF)
+    }
 }
 
 impl DeliveryEngine {
@@ -423,8 +434,19 @@ impl DeliveryEngine {
                 abort: CancellationToken::new(),
                 live_dispatchers: AtomicUsize::new(0),
                 dispatcher_exit: Notify::new(),
+                tracing: OnceLock::new(),
             }),
         })
+    }
+
+    /// Traces routing and attempts with `tracing` from now on; only the first call counts.
+    pub fn set_tracing(&self, tracing: Tracing) {
+        let _ = self.shared.tracing.set(tracing);
+    }
+
+    /// The spans the engine makes, for the forwarders' receive and route spans.
+    pub fn tracing(&self) -> &Tracing {
+        self.shared.tracing()
     }
 
     /// Queues one event for one listener and returns at once. `event` is the event's JSON as it
@@ -539,6 +561,7 @@ impl DeliveryEngine {
         );
         delivery.settle_handle = settle;
         delivery.lead = shared.abandons.load(Ordering::Acquire);
+        delivery.trace = shared.tracing().delivery();
         loop {
             match queue.push(delivery) {
                 Ok(()) => return Submission::Queued,

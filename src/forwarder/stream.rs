@@ -14,6 +14,7 @@ use crate::delivery::DeliveryTarget;
 use crate::domain::Skip;
 use crate::handover::{EventDigest, EventPlace, LoggedEvent, Seq, Settle, TokenLog};
 use crate::index::{Allowance, Routed};
+use crate::telemetry::{EventTrace, RouteTrace};
 
 /// The longest `Reconnecting` reason, in characters: it ends up in a Listener condition, and
 /// part of it can come from the event server or the network.
@@ -237,10 +238,19 @@ pub(super) fn deliver(
     scratch: &mut Scratch,
 ) {
     shared.metrics.events.inc();
+    // Spans only with traces on; ended when dropped, the route span first.
+    let received = shared
+        .engine
+        .tracing()
+        .receive(hash, event_type.as_str(), json.len());
+    let routing;
     let digest = EventDigest::of(&json);
     let (seq, epoch) = {
         let mut log = log.lock();
         if log.is_standby() {
+            if let Some(received) = &received {
+                received.buffered();
+            }
             log.buffer(
                 LoggedEvent {
                     event_type,
@@ -255,7 +265,11 @@ pub(super) fn deliver(
             return;
         }
         // Routed under the log's lock, so a freeze or a change of role falls between events.
+        routing = received.as_ref().map(EventTrace::route);
         let deliveries = route(shared, hash, event_type, scratch);
+        if let Some(routing) = &routing {
+            routing.routed(deliveries);
+        }
         match log.record(digest, deliveries) {
             Some(seq) => (seq, log.epoch()),
             None => {
@@ -264,7 +278,9 @@ pub(super) fn deliver(
             }
         }
     };
-    // Submitted without the lock: a delivery settled at once takes it.
+    // Submitted without the lock: a delivery settled at once takes it. Under the route span,
+    // so each delivery's trace hangs below it.
+    let _current = routing.as_ref().map(RouteTrace::attach);
     let event = PlacedEvent {
         log,
         hash,

@@ -161,6 +161,8 @@ fn the_schema_refuses_bad_values_with_a_clear_message() {
             "/handover/progressInterval",
         ),
         ("containerPorts.handover=0", "/containerPorts/handover"),
+        ("traces.otlpEndpoint=collector:4317", "/traces/otlpEndpoint"),
+        ("dashboards.label=", "/dashboards/label"),
     ] {
         let output = Command::new(helm())
             .args(["template", "r"])
@@ -175,14 +177,14 @@ fn the_schema_refuses_bad_values_with_a_clear_message() {
 }
 
 /// The documents of a render, by kind and name.
-fn documents(rendered: &str) -> Vec<Value> {
+pub(crate) fn documents(rendered: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(rendered)
         .map(|doc| Value::deserialize(doc).unwrap())
         .filter(|doc| !doc.is_null())
         .collect()
 }
 
-fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+pub(crate) fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
     docs.iter()
         .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
 }
@@ -389,7 +391,9 @@ async fn both_renders_apply_to_a_real_api_server() {
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .args(["apply", "--server-side", "-f"])
-            .arg(fixture("servicemonitor-crd.yaml")),
+            .arg(fixture("servicemonitor-crd.yaml"))
+            .arg("-f")
+            .arg(fixture("prometheusrule-crd.yaml")),
     );
     run_ok(
         Command::new(&control_plane().kubectl)
@@ -399,6 +403,7 @@ async fn both_renders_apply_to_a_real_api_server() {
                 "wait",
                 "--for=condition=Established",
                 "crd/servicemonitors.monitoring.coreos.com",
+                "crd/prometheusrules.monitoring.coreos.com",
             ]),
     );
     let all = fixture("chart-all-options.yaml");
@@ -438,7 +443,7 @@ async fn both_renders_apply_to_a_real_api_server() {
             .arg(&kubeconfig)
             .args([
                 "get",
-                "servicemonitors,networkpolicies,poddisruptionbudgets,roles,rolebindings,serviceaccounts,services",
+                "servicemonitors,prometheusrules,configmaps,networkpolicies,poddisruptionbudgets,roles,rolebindings,serviceaccounts,services",
                 "-n",
                 &ns.name,
                 "-o",
@@ -447,6 +452,8 @@ async fn both_renders_apply_to_a_real_api_server() {
     );
     for kind in [
         "servicemonitor",
+        "prometheusrule",
+        "configmap/chart-apply",
         "networkpolicy",
         "poddisruptionbudget",
         "role.rbac",
