@@ -732,6 +732,7 @@ mod tests {
                 seq: 2,
                 tail: digests,
                 delivered_through: 2,
+                chain: None,
             }]);
             let mut listener = entry("l", &token);
             listener.url = Arc::new(url.clone());

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{EventDigest, Seq, TokenProgress, MAX_TAIL};
+use super::{EventChain, EventDigest, Seq, TokenProgress, MAX_TAIL};
 use crate::crownstone::EventType;
 use crate::domain::TokenHash;
 use crate::metrics::ForwarderMetrics;
@@ -133,6 +133,9 @@ pub struct TokenLog {
     unsettled: VecDeque<u32>,
     /// Leading: progress changed since the last record was taken.
     dirty: bool,
+    /// Leading: the chain over the places numbered without a break, up to `chain_end`.
+    chain: EventChain,
+    chain_end: Seq,
     /// Standby: the events held for a takeover, oldest first.
     buffer: VecDeque<Held>,
     buffer_bytes: usize,
@@ -199,6 +202,8 @@ impl TokenLog {
             delivered_through: 0,
             unsettled: VecDeque::new(),
             dirty: false,
+            chain: EventChain::starting_at(0),
+            chain_end: 0,
             buffer: VecDeque::new(),
             buffer_bytes: 0,
             offset: None,
@@ -236,6 +241,12 @@ impl TokenLog {
     /// Numbers an event `seq`, after the last one; the places skipped are settled.
     fn record_at(&mut self, seq: Seq, digest: EventDigest, deliveries: u32) {
         self.skip_to(seq - 1);
+        // A place skipped has no digest to fold: the chain starts again after it.
+        if self.chain_end != seq - 1 {
+            self.chain = EventChain::starting_at(seq - 1);
+        }
+        self.chain = self.chain.fold(digest);
+        self.chain_end = seq;
         self.count = seq;
         self.unsettled.push_back(deliveries);
         self.history.push_back((seq, digest));
@@ -299,6 +310,7 @@ impl TokenLog {
             seq,
             tail: self.history.iter().map(|(_, digest)| *digest).collect(),
             delivered_through: self.delivered_through.min(seq),
+            chain: (self.chain_end == seq && seq > 0).then_some(self.chain),
         })
     }
 
@@ -468,6 +480,7 @@ impl TokenLog {
             .is_some_and(|(l, s)| i128::from(s) - i128::from(l) == i128::from(offset));
         let vouched_from = match self.anchor {
             Some((l, _)) if consistent => l + 1,
+            None => self.chained_from(local, record).unwrap_or(local + 1 - k),
             _ => local + 1 - k,
         };
         for held in self.buffer.iter_mut() {
@@ -489,6 +502,32 @@ impl TokenLog {
             }
         }
         self.buffer = kept;
+    }
+
+    /// Standby, on a first alignment at `local`: where the run of this replica's events that
+    /// the record's chain vouches for begins, if its own events fold to the same chain. Equal
+    /// chains mean both streams read the same events there, so even an event each stream missed
+    /// elsewhere cannot slip through, as equal counts alone would let it.
+    fn chained_from(&self, local: u64, record: &TokenProgress) -> Option<u64> {
+        let chain = record.chain?;
+        let n = record.seq.checked_sub(chain.from)?;
+        if n == 0 || n > local {
+            return None;
+        }
+        let start = local - n + 1;
+        let mut expected = start;
+        let mut folded = EventChain::starting_at(chain.from);
+        for &(number, digest) in self.history.iter() {
+            if number < start || number > local {
+                continue;
+            }
+            if number != expected {
+                return None;
+            }
+            folded = folded.fold(digest);
+            expected += 1;
+        }
+        (expected == local + 1 && folded == chain).then_some(start)
     }
 
     /// Standby -> leading: hands `route` each buffered event the leader did not settle, in
@@ -547,6 +586,8 @@ impl TokenLog {
             .map_or(floor, |first| first - 1);
         self.count = base;
         self.delivered_through = base;
+        self.chain = EventChain::starting_at(base);
+        self.chain_end = base;
         for (event, place) in held.iter().zip(&places) {
             let deliveries = route(*place, &event.event);
             // Events before the leader's first are delivered but not counted: nothing after

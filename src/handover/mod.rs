@@ -39,6 +39,50 @@ impl EventDigest {
     }
 }
 
+/// A running hash over the digests of a leader's consecutive places `from + 1 ..= seq`, folded
+/// one event at a time: a standby that folds its own events alike and gets the same value knows
+/// it read exactly the events the leader numbered there, not just the record's tail. Records are
+/// authenticated, so it only has to tell different runs apart, not resist forgery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventChain {
+    /// The place before the first event folded: 0 from the leader's first event, else where a
+    /// takeover or a skipped place started the chain again.
+    pub from: Seq,
+    /// The fold of every digest since `from`.
+    pub hash: u64,
+}
+
+impl EventChain {
+    /// The value of a chain with nothing folded yet.
+    const EMPTY: u64 = 0x6372_6f77_6e73_746f;
+
+    /// A chain with nothing folded after `from`.
+    pub fn starting_at(from: Seq) -> Self {
+        Self {
+            from,
+            hash: Self::EMPTY,
+        }
+    }
+
+    /// The chain with one more event.
+    pub fn fold(self, digest: EventDigest) -> Self {
+        Self {
+            from: self.from,
+            hash: mix(self.hash ^ digest.0),
+        }
+    }
+}
+
+/// A bijection on 64 bits that spreads every input bit (splitmix64's finalizer): a change of
+/// any digest, or of their order, changes the chain.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// How far the leader is on one token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -53,6 +97,10 @@ pub struct TokenProgress {
     /// Every event up to this place is settled (delivered, or given up for good, on every
     /// Listener it was routed to): nobody needs to deliver it again.
     pub delivered_through: Seq,
+    /// The chain over the leader's events up to `seq`. Absent from a leader that does not make
+    /// one: only the tail then vouches for events on a standby's first alignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<EventChain>,
 }
 
 /// What a replica does with the events it reads.

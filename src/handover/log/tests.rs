@@ -43,6 +43,30 @@ fn record(seq: Seq, tail: &[u64], delivered_through: Seq) -> TokenProgress {
         seq,
         tail: tail.iter().map(|&n| digest(n)).collect(),
         delivered_through,
+        chain: None,
+    }
+}
+
+/// The chain a leader that numbered `events` (by number) after `from` sends.
+fn chain(from: Seq, events: impl IntoIterator<Item = u64>) -> EventChain {
+    events
+        .into_iter()
+        .fold(EventChain::starting_at(from), |chain, n| {
+            chain.fold(digest(n))
+        })
+}
+
+/// A record with the chain over `events` after `from`.
+fn chained(
+    seq: Seq,
+    tail: &[u64],
+    delivered_through: Seq,
+    from: Seq,
+    events: impl IntoIterator<Item = u64>,
+) -> TokenProgress {
+    TokenProgress {
+        chain: Some(chain(from, events)),
+        ..record(seq, tail, delivered_through)
     }
 }
 
@@ -133,12 +157,12 @@ fn records_carry_the_last_digests_and_only_when_something_changed() {
         log.record(digest(n), 0);
     }
     assert_eq!(log.shared.take_changed(), vec![token()], "named once");
-    assert_eq!(log.progress(), Some(record(6, &[3, 4, 5, 6], 6)));
+    assert_eq!(log.progress(), Some(chained(6, &[3, 4, 5, 6], 6, 0, 1..=6)));
     assert_eq!(log.progress(), None, "nothing changed since");
     assert_eq!(log.shared.take_changed(), vec![]);
     log.record(digest(7), 1);
     assert_eq!(log.shared.take_changed(), vec![token()]);
-    assert_eq!(log.progress(), Some(record(7, &[4, 5, 6, 7], 6)));
+    assert_eq!(log.progress(), Some(chained(7, &[4, 5, 6, 7], 6, 0, 1..=7)));
 }
 
 #[test]
@@ -151,7 +175,7 @@ fn a_frozen_log_routes_nothing_more_and_still_settles() {
     log.lock().buffer(event(2), Instant::now());
     assert_eq!(log.lock().buffered(), 0, "a frozen log buffers nothing");
     Settle::new(Arc::clone(&log), 1, epoch).settled();
-    assert_eq!(log.lock().progress(), Some(record(1, &[1], 1)));
+    assert_eq!(log.lock().progress(), Some(chained(1, &[1], 1, 0, [1])));
 }
 
 #[test]
@@ -232,7 +256,7 @@ fn a_standby_that_never_aligned_delivers_everything_in_its_own_numbering() {
     }
     log.apply(&record(9, &[40, 41], 9), now);
     assert_eq!(take_over(&mut log), vec![(1, 1), (2, 2), (3, 3)]);
-    assert_eq!(log.progress(), Some(record(3, &[1, 2, 3], 0)));
+    assert_eq!(log.progress(), Some(chained(3, &[1, 2, 3], 0, 0, 1..=3)));
 }
 
 #[test]
@@ -284,4 +308,96 @@ fn a_leader_that_stands_by_buffers_and_can_lead_again() {
     log.buffer(event(2), Instant::now());
     assert_eq!(log.progress(), None, "a standby publishes nothing");
     assert_eq!(take_over(&mut log), vec![(2, 2)]);
+}
+
+#[test]
+fn a_first_alignment_with_the_same_chain_vouches_for_every_earlier_event() {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=7 {
+        log.buffer(event(n), now);
+    }
+    // The first record's tail holds 2..5 only; its chain says 1 was the leader's too.
+    log.apply(&chained(5, &[2, 3, 4, 5], 5, 0, 1..=5), now);
+    assert_eq!(take_over(&mut log), vec![(6, 6), (7, 7)]);
+}
+
+#[test]
+fn events_before_the_leaders_first_keep_place_zero_under_a_matching_chain() {
+    let mut log = standby();
+    let now = Instant::now();
+    // The standby's stream began two events before the leader's: its 1 and 2 are not the
+    // leader's.
+    for n in 1..=8 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(5, &[4, 5, 6, 7], 5, 0, 3..=7), now);
+    assert_eq!(take_over(&mut log), vec![(0, 1), (0, 2), (6, 8)]);
+}
+
+#[test]
+fn a_chain_that_differs_vouches_only_for_the_tail() {
+    let now = Instant::now();
+    // Each stream missed a different event and both counted five: the leader read
+    // 1 2 3 4 5 6, the standby 0 2 3 4 5 6 (0 it read, the leader did not).
+    let mut log = standby();
+    for n in [0, 2, 3, 4, 5, 6] {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(6, &[3, 4, 5, 6], 6, 0, 1..=6), now);
+    // 0 and 2 stay, in the standby's own count: nothing says which of them the leader read.
+    assert_eq!(take_over(&mut log), vec![(1, 0), (2, 2)]);
+    // A record from a leader that makes no chain vouches for its tail alone, as before.
+    let mut log = standby();
+    for n in 1..=6 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&record(6, &[3, 4, 5, 6], 6), now);
+    assert_eq!(take_over(&mut log), vec![(1, 1), (2, 2)]);
+}
+
+#[test]
+fn a_chain_starts_again_after_a_takeover_and_after_a_skipped_place() {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=4 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(12, &[3, 4], 11, 8, [1, 2, 3, 4]), now);
+    assert_eq!(log.buffered(), 1, "9..11 settled, 12 not");
+    take_over(&mut log);
+    // Numbering continues from the leader's last settled place: the chain starts after it.
+    assert_eq!(
+        log.progress().and_then(|record| record.chain),
+        Some(chain(11, [4]))
+    );
+    log.record(digest(5), 0);
+    assert_eq!(
+        log.progress().and_then(|record| record.chain),
+        Some(chain(11, [4, 5]))
+    );
+    // A place skipped on takeover breaks the run: the chain starts after it.
+    let mut log = standby();
+    // This stream missed 3.
+    for n in [1, 2, 4, 5] {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(2, &[1, 2], 0, 0, [1, 2]), now);
+    log.apply(&chained(5, &[4, 5], 0, 0, 1..=5), now);
+    assert_eq!(take_over(&mut log), vec![(1, 1), (2, 2), (4, 4), (5, 5)]);
+    assert_eq!(
+        log.progress().and_then(|record| record.chain),
+        Some(chain(3, [4, 5]))
+    );
+}
+
+#[test]
+fn a_chain_needs_every_event_it_covers_in_the_history() {
+    let mut log = standby();
+    let now = Instant::now();
+    log.buffer(event(1), now);
+    // The chain covers three events; this replica read one: no more than the tail is vouched.
+    log.apply(&chained(3, &[1], 3, 0, [9, 8, 1]), now);
+    assert_eq!(log.offset, Some(2));
+    assert_eq!(log.buffered(), 0, "the tail's event is settled");
 }

@@ -368,6 +368,7 @@ mod tests {
                 seq: 9,
                 tail: vec![EventDigest(1)],
                 delivered_through: 9,
+                chain: None,
             }],
         })
         .unwrap()

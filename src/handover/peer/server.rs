@@ -427,6 +427,7 @@ mod tests {
             seq,
             tail: vec![EventDigest(seq)],
             delivered_through: seq.saturating_sub(1),
+            chain: None,
         }
     }
 
