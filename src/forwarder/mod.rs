@@ -24,7 +24,8 @@ pub use events::{EventStream, EventStreamClient, EventStreamSetupError, OpenErro
 use crate::delivery::DeliveryEngine;
 use crate::domain::ListenerId;
 use crate::handover::{
-    BufferLimits, LogShared, ProgressSink, ProgressSource, Role, TokenLog, TokenProgress,
+    BufferLimits, FillDecision, GapFill, LogShared, ProgressSink, ProgressSource, Role, Seq,
+    TokenLog, TokenProgress,
 };
 use crate::index::{ListenerEntry, RoutingIndex};
 use crate::metrics::ForwarderMetrics;
@@ -314,8 +315,7 @@ impl ForwarderRegistry {
         self.len() == 0
     }
 
-    /// The log of a token's forwarder, for tests.
-    #[cfg(test)]
+    /// The log of a token's forwarder.
     fn log(&self, hash: &TokenHash) -> Option<Arc<Mutex<TokenLog>>> {
         self.forwarders.lock().get(hash).map(|f| Arc::clone(&f.log))
     }
@@ -344,6 +344,13 @@ impl ProgressSource for ForwarderRegistry {
             .filter_map(|log| log.lock().progress())
             .collect()
     }
+
+    fn fill_gap(&self, fill: GapFill) -> FillDecision {
+        match self.log(&fill.token) {
+            Some(log) => stream::fill_gap(&self.shared, fill.token, &log, fill.at, fill.events),
+            None => FillDecision::Ignored,
+        }
+    }
 }
 
 impl ProgressSink for ForwarderRegistry {
@@ -359,6 +366,16 @@ impl ProgressSink for ForwarderRegistry {
                 Some(log) => log.lock().apply(record, now),
                 None => self.keep_waiting(record, now),
             }
+        }
+    }
+
+    fn take_fills(&self) -> Vec<GapFill> {
+        self.shared.logs.take_fills()
+    }
+
+    fn fill_answered(&self, token: &TokenHash, at: Seq, accepted: bool) {
+        if let Some(log) = self.log(token) {
+            log.lock().fill_answered(at, accepted);
         }
     }
 }
@@ -733,6 +750,7 @@ mod tests {
                 tail: digests,
                 delivered_through: 2,
                 chain: None,
+                gaps: Vec::new(),
             }]);
             let mut listener = entry("l", &token);
             listener.url = Arc::new(url.clone());

@@ -8,9 +8,12 @@ mod ids;
 mod log;
 
 pub use ids::webhook_id;
-pub use log::{BufferLimits, EventPlace, LogShared, LoggedEvent, Settle, TokenLog};
+pub use log::{
+    BufferLimits, EventPlace, FillDecision, LogShared, LoggedEvent, Settle, TokenLog, GAP_TIMEOUT,
+};
 pub mod peer;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -23,6 +26,35 @@ pub type Seq = u64;
 
 /// The most digests a progress record carries to say where it is.
 pub const MAX_TAIL: usize = 4;
+
+/// Places of live events stay below this; the events filled into a gap take places above it.
+const GAP_SHIFT: u32 = 48;
+
+/// The most events one gap takes: its events' places count them in 16 bits.
+pub const MAX_GAP_EVENTS: usize = (1 << (64 - GAP_SHIFT)) - 1;
+
+/// The place of the `k`-th event (from 1) filled into the gap after the leader's `at`: the
+/// same on every replica, and no live event's, as long as `at` < 2^48 and `k` < 2^16.
+pub fn gap_place(at: Seq, k: u64) -> Seq {
+    (k << GAP_SHIFT) | (at & ((1 << GAP_SHIFT) - 1))
+}
+
+/// The gap (`at`) and the event's number in it (`k`) of a gap place; `None` for a live place.
+pub fn split_gap_place(place: Seq) -> Option<(Seq, u64)> {
+    let k = place >> GAP_SHIFT;
+    (k > 0).then_some((place & ((1 << GAP_SHIFT) - 1), k))
+}
+
+/// The events a standby read in a gap of the leader's stream, in order, for the leader to
+/// deliver as if it had read them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GapFill {
+    pub token: TokenHash,
+    /// The leader's last event before the gap.
+    pub at: Seq,
+    /// Each event's JSON as the standby read it.
+    pub events: Vec<Bytes>,
+}
 
 /// What identifies an event's bytes: the first 8 bytes of their SHA-256, the same on every
 /// replica.
@@ -101,6 +133,10 @@ pub struct TokenProgress {
     /// one: only the tail then vouches for events on a standby's first alignment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain: Option<EventChain>,
+    /// Gaps in the leader's stream waiting for a standby's fill: each the place of the last
+    /// event the leader read before its stream reconnected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gaps: Vec<Seq>,
 }
 
 /// What a replica does with the events it reads.
@@ -116,10 +152,24 @@ pub enum Role {
 pub trait ProgressSource: Send + Sync + 'static {
     /// The records of the tokens whose progress changed since the previous call.
     fn changed_progress(&self) -> Vec<TokenProgress>;
+
+    /// Delivers a standby's events of a gap in this replica's stream, if the gap is open and
+    /// nobody filled it yet.
+    fn fill_gap(&self, _fill: GapFill) -> FillDecision {
+        FillDecision::Ignored
+    }
 }
 
 /// A standby's forwarders, as the transport between replicas sees them.
 pub trait ProgressSink: Send + Sync + 'static {
     /// Aligns the buffers of these tokens with the leader's records and drops what is settled.
     fn apply_progress(&self, records: &[TokenProgress]);
+
+    /// The fills of the leader's gaps found since the previous call, to send to it.
+    fn take_fills(&self) -> Vec<GapFill> {
+        Vec::new()
+    }
+
+    /// What the leader made of a fill this replica sent.
+    fn fill_answered(&self, _token: &TokenHash, _at: Seq, _accepted: bool) {}
 }

@@ -47,6 +47,7 @@ fn record(token: &str, seq: u64) -> TokenProgress {
         tail: vec![EventDigest(seq)],
         delivered_through: seq,
         chain: None,
+        gaps: Vec::new(),
     }
 }
 

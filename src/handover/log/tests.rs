@@ -39,6 +39,7 @@ fn digest(n: u64) -> EventDigest {
 
 fn record(seq: Seq, tail: &[u64], delivered_through: Seq) -> TokenProgress {
     TokenProgress {
+        gaps: Vec::new(),
         token: token(),
         seq,
         tail: tail.iter().map(|&n| digest(n)).collect(),
@@ -400,4 +401,137 @@ fn a_chain_needs_every_event_it_covers_in_the_history() {
     log.apply(&chained(3, &[1], 3, 0, [9, 8, 1]), now);
     assert_eq!(log.offset, Some(2));
     assert_eq!(log.buffered(), 0, "the tail's event is settled");
+}
+
+#[test]
+fn a_gap_holds_the_leaders_watermark_until_its_fill_settles() {
+    let log = leader();
+    {
+        let mut log = log.lock();
+        log.record(digest(1), 0);
+        log.record(digest(2), 0);
+        log.mark_gap();
+        log.mark_gap();
+        log.record(digest(5), 0);
+    }
+    let first = log.lock().progress().unwrap();
+    // Everything read is settled, but the gap after 2 is open.
+    assert_eq!(
+        (first.seq, first.delivered_through, first.gaps),
+        (3, 2, vec![2])
+    );
+    assert_eq!(log.lock().fill(2, 2), FillDecision::Accepted);
+    assert_eq!(
+        log.lock().fill(2, 2),
+        FillDecision::Ignored,
+        "only the first"
+    );
+    assert_eq!(log.lock().fill(7, 1), FillDecision::Ignored, "no such gap");
+    log.lock().hold_fill(2, 1);
+    log.lock().hold_fill(2, 1);
+    let filled = log.lock().progress().unwrap();
+    assert_eq!((filled.delivered_through, filled.gaps), (2, vec![]));
+    let epoch = log.lock().epoch();
+    Settle::new(Arc::clone(&log), gap_place(2, 2), epoch).settled();
+    assert_eq!(log.lock().progress().unwrap().delivered_through, 2);
+    Settle::new(Arc::clone(&log), gap_place(2, 1), epoch).settled();
+    assert_eq!(log.lock().progress().unwrap().delivered_through, 3);
+}
+
+#[test]
+fn a_gap_no_fill_comes_for_times_out_after_the_first_event_behind_it() {
+    let log = leader();
+    let mut log = log.lock();
+    log.record(digest(1), 0);
+    log.mark_gap();
+    let later = Instant::now() + GAP_TIMEOUT * 3;
+    // Nothing read behind the gap yet: it holds, however long.
+    let record = log.progress_at(later).unwrap();
+    assert_eq!((record.delivered_through, record.gaps), (1, vec![1]));
+    log.record(digest(2), 0);
+    let record = log.progress_at(Instant::now()).unwrap();
+    assert_eq!((record.delivered_through, record.gaps), (1, vec![1]));
+    let record = log.progress_at(later).unwrap();
+    assert_eq!((record.delivered_through, record.gaps), (2, vec![]));
+    assert_eq!(log.fill(1, 1), FillDecision::Ignored, "too late");
+    assert_eq!(log.shared.metrics.gaps_timed_out.get(), 1);
+}
+
+/// A standby that read 1..=6 and a leader whose stream missed 3 and 4 (its 3 and 4 are 5 and
+/// 6), with the records the leader sends before and after its gap.
+fn standby_across_a_gap() -> TokenLog {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=6 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(2, &[1, 2], 0, 0, [1, 2]), now);
+    let after = TokenProgress {
+        gaps: vec![2],
+        ..chained(4, &[5, 6], 2, 0, [1, 2, 5, 6])
+    };
+    log.apply(&after, now);
+    log
+}
+
+#[test]
+fn a_standby_finds_the_events_of_the_leaders_gap_and_takes_over_with_their_gap_places() {
+    let mut log = standby_across_a_gap();
+    let fills = log.shared.take_fills();
+    assert_eq!(
+        fills,
+        vec![GapFill {
+            token: token(),
+            at: 2,
+            events: vec![event(3).json, event(4).json],
+        }]
+    );
+    assert_eq!(log.shared.take_fills(), vec![], "each fill once");
+    assert_eq!(
+        take_over(&mut log),
+        vec![(gap_place(2, 1), 3), (gap_place(2, 2), 4), (3, 5), (4, 6)]
+    );
+    // Live events number on from the leader's last place, not from the gap's.
+    assert_eq!(log.record(digest(7), 0), Some(5));
+}
+
+#[test]
+fn a_standby_drops_a_gaps_events_only_once_its_own_fill_was_taken_and_settled() {
+    let now = Instant::now();
+    let settled = TokenProgress {
+        gaps: vec![],
+        ..chained(5, &[6, 7], 5, 0, [1, 2, 5, 6, 7])
+    };
+    // Refused (another standby's fill came first, or a forged one): kept for a takeover.
+    let mut log = standby_across_a_gap();
+    log.fill_answered(2, false);
+    log.buffer(event(7), now);
+    log.apply(&settled, now);
+    assert_eq!(log.buffered(), 2);
+    // Taken: gone once the watermark passed the gap.
+    let mut log = standby_across_a_gap();
+    log.fill_answered(2, true);
+    log.buffer(event(7), now);
+    log.apply(&settled, now);
+    assert_eq!(log.buffered(), 0);
+}
+
+#[test]
+fn a_gap_with_events_that_do_not_fold_to_the_leaders_chain_is_not_filled() {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=6 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(2, &[1, 2], 0, 0, [1, 2]), now);
+    // The leader says it read 9 in between: the events around the gap are not the same.
+    let after = TokenProgress {
+        gaps: vec![2],
+        ..chained(4, &[5, 6], 2, 0, [1, 2, 9, 6])
+    };
+    log.apply(&after, now);
+    assert_eq!(log.shared.take_fills(), vec![]);
+    // Only the tail is vouched for: 3 and 4 are delivered in this replica's count, as any
+    // event the leader may have missed.
+    assert_eq!(take_over(&mut log), vec![(1, 3), (2, 4), (3, 5), (4, 6)]);
 }
