@@ -399,10 +399,15 @@ impl TokenLog {
             }
             holds
         });
-        // A gap still open keeps the watermark at it, and its record is published again each
-        // interval, so its timeout shows without another event.
+        // A gap still open keeps the watermark at it. One whose timeout runs has its record
+        // published again each interval, so the timeout shows without another event; the
+        // others change with an event behind them or a settled fill, which publish anyway.
         let held = self.gaps.iter().map(|gap| gap.at).min();
-        if held.is_some() {
+        if self
+            .gaps
+            .iter()
+            .any(|gap| !gap.filled && gap.behind.is_some())
+        {
             self.touch();
         }
         let delivered_through =

@@ -9,6 +9,7 @@ mod crds;
 mod delivery;
 mod facade_hardening;
 mod handover;
+mod handover_gap;
 mod handover_peer;
 mod leader;
 mod namespaces;
