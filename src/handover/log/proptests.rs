@@ -6,7 +6,8 @@
 //! record's tail is, an event both delivered carries the same place (hence the same
 //! `webhook-id`) from both. A rollout (the leader stops, settles everything and publishes its
 //! last record) repeats nothing where neither stream missed an event and the standby's stream
-//! began no later than the leader's.
+//! began no later than the leader's. The leader marks a gap wherever its stream missed events,
+//! the standby fills the gaps it can place, and a filled event keeps its gap place everywhere.
 
 use std::collections::{HashMap, HashSet};
 
@@ -134,9 +135,19 @@ fn run(
     let mut standby_locals: HashMap<u64, usize> = HashMap::new();
     let mut standby_read = HashSet::new();
     let mut local = 0u64;
+    // The leader's stream missed events since it last read one: it reconnected.
+    let mut leader_blipped = false;
+    let index_of: HashMap<Bytes, usize> = events
+        .iter()
+        .enumerate()
+        .map(|(index, event)| (event.json.clone(), index))
+        .collect();
     let rollout = [Step::Freeze]
         .into_iter()
-        .chain(std::iter::repeat_n(Step::Settle { pick: 0 }, events.len()))
+        .chain(std::iter::repeat_n(
+            Step::Settle { pick: 0 },
+            2 * events.len(),
+        ))
         .chain(std::iter::repeat_n(Step::StandbyReads, events.len()))
         .chain([Step::Publish])
         .chain(std::iter::repeat_n(Step::Apply, steps.len() + 2));
@@ -153,7 +164,11 @@ fn run(
                 let index = leader_at;
                 leader_at += 1;
                 if leader_misses.get(index).copied().unwrap_or(false) {
+                    leader_blipped = true;
                     continue;
+                }
+                if std::mem::take(&mut leader_blipped) {
+                    leader.lock().mark_gap();
                 }
                 if let Some(seq) = leader.lock().record(events[index].digest, 1) {
                     leader_places.insert(seq, index);
@@ -181,6 +196,22 @@ fn run(
             Step::Apply => {
                 if let Some(record) = records.pop_front() {
                     standby.apply(&record, now);
+                }
+                // The standby sends the gaps' events it found; the leader routes a fill it takes.
+                for fill in shared.take_fills() {
+                    let mut leader = leader.lock();
+                    let accepted =
+                        leader.fill(fill.at, fill.events.len()) == FillDecision::Accepted;
+                    if accepted {
+                        for (k, json) in (1..).zip(&fill.events) {
+                            leader.hold_fill(fill.at, 1);
+                            let place = gap_place(fill.at, k);
+                            leader_places.insert(place, index_of[json]);
+                            outstanding.push(place);
+                        }
+                    }
+                    drop(leader);
+                    standby.fill_answered(fill.at, accepted);
                 }
             }
             _ => {}
@@ -247,6 +278,15 @@ proptest! {
             &standby_misses,
             if rollout { Ending::Rollout } else { Ending::Crash },
         );
+        // An event the leader delivered from a standby's fill, and the standby again on taking
+        // over, has the same gap place from both.
+        for (index, seq) in &outcome.taken_over {
+            if let Some(leader_seq) = outcome.settled.get(index) {
+                if split_gap_place(*leader_seq).is_some() {
+                    prop_assert_eq!(seq, leader_seq, "filled event {} delivered by both", index);
+                }
+            }
+        }
         for index in &outcome.standby_read {
             prop_assert!(
                 outcome.settled.contains_key(index) || outcome.taken_over.contains_key(index),
