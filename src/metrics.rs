@@ -42,6 +42,14 @@ pub struct ForwarderMetrics {
     pub pending_records: Gauge,
     /// Buffered events delivered when this replica took the lead.
     pub takeover_events: Counter,
+    /// Gaps in a leading stream: it reconnected and may have missed events.
+    pub gaps_opened: Counter,
+    /// Gaps a standby filled with the events it read there.
+    pub gaps_filled: Counter,
+    /// Events delivered from standbys' fills.
+    pub events_filled: Counter,
+    /// Gaps no fill came for in time: events published in them may be lost.
+    pub gaps_timed_out: Counter,
 }
 
 impl ForwarderMetrics {
@@ -102,6 +110,26 @@ impl ForwarderMetrics {
             "takeover_events",
             "Buffered events delivered on taking the lead",
             metrics.takeover_events.clone(),
+        );
+        registry.register(
+            "gaps_opened",
+            "Reconnects of a leading stream, each a gap a standby may fill",
+            metrics.gaps_opened.clone(),
+        );
+        registry.register(
+            "gaps_filled",
+            "Gaps filled with the events a standby read in them",
+            metrics.gaps_filled.clone(),
+        );
+        registry.register(
+            "events_filled",
+            "Events delivered from standbys' fills of gaps",
+            metrics.events_filled.clone(),
+        );
+        registry.register(
+            "gaps_timed_out",
+            "Gaps no standby filled in time",
+            metrics.gaps_timed_out.clone(),
         );
         metrics
     }

@@ -24,7 +24,8 @@ pub use events::{EventStream, EventStreamClient, EventStreamSetupError, OpenErro
 use crate::delivery::DeliveryEngine;
 use crate::domain::ListenerId;
 use crate::handover::{
-    BufferLimits, LogShared, ProgressSink, ProgressSource, Role, TokenLog, TokenProgress,
+    BufferLimits, FillDecision, GapFill, LogShared, ProgressSink, ProgressSource, Role, Seq,
+    TokenLog, TokenProgress,
 };
 use crate::index::{ListenerEntry, RoutingIndex};
 use crate::metrics::ForwarderMetrics;
@@ -340,8 +341,7 @@ impl ForwarderRegistry {
         self.len() == 0
     }
 
-    /// The log of a token's forwarder, for tests.
-    #[cfg(test)]
+    /// The log of a token's forwarder.
     fn log(&self, hash: &TokenHash) -> Option<Arc<Mutex<TokenLog>>> {
         self.forwarders.lock().get(hash).map(|f| Arc::clone(&f.log))
     }
@@ -370,6 +370,13 @@ impl ProgressSource for ForwarderRegistry {
             .filter_map(|log| log.lock().progress())
             .collect()
     }
+
+    fn fill_gap(&self, fill: GapFill) -> FillDecision {
+        match self.log(&fill.token) {
+            Some(log) => stream::fill_gap(&self.shared, fill.token, &log, fill.at, fill.events),
+            None => FillDecision::Ignored,
+        }
+    }
 }
 
 impl ProgressSink for ForwarderRegistry {
@@ -385,6 +392,16 @@ impl ProgressSink for ForwarderRegistry {
                 Some(log) => log.lock().apply(record, now),
                 None => self.keep_waiting(record, now),
             }
+        }
+    }
+
+    fn take_fills(&self) -> Vec<GapFill> {
+        self.shared.logs.take_fills()
+    }
+
+    fn fill_answered(&self, token: &TokenHash, at: Seq, accepted: bool) {
+        if let Some(log) = self.log(token) {
+            log.lock().fill_answered(at, accepted);
         }
     }
 }
@@ -721,6 +738,64 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn a_fill_of_a_gap_is_delivered_once_as_if_read_with_its_gap_places() {
+            use crate::handover::gap_place;
+            let (url, ids) = receiver().await;
+            let token = Token::new("t");
+            let leader = replica(&url, &token);
+            let log = leader.log(&token.hash()).unwrap();
+            read(&leader, &token, 1);
+            read(&leader, &token, 2);
+            log.lock().mark_gap();
+            read(&leader, &token, 5);
+            let fill = |at: u64, events: Vec<Bytes>| GapFill {
+                token: token.hash(),
+                at,
+                events,
+            };
+            assert_eq!(
+                leader.fill_gap(fill(2, vec![event(3), event(4)])),
+                FillDecision::Accepted
+            );
+            assert_eq!(
+                leader.fill_gap(fill(2, vec![event(3), event(4)])),
+                FillDecision::Ignored,
+                "only the first fill"
+            );
+            // Bytes that are no event are skipped and keep their number.
+            log.lock().mark_gap();
+            read(&leader, &token, 8);
+            assert_eq!(
+                leader.fill_gap(fill(3, vec![Bytes::from_static(b"not json"), event(7)])),
+                FillDecision::Accepted
+            );
+            eventually("the deliveries", || ids.lock().len() == 7).await;
+            let mut received = ids.lock().clone();
+            received.sort();
+            let mut expected: Vec<_> = [
+                (1, 1),
+                (2, 2),
+                (gap_place(2, 1), 3),
+                (gap_place(2, 2), 4),
+                (3, 5),
+                (gap_place(3, 2), 7),
+                (4, 8),
+            ]
+            .into_iter()
+            .map(|(seq, n)| id_of(&token, seq, n))
+            .collect();
+            expected.sort();
+            assert_eq!(received, expected);
+            eventually("the watermark past both gaps", || {
+                leader
+                    .changed_progress()
+                    .last()
+                    .is_some_and(|r| r.delivered_through == 4 && r.gaps.is_empty())
+            })
+            .await;
+        }
+
+        #[tokio::test]
         async fn stopped_routing_delivers_nothing_more_and_still_reports_progress() {
             let (url, ids) = receiver().await;
             let token = Token::new("t");
@@ -759,6 +834,8 @@ mod tests {
                 seq: 2,
                 tail: digests,
                 delivered_through: 2,
+                chain: None,
+                gaps: Vec::new(),
             }]);
             let mut listener = entry("l", &token);
             listener.url = Arc::new(url.clone());

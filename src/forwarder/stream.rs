@@ -12,7 +12,9 @@ use super::{Backoff, InvalidTokenCause, Shared, StreamState, Token, TokenHash, T
 use crate::crownstone::{EventType, StreamFrame, SystemCode};
 use crate::delivery::DeliveryTarget;
 use crate::domain::Skip;
-use crate::handover::{EventDigest, EventPlace, LoggedEvent, Seq, Settle, TokenLog};
+use crate::handover::{
+    gap_place, EventDigest, EventPlace, FillDecision, LoggedEvent, Seq, Settle, TokenLog,
+};
 use crate::index::{Allowance, Routed};
 use crate::telemetry::{EventTrace, RouteTrace};
 
@@ -97,13 +99,15 @@ pub(super) async fn run(
     }
     let settings = &shared.settings;
     let mut backoff = Backoff::new(settings.reconnect_initial, settings.reconnect_max);
+    // Whether a connection of this forwarder streamed: every later one may have missed events.
+    let mut streamed = false;
     // Once per forwarder, so reconnects reuse the transport's connection pool. Settings that
     // cannot work are reported like any failed connection; they show on the Listener.
     loop {
         let end = match &shared.endpoint {
             Ok(client) => tokio::select! {
                 _ = cancel.cancelled() => return,
-                end = connect_and_forward(&shared, &token, client, &state, &log) => end,
+                end = connect_and_forward(&shared, &token, client, &state, &log, &mut streamed) => end,
             },
             Err(reason) => StreamEnd::Retry {
                 reason: reason.clone(),
@@ -165,6 +169,7 @@ async fn connect_and_forward(
     client: &EventStreamClient,
     state: &Mutex<StreamState>,
     log: &Arc<Mutex<TokenLog>>,
+    streamed: &mut bool,
 ) -> StreamEnd {
     let hash = token.hash();
     let retry = |reason: String, was_streaming: bool| StreamEnd::Retry {
@@ -210,6 +215,12 @@ async fn connect_and_forward(
             }
             FrameOutcome::Ignore => {}
             FrameOutcome::Started => {
+                if *streamed && !streaming {
+                    // Events published while this stream was down may be missing; a standby
+                    // that read them can fill the gap.
+                    log.lock().mark_gap();
+                }
+                *streamed = true;
                 streaming = true;
                 set_state(shared, hash, state, StreamState::Streaming);
             }
@@ -290,6 +301,67 @@ pub(super) fn deliver(
         json,
     };
     submit_all(shared, &event, scratch.ready.drain(..));
+}
+
+/// Leading: delivers a standby's events of the gap after `at` in this replica's stream, if the
+/// gap is open and nobody filled it yet. Each event is parsed and routed as if read from the
+/// stream, with the place the standby gives it too; bytes that are no event of this token's
+/// types are skipped (and keep their number, so the places still match).
+pub(super) fn fill_gap(
+    shared: &Shared,
+    hash: TokenHash,
+    log: &Arc<Mutex<TokenLog>>,
+    at: Seq,
+    events: Vec<Bytes>,
+) -> FillDecision {
+    let mut scratch = Scratch::default();
+    let mut placed: Vec<(Seq, EventDigest, Bytes, usize)> = Vec::new();
+    let epoch = {
+        let mut log = log.lock();
+        let decision = log.fill(at, events.len());
+        if decision != FillDecision::Accepted {
+            return decision;
+        }
+        for (k, bytes) in (1u64..).zip(events) {
+            let frame = String::from_utf8(bytes.to_vec())
+                .ok()
+                .and_then(|text| StreamFrame::parse_owned(text).ok());
+            let Some(frame) = frame else {
+                shared.metrics.malformed_frames.inc();
+                continue;
+            };
+            let FrameOutcome::Deliver(event_type) = decide(&frame, true) else {
+                continue;
+            };
+            let StreamFrame::Data { json, .. } = frame else {
+                continue;
+            };
+            let deliveries = route(shared, hash, event_type, &mut scratch);
+            log.hold_fill(at, deliveries);
+            placed.push((
+                gap_place(at, k),
+                EventDigest::of(&json),
+                json,
+                scratch.ready.len(),
+            ));
+        }
+        log.epoch()
+    };
+    let mut ready = scratch.ready.drain(..);
+    let mut taken = 0;
+    for (seq, digest, json, end) in placed {
+        let event = PlacedEvent {
+            log,
+            hash,
+            seq,
+            epoch,
+            digest,
+            json,
+        };
+        submit_all(shared, &event, ready.by_ref().take(end - taken));
+        taken = end;
+    }
+    FillDecision::Accepted
 }
 
 /// Routes an event into `scratch.ready`, each with the allowance it takes; returns how many.

@@ -11,7 +11,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{EventDigest, Seq, TokenProgress, MAX_TAIL};
+use super::{
+    gap_place, split_gap_place, EventChain, EventDigest, GapFill, Seq, TokenProgress,
+    MAX_GAP_EVENTS, MAX_TAIL,
+};
 use crate::crownstone::EventType;
 use crate::domain::TokenHash;
 use crate::metrics::ForwarderMetrics;
@@ -19,6 +22,15 @@ use crate::metrics::ForwarderMetrics;
 /// How many recent digests a standby keeps to find a record's tail in, even after their bytes
 /// left the buffer: 16 KiB per busy token, several seconds of a busy token's events.
 const HISTORY: usize = 1024;
+
+/// The most gaps a leader's log keeps open, and a standby remembers, per token: a stream that
+/// reconnects more often than this within a few progress intervals gets the oldest gaps dropped.
+const MAX_GAPS: usize = 8;
+
+/// How long a gap in the leader's stream holds its watermark after the first event read behind
+/// it, waiting for a standby's fill: a few progress intervals, the time a standby needs to see
+/// the gap in a record, find the events and send them.
+pub const GAP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a buffered event costs beyond its bytes: its place in the buffer and the history.
 const EVENT_OVERHEAD: usize = 96;
@@ -54,6 +66,8 @@ pub struct LogShared {
     limits: BufferLimits,
     total_bytes: AtomicUsize,
     changed: Mutex<Vec<TokenHash>>,
+    /// Standby: the events found in gaps of the leader's streams, to send to the leader.
+    fills: Mutex<Vec<GapFill>>,
     metrics: ForwarderMetrics,
 }
 
@@ -63,6 +77,7 @@ impl LogShared {
             limits,
             total_bytes: AtomicUsize::new(0),
             changed: Mutex::new(Vec::new()),
+            fills: Mutex::new(Vec::new()),
             metrics,
         }
     }
@@ -70,6 +85,11 @@ impl LogShared {
     /// The tokens whose progress changed since the previous call, each once.
     pub fn take_changed(&self) -> Vec<TokenHash> {
         std::mem::take(&mut *self.changed.lock())
+    }
+
+    /// The gap fills found since the previous call, to send to the leader.
+    pub fn take_fills(&self) -> Vec<GapFill> {
+        std::mem::take(&mut *self.fills.lock())
     }
 
     pub fn limits(&self) -> BufferLimits {
@@ -106,6 +126,9 @@ struct Held {
     arrived: Instant,
     /// Its place in the leader's numbering, once a record vouched for it.
     place: Option<Seq>,
+    /// Read in a gap of the leader's stream at this `Seq` (its place is then a gap place), and
+    /// whether the leader accepted this replica's fill of it.
+    gap: Option<(Seq, bool)>,
 }
 
 impl Held {
@@ -133,6 +156,11 @@ pub struct TokenLog {
     unsettled: VecDeque<u32>,
     /// Leading: progress changed since the last record was taken.
     dirty: bool,
+    /// Leading: the chain over the places numbered without a break, up to `chain_end`.
+    chain: EventChain,
+    chain_end: Seq,
+    /// Leading: the gaps in this replica's stream, oldest first.
+    gaps: Vec<Gap>,
     /// Standby: the events held for a takeover, oldest first.
     buffer: VecDeque<Held>,
     buffer_bytes: usize,
@@ -142,6 +170,43 @@ pub struct TokenLog {
     anchor: Option<(u64, Seq)>,
     /// Standby: a record whose events this replica has not read (yet).
     pending: Option<TokenProgress>,
+    /// Standby: the chain of the record it last aligned with.
+    anchor_chain: Option<EventChain>,
+    /// Standby: the gaps the leader's records named, oldest first.
+    known_gaps: VecDeque<Seq>,
+}
+
+/// A gap in the leader's stream: it reconnected after reading the event at `at`, and may have
+/// missed events published in between.
+#[derive(Debug)]
+struct Gap {
+    at: Seq,
+    /// When the first event behind it was read: the timeout runs from there, since a standby
+    /// can only place the gap once the leader has read past it.
+    behind: Option<Instant>,
+    filled: bool,
+    /// Deliveries of its filled events not settled yet.
+    unsettled: u32,
+}
+
+impl Gap {
+    /// Whether it keeps the leader's watermark at `at`.
+    fn holds(&self, now: Instant) -> bool {
+        if self.filled {
+            return self.unsettled > 0;
+        }
+        self.behind
+            .is_none_or(|behind| now.saturating_duration_since(behind) < GAP_TIMEOUT)
+    }
+}
+
+/// What the leader's log made of a fill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillDecision {
+    /// The gap was open and takes these events: route them with their gap places.
+    Accepted,
+    /// No such gap is open (unknown, filled already, timed out), or the log does not lead.
+    Ignored,
 }
 
 /// Tells a token's log that one delivery of an event is settled. Dropped without
@@ -199,11 +264,16 @@ impl TokenLog {
             delivered_through: 0,
             unsettled: VecDeque::new(),
             dirty: false,
+            chain: EventChain::starting_at(0),
+            chain_end: 0,
+            gaps: Vec::new(),
             buffer: VecDeque::new(),
             buffer_bytes: 0,
             offset: None,
             anchor: None,
             pending: None,
+            anchor_chain: None,
+            known_gaps: VecDeque::new(),
         }
     }
 
@@ -236,7 +306,19 @@ impl TokenLog {
     /// Numbers an event `seq`, after the last one; the places skipped are settled.
     fn record_at(&mut self, seq: Seq, digest: EventDigest, deliveries: u32) {
         self.skip_to(seq - 1);
+        // A place skipped has no digest to fold: the chain starts again after it.
+        if self.chain_end != seq - 1 {
+            self.chain = EventChain::starting_at(seq - 1);
+        }
+        self.chain = self.chain.fold(digest);
+        self.chain_end = seq;
         self.count = seq;
+        if self.gaps.iter().any(|gap| gap.behind.is_none()) {
+            let now = Instant::now();
+            for gap in self.gaps.iter_mut().filter(|gap| gap.behind.is_none()) {
+                gap.behind = Some(now);
+            }
+        }
         self.unsettled.push_back(deliveries);
         self.history.push_back((seq, digest));
         while self.history.len() > MAX_TAIL {
@@ -256,7 +338,17 @@ impl TokenLog {
 
     /// Leading: one delivery of the event at `seq` is settled.
     fn settle(&mut self, seq: Seq, epoch: u64) {
-        if epoch != self.epoch || self.mode == Mode::Standby || seq <= self.delivered_through {
+        if epoch != self.epoch || self.mode == Mode::Standby {
+            return;
+        }
+        if let Some((at, _)) = split_gap_place(seq) {
+            if let Some(gap) = self.gaps.iter_mut().find(|gap| gap.at == at && gap.filled) {
+                gap.unsettled = gap.unsettled.saturating_sub(1);
+                self.touch();
+            }
+            return;
+        }
+        if seq <= self.delivered_through {
             return;
         }
         let index = usize::try_from(seq - self.delivered_through - 1).unwrap_or(usize::MAX);
@@ -287,6 +379,11 @@ impl TokenLog {
     /// Leading or frozen: the record of this token's progress if it changed since the previous
     /// call. A standby has none.
     pub fn progress(&mut self) -> Option<TokenProgress> {
+        self.progress_at(Instant::now())
+    }
+
+    /// [`Self::progress`] at `now`, which decides the gaps timed out.
+    fn progress_at(&mut self, now: Instant) -> Option<TokenProgress> {
         if self.mode == Mode::Standby || !self.dirty {
             return None;
         }
@@ -294,12 +391,88 @@ impl TokenLog {
         // The tail ends at the last event numbered: after a takeover the count may have moved
         // past it.
         let seq = self.history.back().map_or(self.count, |(seq, _)| *seq);
+        let metrics = &self.shared.metrics;
+        self.gaps.retain(|gap| {
+            let holds = gap.holds(now);
+            if !holds && !gap.filled {
+                metrics.gaps_timed_out.inc();
+            }
+            holds
+        });
+        // A gap still open keeps the watermark at it. One whose timeout runs has its record
+        // published again each interval, so the timeout shows without another event; the
+        // others change with an event behind them or a settled fill, which publish anyway.
+        let held = self.gaps.iter().map(|gap| gap.at).min();
+        if self
+            .gaps
+            .iter()
+            .any(|gap| !gap.filled && gap.behind.is_some())
+        {
+            self.touch();
+        }
+        let delivered_through =
+            held.map_or(self.delivered_through, |at| self.delivered_through.min(at));
         Some(TokenProgress {
             token: self.token,
             seq,
             tail: self.history.iter().map(|(_, digest)| *digest).collect(),
-            delivered_through: self.delivered_through.min(seq),
+            delivered_through: delivered_through.min(seq),
+            chain: (self.chain_end == seq && seq > 0).then_some(self.chain),
+            gaps: self
+                .gaps
+                .iter()
+                .filter(|gap| !gap.filled)
+                .map(|gap| gap.at)
+                .collect(),
         })
+    }
+
+    /// Leading: the stream reconnected after the last event read; events published meanwhile
+    /// may be missing, and a standby that read them can fill the gap.
+    pub fn mark_gap(&mut self) {
+        if self.mode != Mode::Leading || self.gaps.iter().any(|gap| gap.at == self.count) {
+            return;
+        }
+        if self.gaps.len() >= MAX_GAPS {
+            self.gaps.remove(0);
+        }
+        self.gaps.push(Gap {
+            at: self.count,
+            behind: None,
+            filled: false,
+            unsettled: 0,
+        });
+        self.shared.metrics.gaps_opened.inc();
+        self.touch();
+    }
+
+    /// Leading: a standby's fill of the gap at `at` with `events` events. Only the first fill
+    /// of an open gap is taken; then each of its events is routed with [`Self::hold_fill`].
+    pub fn fill(&mut self, at: Seq, events: usize) -> FillDecision {
+        let now = Instant::now();
+        let open = self.mode == Mode::Leading && events <= MAX_GAP_EVENTS;
+        let gap = self
+            .gaps
+            .iter_mut()
+            .find(|gap| gap.at == at && !gap.filled && gap.holds(now));
+        match gap {
+            Some(gap) if open => {
+                gap.filled = true;
+                self.shared.metrics.gaps_filled.inc();
+                self.touch();
+                FillDecision::Accepted
+            }
+            _ => FillDecision::Ignored,
+        }
+    }
+
+    /// Leading: an event of the accepted fill of the gap at `at` was routed to `deliveries`
+    /// deliveries; the watermark stays at the gap until they settle.
+    pub fn hold_fill(&mut self, at: Seq, deliveries: u32) {
+        if let Some(gap) = self.gaps.iter_mut().find(|gap| gap.at == at && gap.filled) {
+            gap.unsettled = gap.unsettled.saturating_add(deliveries);
+            self.shared.metrics.events_filled.inc();
+        }
     }
 
     /// The place up to which every event is settled (leading), for tests and diagnostics.
@@ -332,6 +505,7 @@ impl TokenLog {
             local,
             arrived: now,
             place: None,
+            gap: None,
         };
         let cost = held.cost();
         self.buffer.push_back(held);
@@ -400,6 +574,14 @@ impl TokenLog {
             // Nothing read on the leader yet, or a record no leader makes: nothing to align.
             return;
         }
+        for &at in &record.gaps {
+            if !self.known_gaps.contains(&at) {
+                if self.known_gaps.len() >= MAX_GAPS {
+                    self.known_gaps.pop_front();
+                }
+                self.known_gaps.push_back(at);
+            }
+        }
         if let Some(_older) = self.pending.take() {
             self.shared.metrics.pending_records.dec();
         }
@@ -460,35 +642,152 @@ impl TokenLog {
         let k = record.tail.len() as u64;
         // Counts that agree with the previous alignment vouch for every event since it; if
         // they disagree, one of the streams missed events in between, and only the matched
-        // run is known to be the leader's. Both streams missing as many different events
-        // between the same two records would go unnoticed: an event only this replica read
-        // there could then be dropped.
+        // run is known to be the leader's. Chains settle it where both records carry one:
+        // equal counts with different events do not fold alike, and a gap the leader named
+        // accounts for the events only this replica read. Without chains, both streams missing
+        // as many different events between the same two records would go unnoticed.
         let consistent = self
             .anchor
             .is_some_and(|(l, s)| i128::from(s) - i128::from(l) == i128::from(offset));
-        let vouched_from = match self.anchor {
-            Some((l, _)) if consistent => l + 1,
-            _ => local + 1 - k,
+        let chained = match (self.anchor, self.anchor_chain, record.chain) {
+            (Some(anchor), Some(before), Some(after)) if before.from == after.from => {
+                Some(self.chained_since(anchor, before, (local, record.seq), after))
+            }
+            _ => None,
         };
+        let (vouched_from, gap) = match (self.anchor, chained) {
+            (Some((l, _)), Some(Some(gap))) => (l + 1, gap),
+            (Some(_), Some(None)) => (local + 1 - k, None),
+            (Some((l, _)), None) if consistent => (l + 1, None),
+            (None, _) => (
+                self.chained_from(local, record).unwrap_or(local + 1 - k),
+                None,
+            ),
+            _ => (local + 1 - k, None),
+        };
+        let before_gap = self
+            .anchor
+            .map_or(offset, |(l, s)| (i128::from(s) - i128::from(l)) as i64);
+        let mut fill = gap.map(|(at, _, _)| (at, Vec::new()));
         for held in self.buffer.iter_mut() {
-            if (vouched_from..=local).contains(&held.local) {
-                let place = i128::from(held.local) + i128::from(offset);
-                held.place = u64::try_from(place).ok().filter(|&p| p >= 1);
+            if !(vouched_from..=local).contains(&held.local) {
+                continue;
+            }
+            let shift = match gap {
+                Some((at, first, missed)) if (first..first + missed).contains(&held.local) => {
+                    held.place = Some(gap_place(at, held.local - first + 1));
+                    held.gap = Some((at, false));
+                    if let Some((_, events)) = fill.as_mut() {
+                        events.push(held.event.json.clone());
+                    }
+                    continue;
+                }
+                Some((_, first, _)) if held.local < first => before_gap,
+                _ => offset,
+            };
+            let place = i128::from(held.local) + i128::from(shift);
+            held.place = u64::try_from(place).ok().filter(|&p| p >= 1);
+        }
+        if let (Some((at, events)), Some((_, _, missed))) = (fill, gap) {
+            // A fill must hold every event of the gap, in order: the leader places them by it.
+            if events.len() as u64 == missed {
+                self.shared.fills.lock().push(GapFill {
+                    token: self.token,
+                    at,
+                    events,
+                });
             }
         }
         self.offset = Some(offset);
         self.anchor = Some((local, record.seq));
+        self.anchor_chain = record.chain;
+        self.known_gaps.retain(|&at| at >= record.seq);
         self.shared.metrics.alignments.inc();
         let settled = record.delivered_through.min(record.seq);
         let mut kept = VecDeque::with_capacity(self.buffer.len());
         while let Some(held) = self.buffer.pop_front() {
-            if held.place.is_some_and(|place| place <= settled) {
+            // An event of a gap goes once the leader took this replica's fill and settled
+            // it; a fill refused leaves it for a takeover.
+            let done = match held.gap {
+                Some((at, accepted)) => accepted && settled > at,
+                None => held.place.is_some_and(|place| place <= settled),
+            };
+            if done {
                 self.forget_cost(&held);
             } else {
                 kept.push_back(held);
             }
         }
         self.buffer = kept;
+    }
+
+    /// Standby: whether this replica's events since the `anchor` (local count, leader's
+    /// `Seq`) fold from the anchor's chain to the record's at `now`, all of them or all but
+    /// the events of one gap the leader named there. `None`: they do not (or are not all in
+    /// the history). `Some(None)`: they do with no event left out. `Some(Some((at, first,
+    /// missed)))`: they do with the `missed` events from local count `first` left out, read
+    /// in the gap at `at`.
+    #[allow(clippy::type_complexity)]
+    fn chained_since(
+        &self,
+        (l1, s1): (u64, Seq),
+        before: EventChain,
+        (l2, s2): (u64, Seq),
+        after: EventChain,
+    ) -> Option<Option<(Seq, u64, u64)>> {
+        let missed = l2.checked_sub(l1)?.checked_sub(s2.checked_sub(s1)?)?;
+        let mut gaps = self.known_gaps.iter().filter(|&&at| (s1..s2).contains(&at));
+        // One gap takes the events only this replica read (none, if the leader missed
+        // nothing: its fill is then empty). Between several, nothing says how they split.
+        let gap = match (gaps.next(), gaps.next()) {
+            (Some(&at), None) if missed <= MAX_GAP_EVENTS as u64 => {
+                Some((at, l1 + (at - s1) + 1, missed))
+            }
+            _ if missed == 0 => None,
+            _ => return None,
+        };
+        let mut expected = l1 + 1;
+        let mut folded = before;
+        for &(number, digest) in self.history.iter() {
+            if number <= l1 || number > l2 {
+                continue;
+            }
+            if number != expected {
+                return None;
+            }
+            expected += 1;
+            if gap.is_some_and(|(_, first, missed)| (first..first + missed).contains(&number)) {
+                continue;
+            }
+            folded = folded.fold(digest);
+        }
+        (expected == l2 + 1 && folded == after).then_some(gap)
+    }
+
+    /// Standby, on a first alignment at `local`: where the run of this replica's events that
+    /// the record's chain vouches for begins, if its own events fold to the same chain. Equal
+    /// chains mean both streams read the same events there, so even an event each stream missed
+    /// elsewhere cannot slip through, as equal counts alone would let it.
+    fn chained_from(&self, local: u64, record: &TokenProgress) -> Option<u64> {
+        let chain = record.chain?;
+        let n = record.seq.checked_sub(chain.from)?;
+        if n == 0 || n > local {
+            return None;
+        }
+        let start = local - n + 1;
+        let mut expected = start;
+        let mut folded = EventChain::starting_at(chain.from);
+        for &(number, digest) in self.history.iter() {
+            if number < start || number > local {
+                continue;
+            }
+            if number != expected {
+                return None;
+            }
+            folded = folded.fold(digest);
+            expected += 1;
+        }
+        (expected == local + 1 && folded == chain).then_some(start)
     }
 
     /// Standby -> leading: hands `route` each buffered event the leader did not settle, in
@@ -525,6 +824,11 @@ impl TokenLog {
         let mut places = Vec::with_capacity(held.len());
         let mut previous: Seq = 0;
         for event in &held {
+            // An event of a gap keeps its gap place, apart from the live places' order.
+            if let (Some(_), Some(place)) = (event.gap, event.place) {
+                places.push(place);
+                continue;
+            }
             let place = event.place.unwrap_or_else(|| place_of(event.local));
             // Read before the leader's stream began: no place of the leader's is theirs.
             if place == 0 && previous == 0 {
@@ -539,19 +843,24 @@ impl TokenLog {
         self.epoch += 1;
         self.offset = None;
         self.anchor = None;
+        self.anchor_chain = None;
+        self.known_gaps.clear();
+        self.gaps.clear();
         self.history.clear();
         self.unsettled.clear();
         let base = places
             .iter()
-            .find(|&&place| place > 0)
+            .find(|&&place| place > 0 && split_gap_place(place).is_none())
             .map_or(floor, |first| first - 1);
         self.count = base;
         self.delivered_through = base;
+        self.chain = EventChain::starting_at(base);
+        self.chain_end = base;
         for (event, place) in held.iter().zip(&places) {
             let deliveries = route(*place, &event.event);
             // Events before the leader's first are delivered but not counted: nothing after
             // this replica's lead needs to know of them.
-            if *place > 0 {
+            if *place > 0 && split_gap_place(*place).is_none() {
                 self.record_at(*place, event.event.digest, deliveries);
             }
         }
@@ -571,11 +880,28 @@ impl TokenLog {
         }
         self.mode = Mode::Standby;
         self.epoch += 1;
+        self.gaps.clear();
+        self.anchor_chain = None;
         self.unsettled.clear();
         self.delivered_through = 0;
         self.dirty = false;
         self.offset = None;
         self.anchor = None;
+    }
+
+    /// Standby: the leader answered this replica's fill of the gap at `at`. Accepted, its
+    /// events go once the leader's watermark passes the gap; refused, they stay for a takeover.
+    pub fn fill_answered(&mut self, at: Seq, accepted: bool) {
+        if !accepted || self.mode != Mode::Standby {
+            return;
+        }
+        for held in self.buffer.iter_mut() {
+            if let Some((gap, taken)) = held.gap.as_mut() {
+                if *gap == at {
+                    *taken = true;
+                }
+            }
+        }
     }
 
     /// Events held, for tests and diagnostics.

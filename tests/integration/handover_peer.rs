@@ -46,6 +46,8 @@ fn record(token: &str, seq: u64) -> TokenProgress {
         seq,
         tail: vec![EventDigest(seq)],
         delivered_through: seq,
+        chain: None,
+        gaps: Vec::new(),
     }
 }
 

@@ -10,6 +10,7 @@ mod delivery;
 mod delivery_policy;
 mod facade_hardening;
 mod handover;
+mod handover_gap;
 mod handover_peer;
 mod leader;
 mod namespaces;

@@ -4,7 +4,10 @@
 //! settled by the leader or delivered by the standby when it takes over; and where the standby
 //! aligned, neither stream missed an event and identical events leave no doubt where a
 //! record's tail is, an event both delivered carries the same place (hence the same
-//! `webhook-id`) from both.
+//! `webhook-id`) from both. A rollout (the leader stops, settles everything and publishes its
+//! last record) repeats nothing where neither stream missed an event and the standby's stream
+//! began no later than the leader's. The leader marks a gap wherever its stream missed events,
+//! the standby fills the gaps it can place, and a filled event keeps its gap place everywhere.
 
 use std::collections::{HashMap, HashSet};
 
@@ -25,6 +28,8 @@ enum Step {
     Publish,
     /// The standby applies the oldest record it has not applied.
     Apply,
+    /// The leader stops routing for a rollout (drawn steps never hold it).
+    Freeze,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -84,6 +89,16 @@ struct Outcome {
     aligned: bool,
 }
 
+/// How the leader's lead ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// It crashes where the steps end.
+    Crash,
+    /// A rollout: it stops routing, its deliveries settle, the standby's stream reads on to
+    /// the end and the standby applies every record, the final one last.
+    Rollout,
+}
+
 fn run(
     kinds: &[u8],
     leader_start: usize,
@@ -91,6 +106,7 @@ fn run(
     steps: &[Step],
     leader_misses: &[bool],
     standby_misses: &[bool],
+    ending: Ending,
 ) -> Outcome {
     let shared = Arc::new(LogShared::new(
         BufferLimits {
@@ -119,13 +135,40 @@ fn run(
     let mut standby_locals: HashMap<u64, usize> = HashMap::new();
     let mut standby_read = HashSet::new();
     let mut local = 0u64;
+    // The leader's stream missed events since it last read one: it reconnected.
+    let mut leader_blipped = false;
+    let index_of: HashMap<Bytes, usize> = events
+        .iter()
+        .enumerate()
+        .map(|(index, event)| (event.json.clone(), index))
+        .collect();
+    let rollout = [Step::Freeze]
+        .into_iter()
+        .chain(std::iter::repeat_n(
+            Step::Settle { pick: 0 },
+            2 * events.len(),
+        ))
+        .chain(std::iter::repeat_n(Step::StandbyReads, events.len()))
+        .chain([Step::Publish])
+        .chain(std::iter::repeat_n(Step::Apply, steps.len() + 2));
+    let steps = steps.iter().cloned().chain(
+        (ending == Ending::Rollout)
+            .then_some(rollout)
+            .into_iter()
+            .flatten(),
+    );
     for step in steps {
         match step {
+            Step::Freeze => leader.lock().freeze(),
             Step::LeaderReads if leader_at < events.len() => {
                 let index = leader_at;
                 leader_at += 1;
                 if leader_misses.get(index).copied().unwrap_or(false) {
+                    leader_blipped = true;
                     continue;
+                }
+                if std::mem::take(&mut leader_blipped) {
+                    leader.lock().mark_gap();
                 }
                 if let Some(seq) = leader.lock().record(events[index].digest, 1) {
                     leader_places.insert(seq, index);
@@ -153,6 +196,22 @@ fn run(
             Step::Apply => {
                 if let Some(record) = records.pop_front() {
                     standby.apply(&record, now);
+                }
+                // The standby sends the gaps' events it found; the leader routes a fill it takes.
+                for fill in shared.take_fills() {
+                    let mut leader = leader.lock();
+                    let accepted =
+                        leader.fill(fill.at, fill.events.len()) == FillDecision::Accepted;
+                    if accepted {
+                        for (k, json) in (1..).zip(&fill.events) {
+                            leader.hold_fill(fill.at, 1);
+                            let place = gap_place(fill.at, k);
+                            leader_places.insert(place, index_of[json]);
+                            outstanding.push(place);
+                        }
+                    }
+                    drop(leader);
+                    standby.fill_answered(fill.at, accepted);
                 }
             }
             _ => {}
@@ -191,6 +250,7 @@ proptest! {
         misses in prop::collection::vec(prop::bool::weighted(0.08), 60),
         missing in 0u8..3,
         same_start in any::<bool>(),
+        rollout in any::<bool>(),
     ) {
         // One stream misses events, or none: records vouch for the events between two of them
         // when both streams counted as many, which holds unless both missed events there.
@@ -216,7 +276,17 @@ proptest! {
             &steps,
             &leader_misses,
             &standby_misses,
+            if rollout { Ending::Rollout } else { Ending::Crash },
         );
+        // An event the leader delivered from a standby's fill, and the standby again on taking
+        // over, has the same gap place from both.
+        for (index, seq) in &outcome.taken_over {
+            if let Some(leader_seq) = outcome.settled.get(index) {
+                if split_gap_place(*leader_seq).is_some() {
+                    prop_assert_eq!(seq, leader_seq, "filled event {} delivered by both", index);
+                }
+            }
+        }
         for index in &outcome.standby_read {
             prop_assert!(
                 outcome.settled.contains_key(index) || outcome.taken_over.contains_key(index),
@@ -238,6 +308,19 @@ proptest! {
                 if let Some(leader_seq) = outcome.settled.get(index) {
                     prop_assert_eq!(seq, leader_seq, "event {} delivered by both", index);
                 }
+            }
+        }
+        // A rollout repeats nothing, a token's first events included, where neither stream
+        // missed an event and the standby's stream began no later than the leader's (a standby
+        // that began later cannot tell which of its first events the leader read).
+        if rollout && no_misses && standby_start <= leader_start
+            && unambiguous(&digests, leader_start)
+        {
+            for index in outcome.taken_over.keys() {
+                prop_assert!(
+                    !outcome.settled.contains_key(index),
+                    "event {index} delivered by the leader and again on the rollout"
+                );
             }
         }
     }

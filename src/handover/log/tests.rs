@@ -39,10 +39,35 @@ fn digest(n: u64) -> EventDigest {
 
 fn record(seq: Seq, tail: &[u64], delivered_through: Seq) -> TokenProgress {
     TokenProgress {
+        gaps: Vec::new(),
         token: token(),
         seq,
         tail: tail.iter().map(|&n| digest(n)).collect(),
         delivered_through,
+        chain: None,
+    }
+}
+
+/// The chain a leader that numbered `events` (by number) after `from` sends.
+fn chain(from: Seq, events: impl IntoIterator<Item = u64>) -> EventChain {
+    events
+        .into_iter()
+        .fold(EventChain::starting_at(from), |chain, n| {
+            chain.fold(digest(n))
+        })
+}
+
+/// A record with the chain over `events` after `from`.
+fn chained(
+    seq: Seq,
+    tail: &[u64],
+    delivered_through: Seq,
+    from: Seq,
+    events: impl IntoIterator<Item = u64>,
+) -> TokenProgress {
+    TokenProgress {
+        chain: Some(chain(from, events)),
+        ..record(seq, tail, delivered_through)
     }
 }
 
@@ -133,12 +158,12 @@ fn records_carry_the_last_digests_and_only_when_something_changed() {
         log.record(digest(n), 0);
     }
     assert_eq!(log.shared.take_changed(), vec![token()], "named once");
-    assert_eq!(log.progress(), Some(record(6, &[3, 4, 5, 6], 6)));
+    assert_eq!(log.progress(), Some(chained(6, &[3, 4, 5, 6], 6, 0, 1..=6)));
     assert_eq!(log.progress(), None, "nothing changed since");
     assert_eq!(log.shared.take_changed(), vec![]);
     log.record(digest(7), 1);
     assert_eq!(log.shared.take_changed(), vec![token()]);
-    assert_eq!(log.progress(), Some(record(7, &[4, 5, 6, 7], 6)));
+    assert_eq!(log.progress(), Some(chained(7, &[4, 5, 6, 7], 6, 0, 1..=7)));
 }
 
 #[test]
@@ -151,7 +176,7 @@ fn a_frozen_log_routes_nothing_more_and_still_settles() {
     log.lock().buffer(event(2), Instant::now());
     assert_eq!(log.lock().buffered(), 0, "a frozen log buffers nothing");
     Settle::new(Arc::clone(&log), 1, epoch).settled();
-    assert_eq!(log.lock().progress(), Some(record(1, &[1], 1)));
+    assert_eq!(log.lock().progress(), Some(chained(1, &[1], 1, 0, [1])));
 }
 
 #[test]
@@ -232,7 +257,7 @@ fn a_standby_that_never_aligned_delivers_everything_in_its_own_numbering() {
     }
     log.apply(&record(9, &[40, 41], 9), now);
     assert_eq!(take_over(&mut log), vec![(1, 1), (2, 2), (3, 3)]);
-    assert_eq!(log.progress(), Some(record(3, &[1, 2, 3], 0)));
+    assert_eq!(log.progress(), Some(chained(3, &[1, 2, 3], 0, 0, 1..=3)));
 }
 
 #[test]
@@ -284,4 +309,229 @@ fn a_leader_that_stands_by_buffers_and_can_lead_again() {
     log.buffer(event(2), Instant::now());
     assert_eq!(log.progress(), None, "a standby publishes nothing");
     assert_eq!(take_over(&mut log), vec![(2, 2)]);
+}
+
+#[test]
+fn a_first_alignment_with_the_same_chain_vouches_for_every_earlier_event() {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=7 {
+        log.buffer(event(n), now);
+    }
+    // The first record's tail holds 2..5 only; its chain says 1 was the leader's too.
+    log.apply(&chained(5, &[2, 3, 4, 5], 5, 0, 1..=5), now);
+    assert_eq!(take_over(&mut log), vec![(6, 6), (7, 7)]);
+}
+
+#[test]
+fn events_before_the_leaders_first_keep_place_zero_under_a_matching_chain() {
+    let mut log = standby();
+    let now = Instant::now();
+    // The standby's stream began two events before the leader's: its 1 and 2 are not the
+    // leader's.
+    for n in 1..=8 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(5, &[4, 5, 6, 7], 5, 0, 3..=7), now);
+    assert_eq!(take_over(&mut log), vec![(0, 1), (0, 2), (6, 8)]);
+}
+
+#[test]
+fn a_chain_that_differs_vouches_only_for_the_tail() {
+    let now = Instant::now();
+    // Each stream missed a different event and both counted five: the leader read
+    // 1 2 3 4 5 6, the standby 0 2 3 4 5 6 (0 it read, the leader did not).
+    let mut log = standby();
+    for n in [0, 2, 3, 4, 5, 6] {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(6, &[3, 4, 5, 6], 6, 0, 1..=6), now);
+    // 0 and 2 stay, in the standby's own count: nothing says which of them the leader read.
+    assert_eq!(take_over(&mut log), vec![(1, 0), (2, 2)]);
+    // A record from a leader that makes no chain vouches for its tail alone, as before.
+    let mut log = standby();
+    for n in 1..=6 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&record(6, &[3, 4, 5, 6], 6), now);
+    assert_eq!(take_over(&mut log), vec![(1, 1), (2, 2)]);
+}
+
+#[test]
+fn a_chain_starts_again_after_a_takeover_and_after_a_skipped_place() {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=4 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(12, &[3, 4], 11, 8, [1, 2, 3, 4]), now);
+    assert_eq!(log.buffered(), 1, "9..11 settled, 12 not");
+    take_over(&mut log);
+    // Numbering continues from the leader's last settled place: the chain starts after it.
+    assert_eq!(
+        log.progress().and_then(|record| record.chain),
+        Some(chain(11, [4]))
+    );
+    log.record(digest(5), 0);
+    assert_eq!(
+        log.progress().and_then(|record| record.chain),
+        Some(chain(11, [4, 5]))
+    );
+    // A place skipped on takeover breaks the run: the chain starts after it.
+    let mut log = standby();
+    // This stream missed 3.
+    for n in [1, 2, 4, 5] {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(2, &[1, 2], 0, 0, [1, 2]), now);
+    log.apply(&chained(5, &[4, 5], 0, 0, 1..=5), now);
+    assert_eq!(take_over(&mut log), vec![(1, 1), (2, 2), (4, 4), (5, 5)]);
+    assert_eq!(
+        log.progress().and_then(|record| record.chain),
+        Some(chain(3, [4, 5]))
+    );
+}
+
+#[test]
+fn a_chain_needs_every_event_it_covers_in_the_history() {
+    let mut log = standby();
+    let now = Instant::now();
+    log.buffer(event(1), now);
+    // The chain covers three events; this replica read one: no more than the tail is vouched.
+    log.apply(&chained(3, &[1], 3, 0, [9, 8, 1]), now);
+    assert_eq!(log.offset, Some(2));
+    assert_eq!(log.buffered(), 0, "the tail's event is settled");
+}
+
+#[test]
+fn a_gap_holds_the_leaders_watermark_until_its_fill_settles() {
+    let log = leader();
+    {
+        let mut log = log.lock();
+        log.record(digest(1), 0);
+        log.record(digest(2), 0);
+        log.mark_gap();
+        log.mark_gap();
+        log.record(digest(5), 0);
+    }
+    let first = log.lock().progress().unwrap();
+    // Everything read is settled, but the gap after 2 is open.
+    assert_eq!(
+        (first.seq, first.delivered_through, first.gaps),
+        (3, 2, vec![2])
+    );
+    assert_eq!(log.lock().fill(2, 2), FillDecision::Accepted);
+    assert_eq!(
+        log.lock().fill(2, 2),
+        FillDecision::Ignored,
+        "only the first"
+    );
+    assert_eq!(log.lock().fill(7, 1), FillDecision::Ignored, "no such gap");
+    log.lock().hold_fill(2, 1);
+    log.lock().hold_fill(2, 1);
+    let filled = log.lock().progress().unwrap();
+    assert_eq!((filled.delivered_through, filled.gaps), (2, vec![]));
+    let epoch = log.lock().epoch();
+    Settle::new(Arc::clone(&log), gap_place(2, 2), epoch).settled();
+    assert_eq!(log.lock().progress().unwrap().delivered_through, 2);
+    Settle::new(Arc::clone(&log), gap_place(2, 1), epoch).settled();
+    assert_eq!(log.lock().progress().unwrap().delivered_through, 3);
+}
+
+#[test]
+fn a_gap_no_fill_comes_for_times_out_after_the_first_event_behind_it() {
+    let log = leader();
+    let mut log = log.lock();
+    log.record(digest(1), 0);
+    log.mark_gap();
+    let later = Instant::now() + GAP_TIMEOUT * 3;
+    // Nothing read behind the gap yet: it holds, however long.
+    let record = log.progress_at(later).unwrap();
+    assert_eq!((record.delivered_through, record.gaps), (1, vec![1]));
+    log.record(digest(2), 0);
+    let record = log.progress_at(Instant::now()).unwrap();
+    assert_eq!((record.delivered_through, record.gaps), (1, vec![1]));
+    let record = log.progress_at(later).unwrap();
+    assert_eq!((record.delivered_through, record.gaps), (2, vec![]));
+    assert_eq!(log.fill(1, 1), FillDecision::Ignored, "too late");
+    assert_eq!(log.shared.metrics.gaps_timed_out.get(), 1);
+}
+
+/// A standby that read 1..=6 and a leader whose stream missed 3 and 4 (its 3 and 4 are 5 and
+/// 6), with the records the leader sends before and after its gap.
+fn standby_across_a_gap() -> TokenLog {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=6 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(2, &[1, 2], 0, 0, [1, 2]), now);
+    let after = TokenProgress {
+        gaps: vec![2],
+        ..chained(4, &[5, 6], 2, 0, [1, 2, 5, 6])
+    };
+    log.apply(&after, now);
+    log
+}
+
+#[test]
+fn a_standby_finds_the_events_of_the_leaders_gap_and_takes_over_with_their_gap_places() {
+    let mut log = standby_across_a_gap();
+    let fills = log.shared.take_fills();
+    assert_eq!(
+        fills,
+        vec![GapFill {
+            token: token(),
+            at: 2,
+            events: vec![event(3).json, event(4).json],
+        }]
+    );
+    assert_eq!(log.shared.take_fills(), vec![], "each fill once");
+    assert_eq!(
+        take_over(&mut log),
+        vec![(gap_place(2, 1), 3), (gap_place(2, 2), 4), (3, 5), (4, 6)]
+    );
+    // Live events number on from the leader's last place, not from the gap's.
+    assert_eq!(log.record(digest(7), 0), Some(5));
+}
+
+#[test]
+fn a_standby_drops_a_gaps_events_only_once_its_own_fill_was_taken_and_settled() {
+    let now = Instant::now();
+    let settled = TokenProgress {
+        gaps: vec![],
+        ..chained(5, &[6, 7], 5, 0, [1, 2, 5, 6, 7])
+    };
+    // Refused (another standby's fill came first, or a forged one): kept for a takeover.
+    let mut log = standby_across_a_gap();
+    log.fill_answered(2, false);
+    log.buffer(event(7), now);
+    log.apply(&settled, now);
+    assert_eq!(log.buffered(), 2);
+    // Taken: gone once the watermark passed the gap.
+    let mut log = standby_across_a_gap();
+    log.fill_answered(2, true);
+    log.buffer(event(7), now);
+    log.apply(&settled, now);
+    assert_eq!(log.buffered(), 0);
+}
+
+#[test]
+fn a_gap_with_events_that_do_not_fold_to_the_leaders_chain_is_not_filled() {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=6 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(2, &[1, 2], 0, 0, [1, 2]), now);
+    // The leader says it read 9 in between: the events around the gap are not the same.
+    let after = TokenProgress {
+        gaps: vec![2],
+        ..chained(4, &[5, 6], 2, 0, [1, 2, 9, 6])
+    };
+    log.apply(&after, now);
+    assert_eq!(log.shared.take_fills(), vec![]);
+    // Only the tail is vouched for: 3 and 4 are delivered in this replica's count, as any
+    // event the leader may have missed.
+    assert_eq!(take_over(&mut log), vec![(1, 3), (2, 4), (3, 5), (4, 6)]);
 }

@@ -15,11 +15,11 @@ use url::Url;
 
 use super::auth::{self, AuthError, HandoverKey};
 use super::{
-    HandoverError, HandoverMetrics, ProgressAnswer, ADDRESS_ANNOTATION, MAX_RECORDS_PER_ANSWER,
-    PROGRESS_PATH,
+    FillAnswer, FillRequest, HandoverError, HandoverMetrics, ProgressAnswer, ADDRESS_ANNOTATION,
+    GAP_PATH, MAX_FILL_BYTES, MAX_FILL_EVENTS, MAX_RECORDS_PER_ANSWER, PROGRESS_PATH,
 };
 use crate::conventions::describe_kube_error;
-use crate::handover::ProgressSink;
+use crate::handover::{GapFill, ProgressSink};
 
 /// The largest answer body read; a larger one is refused unread.
 pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
@@ -171,6 +171,58 @@ fn progress_url(address: &str, after: u64) -> Result<Url, PollError> {
     bare.then_some(url).ok_or(PollError::BadAddress)
 }
 
+/// The url of a fill at `address`; refused unless `address` is a bare `host:port`.
+fn fill_url(address: &str) -> Result<Url, PollError> {
+    let url =
+        Url::parse(&format!("http://{address}{GAP_PATH}")).map_err(|_| PollError::BadAddress)?;
+    let bare = url.host_str().is_some()
+        && url.port().is_some()
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.path() == GAP_PATH
+        && url.query().is_none()
+        && url.fragment().is_none();
+    bare.then_some(url).ok_or(PollError::BadAddress)
+}
+
+/// The body of a fill for `holder`; `None` past the bounds (the events then stay in the
+/// standby's buffer for a takeover) or for an event that is not text.
+pub fn fill_body(holder: &Holder, fill: &GapFill) -> Option<Vec<u8>> {
+    if fill.events.len() > MAX_FILL_EVENTS {
+        return None;
+    }
+    let events = fill
+        .events
+        .iter()
+        .map(|json| String::from_utf8(json.to_vec()).ok())
+        .collect::<Option<Vec<String>>>()?;
+    let body = serde_json::to_vec(&FillRequest {
+        leader: holder.identity.clone(),
+        term: holder.term,
+        token: fill.token,
+        gap: fill.at,
+        events,
+    })
+    .ok()?;
+    (body.len() <= MAX_FILL_BYTES).then_some(body)
+}
+
+/// Checks a fill's answer: the MAC under `key`, from `holder` in its term; whether the leader
+/// took the fill.
+pub fn accept_fill_answer(
+    key: &HandoverKey,
+    holder: &Holder,
+    body: &[u8],
+    mac: Option<&str>,
+) -> Result<bool, PollError> {
+    auth::verify_answer(key, body, mac.ok_or(AuthError::MissingHeader)?)?;
+    let answer: FillAnswer = serde_json::from_slice(body).map_err(|_| PollError::Malformed)?;
+    if answer.leader != holder.identity || answer.term != holder.term {
+        return Err(PollError::WrongLeader);
+    }
+    Ok(answer.accepted)
+}
+
 /// Checks an answer's bytes: the MAC under `key`, from `holder` in its term, not behind
 /// `after`, within the bounds.
 pub fn accept_answer(
@@ -269,6 +321,22 @@ impl ProgressClient {
                         self.sink.apply_progress(&answer.records);
                     }
                     after = answer.version;
+                    for fill in self.sink.take_fills() {
+                        let accepted = tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            accepted = self.send_fill(&leader, &address, &fill) => accepted,
+                        };
+                        match accepted {
+                            Ok(accepted) => {
+                                self.sink.fill_answered(&fill.token, fill.at, accepted);
+                            }
+                            Err(error) => {
+                                // The events stay in the buffer: a takeover delivers them.
+                                self.metrics.poll_error(error.as_label());
+                                tracing::debug!(leader = %leader.identity, %error, "Could not send a gap's events to the leader.");
+                            }
+                        }
+                    }
                 }
                 Err(error) => {
                     if error.is_auth() {
@@ -287,6 +355,52 @@ impl ProgressClient {
                 }
             }
         }
+    }
+
+    /// Sends the leader the events of a gap in its stream; whether it took them.
+    async fn send_fill(
+        &self,
+        leader: &Holder,
+        address: &str,
+        fill: &GapFill,
+    ) -> Result<bool, PollError> {
+        let url = fill_url(address)?;
+        let body = fill_body(leader, fill).ok_or(PollError::TooLarge)?;
+        let now = auth::unix_now();
+        let signature =
+            auth::sign_request_with_body(&self.key, "POST", GAP_PATH, &self.identity, now, &body);
+        let response = self
+            .http
+            .post(url)
+            .header(auth::PEER_HEADER, &self.identity)
+            .header(auth::TIME_HEADER, now.to_string())
+            .header(auth::AUTH_HEADER, signature)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(PollError::Unreachable)?;
+        match response.status().as_u16() {
+            200 => {}
+            401 => return Err(PollError::Refused),
+            503 => return Err(PollError::NotLeading),
+            other => return Err(PollError::Status(other)),
+        }
+        let mac = response
+            .headers()
+            .get(auth::MAC_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut response = response;
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(PollError::Unreachable)? {
+            // An answer to a fill is a few dozen bytes.
+            if body.len() + chunk.len() > 64 * 1024 {
+                return Err(PollError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        accept_fill_answer(&self.key, leader, &body, mac.as_deref())
     }
 
     async fn poll(
@@ -368,6 +482,8 @@ mod tests {
                 seq: 9,
                 tail: vec![EventDigest(1)],
                 delivered_through: 9,
+                chain: None,
+                gaps: Vec::new(),
             }],
         })
         .unwrap()

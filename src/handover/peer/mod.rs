@@ -33,6 +33,15 @@ pub const ADDRESS_ANNOTATION: &str = "webhooks.crownstone.rocks/handover-address
 /// The path of the progress records.
 pub const PROGRESS_PATH: &str = "/handover/progress";
 
+/// The path where a standby sends the leader the events of a gap in the leader's stream.
+pub const GAP_PATH: &str = "/handover/gap";
+
+/// The most events one fill carries.
+pub const MAX_FILL_EVENTS: usize = 4096;
+
+/// The largest fill body the leader reads; a standby does not send a larger one.
+pub const MAX_FILL_BYTES: usize = 1024 * 1024;
+
 /// The most records one answer carries; more are paged through with the version.
 pub const MAX_RECORDS_PER_ANSWER: usize = 1000;
 
@@ -120,6 +129,31 @@ pub struct ProgressAnswer {
     pub is_final: bool,
     /// The latest record of every token that changed after the `after` asked for.
     pub records: Vec<TokenProgress>,
+}
+
+/// A standby's fill of a gap in the leader's stream. The request's MAC covers these bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FillRequest {
+    /// The replica the standby takes for the Lease's holder: a fill for another is refused.
+    pub leader: String,
+    /// The Lease term it takes that replica to lead in.
+    pub term: i32,
+    /// The token's hash.
+    pub token: crate::domain::TokenHash,
+    /// The leader's last place before the gap.
+    pub gap: super::Seq,
+    /// The events read in the gap, in order, each its JSON as read.
+    pub events: Vec<String>,
+}
+
+/// The leader's answer to a fill. Its MAC covers its exact body bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FillAnswer {
+    pub leader: String,
+    pub term: i32,
+    /// The gap was open and these events are delivered; false: it was unknown, closed, or
+    /// filled already, and nothing was done.
+    pub accepted: bool,
 }
 
 /// Why the transport could not start.

@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
@@ -20,10 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{self, AuthError, HandoverKey};
 use super::{
-    HandoverError, HandoverMetrics, ProgressAnswer, MAX_RECORDS_PER_ANSWER, PROGRESS_PATH,
+    FillAnswer, FillRequest, HandoverError, HandoverMetrics, ProgressAnswer, GAP_PATH,
+    MAX_FILL_BYTES, MAX_FILL_EVENTS, MAX_RECORDS_PER_ANSWER, PROGRESS_PATH,
 };
 use crate::domain::TokenHash;
-use crate::handover::{ProgressSource, TokenProgress};
+use crate::handover::{FillDecision, GapFill, ProgressSource, TokenProgress};
 
 /// How long a poll with nothing new waits for something before it is answered empty.
 const POLL_WAIT: Duration = Duration::from_secs(1);
@@ -230,6 +231,7 @@ impl ProgressServer {
         });
         let app = Router::new()
             .route(PROGRESS_PATH, get(progress))
+            .route(GAP_PATH, post(fill))
             .with_state(shared.clone());
         let server_stop = stop.clone();
         let server = tokio::spawn(async move {
@@ -347,6 +349,82 @@ fn authenticate(
     Ok(identity.to_owned())
 }
 
+/// A standby's fill of a gap: authenticated with the body under the MAC, for this replica in
+/// its current term, within the bounds; handed to the forwarders, which take only the first
+/// fill of an open gap.
+async fn fill(State(shared): State<Arc<Shared>>, request: Request<Body>) -> Response {
+    let (parts, body) = request.into_parts();
+    // One byte over the bound tells a body too large from one exactly at it.
+    let body = match axum::body::to_bytes(body, MAX_FILL_BYTES + 1).await {
+        Ok(body) if body.len() <= MAX_FILL_BYTES => body,
+        _ => return (StatusCode::PAYLOAD_TOO_LARGE, "fill too large").into_response(),
+    };
+    let path_and_query = parts.uri.path_and_query().map_or(GAP_PATH, |p| p.as_str());
+    let verified = header(&parts.headers, auth::PEER_HEADER).and_then(|identity| {
+        auth::verify_request_with_body(
+            &shared.key,
+            Method::POST.as_str(),
+            path_and_query,
+            identity,
+            header(&parts.headers, auth::TIME_HEADER)?,
+            header(&parts.headers, auth::AUTH_HEADER)?,
+            auth::unix_now(),
+            &body,
+        )
+    });
+    if let Err(error) = verified {
+        shared.metrics.auth_failure("leader", error.as_label());
+        tracing::debug!(%error, "Refused a handover request.");
+        return (StatusCode::UNAUTHORIZED, "not authenticated").into_response();
+    }
+    let Some(term) = *shared.leading.borrow() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this replica does not lead",
+        )
+            .into_response();
+    };
+    let Ok(request) = serde_json::from_slice::<FillRequest>(&body) else {
+        return (StatusCode::BAD_REQUEST, "not a fill").into_response();
+    };
+    if request.leader != shared.identity || request.term != term {
+        shared.metrics.auth_failure("leader", "wrong_leader");
+        return (StatusCode::CONFLICT, "a fill for another leader or term").into_response();
+    }
+    if request.events.len() > MAX_FILL_EVENTS {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "too many events").into_response();
+    }
+    let decision = shared.source.fill_gap(GapFill {
+        token: request.token,
+        at: request.gap,
+        events: request.events.into_iter().map(bytes::Bytes::from).collect(),
+    });
+    let answer = FillAnswer {
+        leader: shared.identity.clone(),
+        term,
+        accepted: decision == FillDecision::Accepted,
+    };
+    signed(&shared, &answer)
+}
+
+/// A JSON answer with the MAC of its exact bytes.
+fn signed(shared: &Shared, answer: &impl serde::Serialize) -> Response {
+    let body = match serde_json::to_vec(answer) {
+        Ok(body) => body,
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    let mac = auth::sign_answer(&shared.key, &body);
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::HeaderName::from_static(auth::MAC_HEADER), mac),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 async fn progress(State(shared): State<Arc<Shared>>, request: Request<Body>) -> Response {
     let (parts, _) = request.into_parts();
     let path_and_query = parts
@@ -427,6 +505,8 @@ mod tests {
             seq,
             tail: vec![EventDigest(seq)],
             delivered_through: seq.saturating_sub(1),
+            chain: None,
+            gaps: Vec::new(),
         }
     }
 

@@ -10,13 +10,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::domain::TokenHash;
-use crate::handover::{EventDigest, ProgressSink, ProgressSource, TokenProgress};
+use crate::handover::{
+    EventDigest, FillDecision, GapFill, ProgressSink, ProgressSource, Seq, TokenProgress,
+};
 
 const LEADER: &str = "replica-a";
 const TERM: i32 = 7;
 
+/// The leader's records to publish, and the fills it took.
 #[derive(Default)]
-struct Source(Mutex<Vec<TokenProgress>>);
+struct Source(Mutex<Vec<TokenProgress>>, Mutex<Vec<GapFill>>);
 
 impl Source {
     fn push(&self, record: TokenProgress) {
@@ -28,10 +31,27 @@ impl ProgressSource for Source {
     fn changed_progress(&self) -> Vec<TokenProgress> {
         std::mem::take(&mut *self.0.lock())
     }
+
+    fn fill_gap(&self, fill: GapFill) -> FillDecision {
+        let mut fills = self.1.lock();
+        if fills
+            .iter()
+            .any(|f| f.token == fill.token && f.at == fill.at)
+        {
+            return FillDecision::Ignored;
+        }
+        fills.push(fill);
+        FillDecision::Accepted
+    }
 }
 
+/// The records a standby applied, the fills it has to send and the answers to them.
 #[derive(Default)]
-struct Sink(Mutex<Vec<TokenProgress>>);
+struct Sink(
+    Mutex<Vec<TokenProgress>>,
+    Mutex<Vec<GapFill>>,
+    Mutex<Vec<(Seq, bool)>>,
+);
 
 impl Sink {
     fn got(&self) -> Vec<TokenProgress> {
@@ -43,6 +63,14 @@ impl ProgressSink for Sink {
     fn apply_progress(&self, records: &[TokenProgress]) {
         self.0.lock().extend_from_slice(records);
     }
+
+    fn take_fills(&self) -> Vec<GapFill> {
+        std::mem::take(&mut *self.1.lock())
+    }
+
+    fn fill_answered(&self, _token: &TokenHash, at: Seq, accepted: bool) {
+        self.2.lock().push((at, accepted));
+    }
 }
 
 fn record(token: &str, seq: u64) -> TokenProgress {
@@ -51,6 +79,8 @@ fn record(token: &str, seq: u64) -> TokenProgress {
         seq,
         tail: vec![EventDigest(seq)],
         delivered_through: seq,
+        chain: None,
+        gaps: Vec::new(),
     }
 }
 
@@ -267,4 +297,144 @@ async fn a_replica_that_does_not_lead_serves_nothing_until_it_does() {
         standby.sink.got() == vec![record("t1", 1)]
     })
     .await;
+}
+
+fn gap_fill(at: Seq, events: &[&str]) -> GapFill {
+    GapFill {
+        token: TokenHash::of("t1"),
+        at,
+        events: events
+            .iter()
+            .map(|e| bytes::Bytes::from(e.to_string()))
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn a_standby_sends_the_leader_a_gaps_events_and_learns_whether_it_took_them() {
+    let leader = leader(Some(TERM)).await;
+    let standby = standby(key(1), holder_of(&leader));
+    let event = r#"{"type":"presence","n":1}"#;
+    standby.sink.1.lock().push(gap_fill(4, &[event]));
+    leader.source.push(record("t1", 5));
+    until("the answer", || !standby.sink.2.lock().is_empty()).await;
+    assert_eq!(*standby.sink.2.lock(), vec![(4, true)]);
+    assert_eq!(*leader.source.1.lock(), vec![gap_fill(4, &[event])]);
+    // A second fill of the same gap is answered, and not taken.
+    standby.sink.1.lock().push(gap_fill(4, &[event]));
+    leader.source.push(record("t1", 6));
+    until("the second answer", || standby.sink.2.lock().len() == 2).await;
+    assert_eq!(standby.sink.2.lock()[1], (4, false));
+    assert_eq!(leader.source.1.lock().len(), 1);
+}
+
+/// Posts a fill to `leader` signed under `key` with `body_signed`, sending `body`.
+async fn post_fill(
+    leader: &Leader,
+    key: &HandoverKey,
+    body_signed: &[u8],
+    body: Vec<u8>,
+) -> reqwest::StatusCode {
+    let now = auth::unix_now();
+    let signature =
+        auth::sign_request_with_body(key, "POST", GAP_PATH, "replica-b", now, body_signed);
+    reqwest::Client::new()
+        .post(format!("http://{}{GAP_PATH}", leader.server.local_addr()))
+        .header(auth::PEER_HEADER, "replica-b")
+        .header(auth::TIME_HEADER, now.to_string())
+        .header(auth::AUTH_HEADER, signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn a_fill_with_a_bad_mac_a_wrong_term_or_leader_or_too_large_is_refused_and_changes_nothing()
+{
+    let leader = leader(Some(TERM)).await;
+    let holder = holder_of(&leader);
+    let fill = gap_fill(4, &[r#"{"type":"presence","n":1}"#]);
+    let body = client::fill_body(&holder, &fill).unwrap();
+    let altered =
+        client::fill_body(&holder, &gap_fill(5, &[r#"{"type":"presence","n":1}"#])).unwrap();
+    let stale = client::fill_body(
+        &Holder {
+            term: TERM - 1,
+            ..holder.clone()
+        },
+        &fill,
+    )
+    .unwrap();
+    let elsewhere = client::fill_body(
+        &Holder {
+            identity: "replica-c".into(),
+            ..holder.clone()
+        },
+        &fill,
+    )
+    .unwrap();
+    let huge = vec![b' '; MAX_FILL_BYTES + 1];
+    // What it is, the key, the bytes signed, the bytes sent, the status.
+    type Case<'a> = (&'a str, HandoverKey, &'a [u8], Vec<u8>, u16);
+    let cases: Vec<Case<'_>> = vec![
+        ("another key", key(2), &body, body.clone(), 401),
+        (
+            "a body changed after signing",
+            key(1),
+            &body,
+            altered.clone(),
+            401,
+        ),
+        ("an earlier term", key(1), &stale, stale.clone(), 409),
+        ("another leader", key(1), &elsewhere, elsewhere.clone(), 409),
+        ("a body over the bound", key(1), &huge, huge.clone(), 413),
+    ];
+    for (what, key, signed, sent, status) in cases {
+        let got = post_fill(&leader, &key, signed, sent).await;
+        assert_eq!(got.as_u16(), status, "{what}");
+    }
+    assert!(
+        leader.source.1.lock().is_empty(),
+        "no fill reached the forwarders"
+    );
+    // Too many events, even in a small body.
+    let many: Vec<&str> = vec!["{}"; MAX_FILL_EVENTS + 1];
+    assert!(
+        client::fill_body(&holder, &gap_fill(4, &many)).is_none(),
+        "not sent"
+    );
+    let request = FillRequest {
+        leader: LEADER.into(),
+        term: TERM,
+        token: TokenHash::of("t1"),
+        gap: 4,
+        events: many.iter().map(|e| e.to_string()).collect(),
+    };
+    let body = serde_json::to_vec(&request).unwrap();
+    assert_eq!(
+        post_fill(&leader, &key(1), &body, body.clone())
+            .await
+            .as_u16(),
+        413
+    );
+    assert!(leader.source.1.lock().is_empty());
+    // The same fill, signed right, is taken.
+    assert_eq!(
+        post_fill(
+            &leader,
+            &key(1),
+            &body_of(&holder, &fill),
+            body_of(&holder, &fill)
+        )
+        .await
+        .as_u16(),
+        200
+    );
+    assert_eq!(*leader.source.1.lock(), vec![fill]);
+}
+
+fn body_of(holder: &Holder, fill: &GapFill) -> Vec<u8> {
+    client::fill_body(holder, fill).unwrap()
 }

@@ -83,6 +83,12 @@ impl Replica {
     /// Starts a replica against the test run's control plane and `events_url`, watching
     /// `namespace` (where its Lease lives too).
     pub fn start(name: &str, events_url: &str, namespace: &str) -> Replica {
+        Replica::start_with(name, events_url, namespace, true)
+    }
+
+    /// [`Replica::start`], with the transport between replicas only if `handover` (without it,
+    /// no key: a standby neither learns the leader's progress nor sends it anything).
+    pub fn start_with(name: &str, events_url: &str, namespace: &str, handover: bool) -> Replica {
         let health = free_addr();
         let log = tempfile::NamedTempFile::new().expect("log file");
         let out = log.reopen().expect("log file opens");
@@ -121,7 +127,7 @@ impl Replica {
             .env("POD_IP", "127.0.0.1")
             // Progress records between replicas: on loopback, any free port, a shared key.
             .env("HANDOVER_LISTEN", "127.0.0.1:0")
-            .env("HANDOVER_KEY", HANDOVER_KEY)
+            .envs(handover.then_some(("HANDOVER_KEY", HANDOVER_KEY)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
@@ -212,6 +218,23 @@ impl Rig {
     /// A namespace, a simulator, `replicas` replicas named `<prefix>-<i>`, and `tokens` tokens
     /// with a Ready Listener each, all posting to one receiver.
     pub async fn start(prefix: &str, replicas: usize, tokens: usize) -> Rig {
+        let mut rig = Rig::without_replicas(prefix, tokens).await;
+        rig.replicas = (0..replicas)
+            .map(|i| {
+                Replica::start(
+                    &format!("{prefix}-{i}"),
+                    &rig.harness.sim.base_url(),
+                    &rig.harness.ns.name,
+                )
+            })
+            .collect();
+        rig.wait_streaming().await;
+        rig
+    }
+
+    /// The namespace, simulator, tokens, Listeners and receiver of [`Rig::start`], with no
+    /// replica yet: a test starts its own and then calls [`Rig::wait_streaming`].
+    pub async fn without_replicas(prefix: &str, tokens: usize) -> Rig {
         let ns = TestNamespace::new(prefix).await;
         let (simulator, admin) = sim::start(Duration::from_millis(500)).await;
         let harness = Harness {
@@ -245,29 +268,18 @@ impl Rig {
                 )
                 .await;
         }
-        let replicas = (0..replicas)
-            .map(|i| {
-                Replica::start(
-                    &format!("{prefix}-{i}"),
-                    &harness.sim.base_url(),
-                    &harness.ns.name,
-                )
-            })
-            .collect();
-        let rig = Rig {
+        Rig {
             harness,
             receiver,
-            replicas,
+            replicas: Vec::new(),
             tokens,
-        };
-        rig.wait_streaming().await;
-        rig
+        }
     }
 
     /// Waits until every Listener is Ready and the leader streams every token, then gives the
     /// standbys time to open theirs: with a warm standby every replica streams every token,
     /// with a cold one only the leader does.
-    async fn wait_streaming(&self) {
+    pub async fn wait_streaming(&self) {
         eventually("a leader", WAIT, || self.leader_name()).await;
         for index in 0..self.tokens {
             self.harness.wait_ready(&format!("hook-{index}")).await;
