@@ -57,13 +57,13 @@ bench_error_from!(
 );
 
 /// Every scenario, in the order they run.
-pub const SCENARIOS: [&str; 11] = [
-    "ceiling", "f", "b", "a", "g", "d", "e", "h", "i", "c", "handover",
+pub const SCENARIOS: [&str; 12] = [
+    "ceiling", "f", "b", "a", "g", "d", "e", "h", "i", "c", "burst", "handover",
 ];
 
 /// The order of the table.
-pub const SCENARIOS_IN_TABLE_ORDER: [&str; 11] = [
-    "ceiling", "a", "b", "c", "d", "e", "f", "g", "h", "i", "handover",
+pub const SCENARIOS_IN_TABLE_ORDER: [&str; 12] = [
+    "ceiling", "a", "b", "c", "d", "e", "f", "g", "h", "i", "burst", "handover",
 ];
 
 #[derive(Parser, Debug)]
@@ -88,7 +88,7 @@ struct Args {
     #[arg(long)]
     phase: Option<f64>,
 
-    /// Only these scenarios, comma-separated: ceiling,a,b,c,d,e,f,g,h,i,handover.
+    /// Only these scenarios, comma-separated: ceiling,a,b,c,d,e,f,g,h,i,burst,handover.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 
