@@ -4,7 +4,8 @@
 # 127.0.0.1; first the machine's ceiling for bare POSTs, then every scenario; one table at the
 # end and the figures as JSON under target/bench/.
 #
-#   hack/bench.sh [--quick] [--only ceiling,a,b,c,d,e,f,g,h,i,handover,handover-nokey,handover-cold] [--json PATH] [--scale F]
+#   hack/bench.sh [--quick] [--only ceiling,a,b,c,d,e,f,g,h,i,burst,handover,handover-nokey,
+#                 handover-cold] [--json PATH] [--scale F]
 #                 [--phase S] [--exe PATH]
 #
 # --exe runs the scenarios against another build of the operator (a before/after comparison).

@@ -249,6 +249,8 @@ pub struct TokenSet {
     pub prefix: String,
     /// Tokens by index, as the simulator issued them.
     pub tokens: Vec<String>,
+    /// Listeners per WebhookUser.
+    pub per_user: usize,
 }
 
 impl TokenSet {
@@ -257,6 +259,16 @@ impl TokenSet {
             namespace: namespace.to_owned(),
             prefix: prefix.to_owned(),
             tokens: Vec::new(),
+            per_user: LISTENERS_PER_USER,
+        }
+    }
+
+    /// A set whose Listeners all belong to one WebhookUser, as a service that registers many
+    /// Crownstone users has them.
+    pub fn one_owner(namespace: &str, prefix: &str) -> TokenSet {
+        TokenSet {
+            per_user: usize::MAX,
+            ..TokenSet::new(namespace, prefix)
         }
     }
 
@@ -265,7 +277,7 @@ impl TokenSet {
     }
 
     pub fn user(&self, index: usize) -> String {
-        format!("{}-u-{:04}", self.prefix, index / LISTENERS_PER_USER)
+        format!("{}-u-{:04}", self.prefix, index / self.per_user)
     }
 
     pub fn listener(&self, index: usize) -> String {
@@ -549,6 +561,18 @@ impl OperatorProcess {
         kubeconfig: &Path,
         log: &Path,
     ) -> Result<OperatorProcess, BenchError> {
+        Self::start_with(exe, events_url, namespace, kubeconfig, log, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with further environment variables.
+    pub async fn start_with(
+        exe: &Path,
+        events_url: &str,
+        namespace: &str,
+        kubeconfig: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<OperatorProcess, BenchError> {
         let health = free_addr()?;
         let mut process = ChildGuard::spawn(
             "operator",
@@ -560,7 +584,8 @@ impl OperatorProcess {
                 // Only so that stopping it between scenarios does not wait the default 20 s.
                 .args(["--shutdown-grace", "3s"])
                 .env("KUBECONFIG", kubeconfig)
-                .env("RUST_LOG", "warn"),
+                .env("RUST_LOG", "warn")
+                .envs(env.iter().copied()),
             log,
             Duration::from_secs(15),
         )?;

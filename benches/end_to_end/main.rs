@@ -57,7 +57,7 @@ bench_error_from!(
 );
 
 /// Every scenario, in the order they run.
-pub const SCENARIOS: [&str; 13] = [
+pub const SCENARIOS: [&str; 14] = [
     "ceiling",
     "f",
     "b",
@@ -68,13 +68,14 @@ pub const SCENARIOS: [&str; 13] = [
     "h",
     "i",
     "c",
+    "burst",
     "handover",
     "handover-nokey",
     "handover-cold",
 ];
 
 /// The order of the table.
-pub const SCENARIOS_IN_TABLE_ORDER: [&str; 13] = [
+pub const SCENARIOS_IN_TABLE_ORDER: [&str; 14] = [
     "ceiling",
     "a",
     "b",
@@ -85,6 +86,7 @@ pub const SCENARIOS_IN_TABLE_ORDER: [&str; 13] = [
     "g",
     "h",
     "i",
+    "burst",
     "handover",
     "handover-nokey",
     "handover-cold",
@@ -112,7 +114,7 @@ struct Args {
     #[arg(long)]
     phase: Option<f64>,
 
-    /// Only these scenarios, comma-separated: ceiling,a,b,c,d,e,f,g,h,i,handover,
+    /// Only these scenarios, comma-separated: ceiling,a,b,c,d,e,f,g,h,i,burst,handover,
     /// handover-nokey,handover-cold.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,

@@ -100,7 +100,9 @@ async fn run_selected(context: &Context, report: &mut Report) -> Result<(), Benc
         .into_iter()
         .filter(|variant| context.wants(variant.scenario()))
         .collect();
-    if !context.wants_any(&["a", "b", "c", "d", "e", "f", "g", "h", "i"]) && handovers.is_empty() {
+    if !context.wants_any(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "burst"])
+        && handovers.is_empty()
+    {
         return Ok(());
     }
     println!("\n== starting the control plane, the simulator and the operator");
@@ -122,6 +124,9 @@ async fn run_selected(context: &Context, report: &mut Report) -> Result<(), Benc
     }
     if context.wants_any(&["c", "f"]) {
         connection_scale(context, report, &parts).await?;
+    }
+    if context.wants("burst") {
+        burst(context, report, &parts).await?;
     }
     for variant in handovers {
         crate::handover::run(
@@ -1663,6 +1668,144 @@ async fn fairness(
             "flood": flooded, "quiet": quieted, "receiverTakesPerSecond": takes,
             "floodReceived": flood_received, "quietReceived": quiet_received,
             "quietLatencyMs": quiet_latency, "drops": drops,
+        }),
+    );
+    Ok(())
+}
+
+/// Rounds of (burst): each publishes one event on every token at once.
+const BURST_ROUNDS: usize = 3;
+
+/// (burst): `tokens_scale` tokens whose Listeners all belong to one WebhookUser and post to one
+/// receiver url, an event on every token at once, a few times: deliveries lost, the operator's
+/// peak memory, and the time from publishing to the last arrival.
+async fn burst(
+    context: &Context,
+    report: &mut Report,
+    parts: &Parts<'_>,
+) -> Result<(), BenchError> {
+    let sizes = &context.sizes;
+    let namespace = "bench-burst";
+    let n = sizes.tokens_scale;
+    let scenario = format!("burst {n} tokens, one owner, one url");
+    println!("\n== (burst) {n} tokens of one owner posting to one url, an event on each at once");
+    cluster::create_namespace(parts.client, namespace).await?;
+    let listeners = n.to_string();
+    let operator = OperatorProcess::start_with(
+        &context.exe,
+        &parts.simulator.url,
+        namespace,
+        &parts.plane.kubeconfig,
+        &context.logs.join("operator-burst.log"),
+        &[("MAX_LISTENERS_PER_USER", &listeners)],
+    )
+    .await?;
+    let streams_before = parts.simulator.open_streams().await?;
+    let url = parts.receivers.urls[0].clone();
+    let mut set = TokenSet::one_owner(namespace, "burst");
+    let took = set
+        .grow(
+            parts.client,
+            &parts.simulator.admin,
+            n,
+            sizes.create_concurrency,
+            |_| url.clone(),
+        )
+        .await?;
+    println!("  {n} Listeners of one owner created in {took:.1?}");
+    let simulator = parts.simulator;
+    let deadline = Duration::from_secs(120).max(Duration::from_secs_f64(n as f64 * 0.12));
+    wait_until(&format!("{n} open streams"), deadline, || async {
+        simulator
+            .open_streams()
+            .await
+            .is_ok_and(|open| open >= streams_before + n)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    parts.receivers.reset(&[], Duration::ZERO).await?;
+    let templates = Arc::new(EventTemplates::new(&set.spheres()));
+    let spheres = Arc::new((0..n).collect::<Vec<_>>());
+    let metrics_before = operator.metrics().await?;
+    let rss_before = rss_kb(operator.pid()).unwrap_or(0);
+    let rss = RssPeak::start(operator.pid());
+
+    let (mut published, mut received, mut drains) = (0u64, 0u64, Vec::new());
+    for round in 0..BURST_ROUNDS {
+        // All n events within a tenth of a second: as one batch of the publisher as it allows.
+        let burst_window = Duration::from_millis(100);
+        let rate = n as f64 / burst_window.as_secs_f64();
+        let sent = parts
+            .publisher
+            .run(&templates, &spheres, rate, burst_window)
+            .await;
+        let (from, to) = (sent.start_ns, sent.end_ns + 1);
+        let started = Instant::now();
+        let (mut arrived, mut progress, mut last) = (0, Instant::now(), Duration::ZERO);
+        while arrived < sent.events
+            && progress.elapsed() < Duration::from_secs(10)
+            && started.elapsed() < Duration::from_secs(300)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = parts.receivers.count(from, to, false).await?;
+            if now > arrived {
+                (arrived, progress, last) = (now, Instant::now(), started.elapsed());
+            }
+        }
+        println!(
+            "  round {}: {} published, {arrived} arrived, drained in {last:.2?}",
+            round + 1,
+            sent.events
+        );
+        published += sent.events;
+        received += arrived;
+        drains.push(last.as_secs_f64());
+    }
+    let peak_kb = rss.finish().await;
+    let metrics_after = operator.metrics().await?;
+    let drops = metrics_after.growth_by_label(&metrics_before, DROPS, "reason");
+    parts.receivers.reset(&[], Duration::ZERO).await?;
+    operator.stop();
+
+    report.figure(&scenario, "deliveries published", published as f64, "");
+    report.figure(
+        &scenario,
+        "deliveries lost (never arrived)",
+        published as f64 - received as f64,
+        "",
+    );
+    report.text(&scenario, "drops by reason", &describe(&drops));
+    report.figure(
+        &scenario,
+        "operator RSS before",
+        rss_before as f64 / 1024.0,
+        "MB",
+    );
+    report.figure(
+        &scenario,
+        "operator peak RSS",
+        peak_kb as f64 / 1024.0,
+        "MB",
+    );
+    let slowest = drains.iter().copied().fold(0.0, f64::max);
+    report.figure(
+        &scenario,
+        "time to drain (slowest round)",
+        slowest * 1000.0,
+        "ms",
+    );
+    report.throughput(
+        &scenario,
+        "delivered/s while draining",
+        received as f64 / drains.iter().sum::<f64>().max(1e-9),
+        "/s",
+    );
+    report.detail(
+        &scenario,
+        json!({
+            "rounds": BURST_ROUNDS, "published": published, "received": received,
+            "drainSeconds": drains, "drops": drops, "rssBeforeKb": rss_before,
+            "peakRssKb": peak_kb,
         }),
     );
     Ok(())

@@ -28,6 +28,11 @@ impl BodyPrefix {
         Self(Bytes::from(out))
     }
 
+    /// Bytes of the prefix.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The full body for one event: the prefix, the event exactly as it arrived, and `}`.
     ///
     /// `event` must be one JSON value (the forwarder hands over a parsed-and-checked frame);

@@ -20,8 +20,14 @@ pub struct DeliveryConfig {
     pub initial_backoff: Duration,
     /// Largest wait between two attempts, also the bound of a receiver's `Retry-After` (60 s).
     pub max_backoff: Duration,
-    /// Deliveries held per owner per destination (queued, in flight or waiting to retry) before
-    /// that owner's new ones are dropped (1000).
+    /// Bytes of deliveries held per owner per destination (queued, in flight or waiting to
+    /// retry) before that owner's new ones are dropped as `queue_full` (64 MiB).
+    pub queue_bytes: usize,
+    /// Bytes all queued deliveries of the operator may hold together; past half of it, each
+    /// owner's lane at a destination holds at most its share (256 MiB).
+    pub memory_budget: usize,
+    /// Deprecated: deliveries held per owner per destination, a bound besides the bytes
+    /// (unbounded).
     pub queue_capacity: usize,
     /// Concurrent requests per destination, taken by its owners in turn (16).
     pub concurrency_per_destination: usize,
@@ -46,7 +52,9 @@ impl Default for DeliveryConfig {
             max_attempts: 5,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
-            queue_capacity: 1000,
+            queue_bytes: 64 * MIB,
+            memory_budget: 256 * MIB,
+            queue_capacity: usize::MAX,
             concurrency_per_destination: 16,
             allow_private_destinations: false,
             denied_networks: Vec::new(),
@@ -80,6 +88,8 @@ impl DeliveryConfig {
             (self.timeout.is_zero(), "the delivery timeout"),
             (self.max_attempts == 0, "the number of attempts"),
             (self.queue_capacity == 0, "the queue capacity"),
+            (self.queue_bytes == 0, "the queue's bytes per owner"),
+            (self.memory_budget == 0, "the delivery memory budget"),
             (
                 self.concurrency_per_destination == 0,
                 "the concurrency per destination",
@@ -111,6 +121,14 @@ impl DeliveryConfig {
         }
     }
 
+    /// How much one owner's lane at a destination may hold.
+    pub(crate) fn lane_bounds(&self) -> super::fair::LaneBounds {
+        super::fair::LaneBounds {
+            bytes: self.queue_bytes,
+            items: self.queue_capacity,
+        }
+    }
+
     /// The address rules.
     pub fn url_policy(&self) -> UrlPolicy {
         UrlPolicy {
@@ -139,10 +157,19 @@ pub struct DeliveryArgs {
     #[arg(long = "delivery-retry-max", env = "DELIVERY_RETRY_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
     pub delivery_retry_max: Duration,
 
-    /// Deliveries held per owner (WebhookUser) per destination before that owner's new ones are
-    /// dropped.
-    #[arg(long = "delivery-queue-capacity", env = "DELIVERY_QUEUE_CAPACITY", default_value_t = 1000, value_parser = parse_positive)]
-    pub delivery_queue_capacity: usize,
+    /// Bytes of deliveries held per owner (WebhookUser) per destination before that owner's new
+    /// ones are dropped, e.g. `64Mi`.
+    #[arg(long = "delivery-queue-bytes", env = "DELIVERY_QUEUE_BYTES", default_value = "64Mi", value_parser = parse_bytes)]
+    pub delivery_queue_bytes: usize,
+
+    /// Bytes all queued deliveries may hold together, e.g. `256Mi`; past half of it each owner
+    /// holds at most its share.
+    #[arg(long = "delivery-memory-budget", env = "DELIVERY_MEMORY_BUDGET", default_value = "256Mi", value_parser = parse_bytes)]
+    pub delivery_memory_budget: usize,
+
+    /// Deprecated: deliveries held per owner per destination, a bound besides the bytes.
+    #[arg(long = "delivery-queue-capacity", env = "DELIVERY_QUEUE_CAPACITY", value_parser = parse_positive)]
+    pub delivery_queue_capacity: Option<usize>,
 
     /// Concurrent requests per destination (scheme, host, port), taken by its owners in turn.
     #[arg(long = "delivery-concurrency", env = "DELIVERY_CONCURRENCY", default_value_t = 16, value_parser = parse_positive)]
@@ -176,12 +203,20 @@ impl TryFrom<DeliveryArgs> for DeliveryConfig {
     type Error = ConfigError;
 
     fn try_from(args: DeliveryArgs) -> Result<Self, ConfigError> {
+        if let Some(capacity) = args.delivery_queue_capacity {
+            tracing::warn!(
+                capacity,
+                "DELIVERY_QUEUE_CAPACITY is deprecated: queues are bounded by DELIVERY_QUEUE_BYTES and DELIVERY_MEMORY_BUDGET"
+            );
+        }
         let config = Self {
             timeout: args.delivery_timeout,
             max_attempts: args.delivery_max_attempts,
             initial_backoff: args.delivery_retry_initial,
             max_backoff: args.delivery_retry_max,
-            queue_capacity: args.delivery_queue_capacity,
+            queue_bytes: args.delivery_queue_bytes,
+            memory_budget: args.delivery_memory_budget,
+            queue_capacity: args.delivery_queue_capacity.unwrap_or(usize::MAX),
             concurrency_per_destination: args.delivery_concurrency,
             allow_private_destinations: args.allow_private_destinations,
             denied_networks: args.denied_networks.0,
@@ -191,6 +226,41 @@ impl TryFrom<DeliveryArgs> for DeliveryConfig {
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// Bytes in a mebibyte.
+const MIB: usize = 1 << 20;
+
+/// A positive size in bytes: a number with an optional binary (`Ki`, `Mi`, `Gi`, also with a
+/// trailing `B`) or decimal (`k`, `M`, `G`) suffix, as Kubernetes quantities write them.
+fn parse_bytes(value: &str) -> Result<usize, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, suffix) = value.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a size such as 256Mi"))?;
+    let unit: usize = match suffix.trim() {
+        "" | "B" => 1,
+        "Ki" | "KiB" => 1 << 10,
+        "Mi" | "MiB" => 1 << 20,
+        "Gi" | "GiB" => 1 << 30,
+        "k" | "kB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "{other:?} is not a unit: use Ki, Mi, Gi, k, M or G"
+            ))
+        }
+    };
+    match number.checked_mul(unit) {
+        Some(0) => Err("must be greater than zero".to_owned()),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("{value:?} is too large")),
     }
 }
 
@@ -270,6 +340,8 @@ mod tests {
             "--delivery-retry-initial=250ms",
             "--delivery-retry-max=1m 30s",
             "--delivery-queue-capacity=50",
+            "--delivery-queue-bytes=8Mi",
+            "--delivery-memory-budget=1G",
             "--delivery-concurrency=4",
             "--delivery-max-age=90s",
             "--allow-private-destinations",
@@ -282,6 +354,8 @@ mod tests {
             initial_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(90),
             queue_capacity: 50,
+            queue_bytes: 8 * MIB,
+            memory_budget: 1_000_000_000,
             concurrency_per_destination: 4,
             allow_private_destinations: true,
             denied_networks: vec![
@@ -330,6 +404,11 @@ mod tests {
             &["--delivery-timeout=0s"],
             &["--delivery-max-attempts=0"],
             &["--delivery-queue-capacity=0"],
+            &["--delivery-queue-bytes=0Mi"],
+            &["--delivery-memory-budget=lots"],
+            &["--delivery-memory-budget=256Tb"],
+            &["--delivery-memory-budget=-1Mi"],
+            &["--delivery-memory-budget=99999999999999999999Gi"],
             &["--delivery-concurrency=-1"],
             &["--denied-networks=10.0.0.0/33"],
             &["--denied-networks=cluster"],
@@ -338,6 +417,26 @@ mod tests {
         ];
         for args in table {
             assert!(parse(args).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn sizes_take_kubernetes_units() {
+        let table = [
+            ("256Mi", Ok(256 * MIB)),
+            ("256MiB", Ok(256 * MIB)),
+            (" 64Ki ", Ok(64 << 10)),
+            ("2Gi", Ok(2 << 30)),
+            ("300M", Ok(300_000_000)),
+            ("5k", Ok(5_000)),
+            ("1024", Ok(1024)),
+            ("0", Err(())),
+            ("Mi", Err(())),
+            ("1.5Gi", Err(())),
+            ("1Ti", Err(())),
+        ];
+        for (text, expected) in table {
+            assert_eq!(parse_bytes(text).map_err(|_| ()), expected, "{text}");
         }
     }
 }

@@ -1,7 +1,9 @@
 //! One queue and one dispatcher task per destination (scheme, host, port), so a receiver that
-//! hangs or fails only ever delays its own deliveries; within a destination, a bounded lane per
-//! owner served round robin ([`Lanes`]), so an owner that floods a receiver only ever drops and
-//! delays its own deliveries there.
+//! hangs or fails only ever delays its own deliveries; within a destination, a lane per owner
+//! bounded by bytes and served round robin ([`Lanes`]), so an owner that floods a receiver only
+//! ever drops and delays its own deliveries there. Every queue draws the bytes its deliveries
+//! hold from the operator's one [`MemoryBudget`]; a delivery not sent within its max age is
+//! dropped as expired.
 //!
 //! The dispatcher keeps up to `concurrency_per_destination` attempts in flight, polled by itself
 //! (no task per delivery), each on a keep-alive connection of its own that comes back to the
@@ -31,7 +33,7 @@ use crate::domain::OwnerKey;
 use super::{
     charge::Charge,
     client::{self, AttemptRequest, Connection},
-    fair::{LaneId, Lanes},
+    fair::{LaneBounds, LaneId, Lanes, MemoryBudget, Refusal},
     listener::{FailureEffect, ListenerEntry},
     metrics::{DeliveryMetrics, Outcome},
     retry::{AttemptResult, Verdict},
@@ -96,6 +98,8 @@ pub(crate) struct Delivery {
     admitted: Option<Arc<DestinationQueue>>,
     /// The owner's lane in the admitting queue.
     lane: LaneId,
+    /// The bytes the admitting queue counted for it, given back when it is settled.
+    queued_bytes: usize,
     settled: bool,
     /// Tells the event's log when the delivery is settled; `None` for an event without place.
     pub(crate) settle_handle: Option<Settle>,
@@ -134,11 +138,23 @@ impl Delivery {
             charge,
             admitted: None,
             lane: 0,
+            queued_bytes: 0,
             settled: false,
             settle_handle: None,
             lead: 0,
             trace: DeliveryTrace::UNTRACED,
         }
+    }
+
+    /// The bytes the delivery holds while queued: itself, its body (the event until the first
+    /// attempt, then the body that replaces it) and its `webhook-id`. The parts shared with
+    /// other deliveries (target, listener) are not counted.
+    fn footprint(&self) -> usize {
+        let body = match &self.body {
+            Some(body) => body.len(),
+            None => self.target.prefix.len() + self.event.len() + 1,
+        };
+        std::mem::size_of::<Self>() + body + self.message_id.len()
     }
 
     /// Gives the owner's allowance back if no attempt was ever made.
@@ -194,7 +210,7 @@ impl Delivery {
             }
         }
         if let Some(queue) = self.admitted.take() {
-            queue.release(self.lane);
+            queue.release(self.lane, self.queued_bytes);
         }
     }
 
@@ -224,20 +240,20 @@ impl Drop for Delivery {
                 FailureEffect::NotCounted,
             );
             queue.metrics.outcome(Outcome::Failed);
-            queue.release(self.lane);
+            queue.release(self.lane, self.queued_bytes);
         }
     }
 }
 
 /// A delivery refused by a queue, handed back to the caller.
 pub(crate) enum Rejected {
-    /// The owner's lane holds `queue_capacity` deliveries already.
-    Full(Delivery),
+    /// The owner's lane is full (`QueueFull`), or the memory budget is spent (`Budget`).
+    Full(Delivery, DropReason),
     /// The queue was released for idleness or shutdown; ask for a new one.
     Closed(Delivery),
 }
 
-/// The queue of one destination, a bounded lane per owner, shared by submitters and its
+/// The queue of one destination, a lane per owner bounded by bytes, shared by submitters and its
 /// dispatcher.
 pub(crate) struct DestinationQueue {
     key: DestinationKey,
@@ -245,6 +261,8 @@ pub(crate) struct DestinationQueue {
     state: Mutex<QueueState>,
     wake: Notify,
     depth: Gauge,
+    /// The bytes held by every queue of the engine, as the budget counts them.
+    bytes: Gauge,
     metrics: Arc<DeliveryMetrics>,
 }
 
@@ -255,18 +273,25 @@ struct QueueState {
 }
 
 impl DestinationQueue {
-    pub(crate) fn new(key: DestinationKey, capacity: usize, metrics: Arc<DeliveryMetrics>) -> Self {
+    pub(crate) fn new(
+        key: DestinationKey,
+        bounds: LaneBounds,
+        budget: Arc<MemoryBudget>,
+        metrics: Arc<DeliveryMetrics>,
+    ) -> Self {
         let label = key.label();
         let depth = metrics.queue_gauge(&label);
+        let bytes = metrics.queue_bytes();
         Self {
             key,
             label,
             state: Mutex::new(QueueState {
-                lanes: Lanes::new(capacity),
+                lanes: Lanes::new(bounds, budget),
                 closed: false,
             }),
             wake: Notify::new(),
             depth,
+            bytes,
             metrics,
         }
     }
@@ -289,6 +314,7 @@ impl DestinationQueue {
         reason = "the rejected delivery is handed back by move, boxing it would cost every push an allocation"
     )]
     pub(crate) fn push(self: &Arc<Self>, delivery: Delivery) -> Result<(), Rejected> {
+        let bytes = delivery.footprint();
         {
             let mut state = self.state.lock();
             if state.closed {
@@ -298,13 +324,21 @@ impl DestinationQueue {
             let target = Arc::clone(&delivery.target);
             state
                 .lanes
-                .admit(&target.owner, delivery, |delivery, lane| {
+                .admit(&target.owner, delivery, bytes, |delivery, lane| {
                     delivery.admitted = Some(Arc::clone(self));
                     delivery.lane = lane;
+                    delivery.queued_bytes = bytes;
                 })
-                .map_err(Rejected::Full)?;
+                .map_err(|(delivery, refusal)| {
+                    let reason = match refusal {
+                        Refusal::LaneFull => DropReason::QueueFull,
+                        Refusal::Budget => DropReason::Budget,
+                    };
+                    Rejected::Full(delivery, reason)
+                })?;
         }
         self.depth.inc();
+        self.bytes.inc_by(bytes as i64);
         self.wake.notify_one();
         Ok(())
     }
@@ -334,9 +368,10 @@ impl DestinationQueue {
         self.state.lock().lanes.take_waiting()
     }
 
-    fn release(&self, lane: LaneId) {
-        self.state.lock().lanes.release(lane);
+    fn release(&self, lane: LaneId, bytes: usize) {
+        self.state.lock().lanes.release(lane, bytes);
         self.depth.dec();
+        self.bytes.dec_by(bytes as i64);
     }
 
     /// Closes the queue if it holds nothing; a closed queue admits nothing more.
@@ -544,6 +579,11 @@ fn ready_for_attempt(mut delivery: Delivery, shared: &Shared) -> Option<Delivery
         return None;
     }
     if Instant::now() >= delivery.deadline {
+        // Never sent: the receiver did not fail, the queue was too long for the max age.
+        if delivery.attempts == 0 {
+            delivery.settle(Settlement::Dropped(DropReason::Expired), shared);
+            return None;
+        }
         let reason = delivery.expiry_reason(delivery.target.retry.max_age);
         delivery.settle(Settlement::Failed(reason, FailureEffect::Counted), shared);
         return None;

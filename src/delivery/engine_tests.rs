@@ -362,21 +362,75 @@ async fn a_waiting_delivery_of_a_suspended_listener_gives_its_allowance_back() {
 }
 
 #[tokio::test]
-async fn a_delivery_too_old_for_its_first_attempt_gives_its_allowance_back() {
+async fn a_delivery_not_sent_within_its_max_age_is_dropped_as_expired_and_refunded() {
     let config = DeliveryConfig {
         max_delivery_age: Duration::from_millis(100),
         ..one_at_a_time()
     };
     let (engine, refunds, receiver) =
         waiting_delivery_refunded_when(Answer::Never, config, |_| {}).await;
-    eventually("the waiting delivery to fail", || refunds.count() == 1).await;
-    let (dropped, failed) = dropped_and_failed(&engine, "a").await;
+    eventually("the waiting delivery to expire", || refunds.count() == 1).await;
+    let reports = engine.take_reports();
+    let (dropped, failed) = reports
+        .iter()
+        .fold((0, 0), |(d, f), r| (d + r.dropped, f + r.failed));
     assert_eq!(
         (dropped, failed),
-        (0, 2),
-        "both fail, one without an attempt"
+        (1, 1),
+        "the attempted one fails, the waiting one expires unsent"
     );
+    assert!(reports
+        .iter()
+        .any(|r| r.last_drop_reason == Some(DropReason::Expired)));
     assert_eq!(receiver.requests(), 1);
+    eventually("the bytes given back", || engine.shared.budget.used() == 0).await;
+}
+
+#[tokio::test]
+async fn a_queued_delivery_holds_little_more_than_its_body() {
+    let receiver = Receiver::start(Answer::Never).await;
+    let engine = start(one_at_a_time());
+    assert_eq!(
+        engine.submit(event(), target("a", "acme", &receiver.url)),
+        Submission::Queued
+    );
+    let body = BodyPrefix::new("acme", SECRET, "user-1").len() + event().len() + 1;
+    let held = engine.shared.budget.used();
+    println!("a queued delivery holds {held} bytes, {body} of them its body");
+    assert!(held > body, "the body is counted");
+    assert!(held - body < 512, "{} bytes besides the body", held - body);
+}
+
+#[tokio::test]
+async fn a_spent_budget_drops_new_deliveries_until_bytes_are_given_back() {
+    let receiver = Receiver::start(Answer::Never).await;
+    // Room for a few deliveries; past half of it a lone owner holds no more.
+    let engine = start(DeliveryConfig {
+        memory_budget: 4096,
+        ..one_at_a_time()
+    });
+    let refunds = Arc::new(Refunds::default());
+    let submit = |owner: &str| {
+        engine.submit_charged(
+            event(),
+            target(owner, owner, &receiver.url),
+            charge(&refunds),
+        )
+    };
+    let mut queued = 0;
+    while submit("flood") == Submission::Queued {
+        queued += 1;
+        assert!(queued < 100, "the budget bounds the queue");
+    }
+    assert!(queued >= 2, "{queued}");
+    assert_eq!(submit("flood"), Submission::Dropped(DropReason::Budget));
+    assert!(engine.shared.budget.used() <= 2048);
+    assert_eq!(refunds.count(), 2, "both refusals gave the allowance back");
+    // Another owner still finds room in the half the flooder could not take.
+    assert_eq!(submit("quiet"), Submission::Queued);
+    // The attempts time out and fail one by one, giving their bytes back.
+    eventually("every delivery to end", || engine.shared.budget.used() == 0).await;
+    assert_eq!(submit("flood"), Submission::Queued);
 }
 
 #[tokio::test]

@@ -1,16 +1,103 @@
-//! Fair sharing of one destination between owners: each owner gets a bounded lane of its own,
-//! and the lanes with work are served round robin, one delivery per turn, so an owner that floods
-//! a destination fills and overflows only its own lane and waits its turn like everyone else.
+//! Fair sharing of one destination between owners, and of the operator's memory between
+//! destinations: each owner gets a lane of its own at a destination, bounded by the bytes it
+//! holds, and the lanes with work are served round robin, one delivery per turn, so an owner that
+//! floods a destination overflows only its own lane and waits its turn like everyone else. Every
+//! lane of every destination draws its bytes from one [`MemoryBudget`].
 //!
-//! Pure bookkeeping, no locks and no time: the destination queue holds it behind its mutex.
+//! The lanes are pure bookkeeping, no locks and no time: the destination queue holds them behind
+//! its mutex. The budget is shared by all queues and counted with atomics only.
 
-use std::{collections::VecDeque, hash::Hash};
+use std::{
+    collections::VecDeque,
+    hash::Hash,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 /// A lane's place in [`Lanes`]; valid while the lane holds something.
 pub(crate) type LaneId = usize;
 
 /// A lane that went idle keeps at most this much of its buffer for the next owner.
 const KEPT_BUFFER: usize = 64;
+
+/// Why an item was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The owner's lane holds its bound of bytes (or of items) already.
+    LaneFull,
+    /// The operator's memory budget is spent, or the owner holds its share of a contended one.
+    Budget,
+}
+
+/// The bytes all queued deliveries of the operator may hold together, shared by every lane of
+/// every destination.
+///
+/// The rule that keeps it fair: while less than half of it is spent, any lane takes what it
+/// needs; past half, a lane may hold at most `total / (lanes holding something + 1)`, so one
+/// owner never takes the whole budget and a newcomer always finds room.
+#[derive(Debug)]
+pub(crate) struct MemoryBudget {
+    total: usize,
+    used: AtomicUsize,
+    /// Lanes holding something, over every destination.
+    lanes: AtomicUsize,
+}
+
+impl MemoryBudget {
+    /// A budget of `total` bytes, nothing spent.
+    pub(crate) fn new(total: usize) -> Self {
+        Self {
+            total,
+            used: AtomicUsize::new(0),
+            lanes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` for a lane that holds `lane_bytes` already, or says why not.
+    fn reserve(&self, bytes: usize, lane_bytes: usize) -> Result<(), Refusal> {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let after = used.checked_add(bytes).ok_or(Refusal::Budget)?;
+            if after > self.total {
+                return Err(Refusal::Budget);
+            }
+            if after > self.total / 2 {
+                let share = self.total / (self.lanes.load(Ordering::Relaxed) + 1);
+                if lane_bytes.saturating_add(bytes) > share {
+                    return Err(Refusal::Budget);
+                }
+            }
+            match self
+                .used
+                .compare_exchange_weak(used, after, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// How much one lane may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LaneBounds {
+    /// Bytes one owner may hold at a destination.
+    pub(crate) bytes: usize,
+    /// Items one owner may hold at a destination (the deprecated count bound; usually unbounded).
+    pub(crate) items: usize,
+}
 
 /// One owner's part of a destination.
 struct Lane<K, T> {
@@ -19,6 +106,8 @@ struct Lane<K, T> {
     waiting: VecDeque<T>,
     /// Admitted and not yet released: waiting here, in flight, or waiting to retry.
     held: usize,
+    /// The bytes of the held items, also taken from the budget.
+    bytes: usize,
     /// Listed in `turns`: has something waiting.
     in_turn: bool,
 }
@@ -28,8 +117,8 @@ struct Lane<K, T> {
 /// Lane slots are reused, so an owner coming and going costs no allocation once the destination
 /// has seen as many owners at once; a lane is given up as soon as it holds nothing.
 pub(crate) struct Lanes<K, T> {
-    /// Deliveries one owner may hold at once.
-    capacity: usize,
+    bounds: LaneBounds,
+    budget: Arc<MemoryBudget>,
     slots: Vec<Lane<K, T>>,
     free: Vec<LaneId>,
     by_owner: foldhash::HashMap<K, LaneId>,
@@ -39,10 +128,11 @@ pub(crate) struct Lanes<K, T> {
 }
 
 impl<K: Hash + Eq + Clone, T> Lanes<K, T> {
-    /// Lanes that hold at most `capacity` items per owner.
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// Lanes within `bounds` each, drawing their bytes from `budget`.
+    pub(crate) fn new(bounds: LaneBounds, budget: Arc<MemoryBudget>) -> Self {
         Self {
-            capacity,
+            bounds,
+            budget,
             slots: Vec::new(),
             free: Vec::new(),
             by_owner: foldhash::HashMap::default(),
@@ -62,26 +152,38 @@ impl<K: Hash + Eq + Clone, T> Lanes<K, T> {
         self.by_owner.len()
     }
 
-    /// Queues `item` at the back of `owner`'s lane, telling it its lane through `stamp`; hands
-    /// it back when the owner holds `capacity` items already.
+    /// Queues `item`, which holds `bytes`, at the back of `owner`'s lane, telling it its lane
+    /// through `stamp`; hands it back with the reason when the lane or the budget has no room.
     pub(crate) fn admit(
         &mut self,
         owner: &K,
         mut item: T,
+        bytes: usize,
         stamp: impl FnOnce(&mut T, LaneId),
-    ) -> Result<(), T> {
+    ) -> Result<(), (T, Refusal)> {
         let id = match self.by_owner.get(owner) {
             Some(id) => *id,
             None => self.open(owner),
         };
         let Some(lane) = self.slots.get_mut(id) else {
-            return Err(item);
+            return Err((item, Refusal::LaneFull));
         };
-        if lane.held >= self.capacity {
-            return Err(item);
+        let refusal = if lane.held >= self.bounds.items
+            || lane.bytes.saturating_add(bytes) > self.bounds.bytes
+        {
+            Some(Refusal::LaneFull)
+        } else {
+            self.budget.reserve(bytes, lane.bytes).err()
+        };
+        if let Some(refusal) = refusal {
+            if lane.held == 0 {
+                self.give_up(id);
+            }
+            return Err((item, refusal));
         }
         stamp(&mut item, id);
         lane.held += 1;
+        lane.bytes += bytes;
         lane.waiting.push_back(item);
         self.held += 1;
         if !lane.in_turn {
@@ -127,25 +229,25 @@ impl<K: Hash + Eq + Clone, T> Lanes<K, T> {
         moved
     }
 
-    /// One item of lane `id` is settled; a lane that holds nothing more is given up.
-    pub(crate) fn release(&mut self, id: LaneId) {
+    /// One item of lane `id`, admitted with `bytes`, is settled: its bytes go back to the
+    /// budget, and a lane that holds nothing more is given up.
+    pub(crate) fn release(&mut self, id: LaneId, bytes: usize) {
         let Some(lane) = self.slots.get_mut(id) else {
             return;
         };
         if lane.held == 0 {
             return;
         }
+        let bytes = bytes.min(lane.bytes);
         lane.held -= 1;
+        lane.bytes -= bytes;
         self.held -= 1;
+        self.budget.give_back(bytes);
         if lane.held > 0 {
             return;
         }
         // Nothing held means nothing waiting either: every waiting item is held.
-        if let Some(owner) = lane.owner.take() {
-            self.by_owner.remove(&owner);
-        }
-        lane.waiting.shrink_to(KEPT_BUFFER);
-        self.free.push(id);
+        self.give_up(id);
     }
 
     /// Takes every waiting item, in turn order; they stay held until released.
@@ -163,6 +265,7 @@ impl<K: Hash + Eq + Clone, T> Lanes<K, T> {
                     owner: None,
                     waiting: VecDeque::new(),
                     held: 0,
+                    bytes: 0,
                     in_turn: false,
                 });
                 self.slots.len() - 1
@@ -172,7 +275,38 @@ impl<K: Hash + Eq + Clone, T> Lanes<K, T> {
             lane.owner = Some(owner.clone());
         }
         self.by_owner.insert(owner.clone(), id);
+        self.budget.lanes.fetch_add(1, Ordering::AcqRel);
         id
+    }
+
+    /// Frees the slot of a lane that holds nothing.
+    fn give_up(&mut self, id: LaneId) {
+        let Some(lane) = self.slots.get_mut(id) else {
+            return;
+        };
+        if let Some(owner) = lane.owner.take() {
+            self.by_owner.remove(&owner);
+            self.budget.lanes.fetch_sub(1, Ordering::AcqRel);
+        }
+        // A lane holding nothing holds no bytes either; whatever it still counts goes back.
+        self.budget.give_back(std::mem::take(&mut lane.bytes));
+        lane.waiting.shrink_to(KEPT_BUFFER);
+        self.free.push(id);
+    }
+}
+
+impl<K, T> Drop for Lanes<K, T> {
+    fn drop(&mut self) {
+        // A queue dropped with deliveries still held (shutdown) gives their bytes back.
+        let (bytes, lanes) = self
+            .slots
+            .iter()
+            .filter(|lane| lane.owner.is_some())
+            .fold((0, 0), |(bytes, lanes), lane| {
+                (bytes + lane.bytes, lanes + 1)
+            });
+        self.budget.give_back(bytes);
+        self.budget.lanes.fetch_sub(lanes, Ordering::AcqRel);
     }
 }
 
@@ -192,10 +326,49 @@ mod tests {
         Item { owner, n, lane: 0 }
     }
 
-    fn admit(lanes: &mut Lanes<&'static str, Item>, owner: &'static str, n: u32) -> bool {
+    /// Bytes every test item holds.
+    const ITEM_BYTES: usize = 100;
+
+    /// Lanes of at most `items` items each, under a budget they never reach.
+    fn counted(items: usize) -> Lanes<&'static str, Item> {
+        Lanes::new(
+            LaneBounds {
+                bytes: usize::MAX,
+                items,
+            },
+            Arc::new(MemoryBudget::new(usize::MAX)),
+        )
+    }
+
+    /// Lanes of at most `lane_bytes` bytes each, under `budget`.
+    fn bounded(lane_bytes: usize, budget: &Arc<MemoryBudget>) -> Lanes<&'static str, Item> {
+        Lanes::new(
+            LaneBounds {
+                bytes: lane_bytes,
+                items: usize::MAX,
+            },
+            Arc::clone(budget),
+        )
+    }
+
+    fn try_admit(
+        lanes: &mut Lanes<&'static str, Item>,
+        owner: &'static str,
+        n: u32,
+    ) -> Result<(), Refusal> {
         lanes
-            .admit(&owner, item(owner, n), |item, lane| item.lane = lane)
-            .is_ok()
+            .admit(&owner, item(owner, n), ITEM_BYTES, |item, lane| {
+                item.lane = lane
+            })
+            .map_err(|(_, refusal)| refusal)
+    }
+
+    fn admit(lanes: &mut Lanes<&'static str, Item>, owner: &'static str, n: u32) -> bool {
+        try_admit(lanes, owner, n).is_ok()
+    }
+
+    fn release(lanes: &mut Lanes<&'static str, Item>, item: &Item) {
+        lanes.release(item.lane, ITEM_BYTES);
     }
 
     fn pop(lanes: &mut Lanes<&'static str, Item>, max: usize) -> Vec<Item> {
@@ -239,7 +412,7 @@ mod tests {
             ),
         ];
         for (case, admitted, expected) in table {
-            let mut lanes = Lanes::new(100);
+            let mut lanes = counted(100);
             for (owner, count) in *admitted {
                 for n in 0..*count {
                     assert!(admit(&mut lanes, owner, n), "{case}");
@@ -250,8 +423,8 @@ mod tests {
     }
 
     #[test]
-    fn a_full_lane_refuses_only_its_owner() {
-        let mut lanes = Lanes::new(2);
+    fn a_lane_full_of_items_refuses_only_its_owner() {
+        let mut lanes = counted(2);
         assert!(admit(&mut lanes, "flood", 0));
         assert!(admit(&mut lanes, "flood", 1));
         assert!(!admit(&mut lanes, "flood", 2), "the flooder's lane is full");
@@ -264,7 +437,7 @@ mod tests {
         let served = pop(&mut lanes, 2);
         assert_eq!(names(&served), ["flood0", "quiet0"]);
         assert!(!admit(&mut lanes, "flood", 3), "in flight is still held");
-        lanes.release(served[0].lane);
+        release(&mut lanes, &served[0]);
         assert!(
             admit(&mut lanes, "flood", 3),
             "a released slot is free again"
@@ -275,7 +448,7 @@ mod tests {
     fn a_slow_consumer_shares_its_slots_between_owners() {
         // One slot at a time, as a destination with concurrency 1: a flood of 50 beside 5 quiet
         // items gets the quiet ones out within their first 10 turns.
-        let mut lanes = Lanes::new(1000);
+        let mut lanes = counted(1000);
         for n in 0..50 {
             admit(&mut lanes, "flood", n);
         }
@@ -285,7 +458,7 @@ mod tests {
         let mut order = Vec::new();
         while let Some(served) = pop(&mut lanes, 1).pop() {
             order.push(served);
-            lanes.release(served.lane);
+            release(&mut lanes, &served);
         }
         let quiet_turns: Vec<usize> = order
             .iter()
@@ -300,7 +473,7 @@ mod tests {
 
     #[test]
     fn a_retry_goes_first_in_its_owners_lane_not_before_other_owners() {
-        let mut lanes = Lanes::new(10);
+        let mut lanes = counted(10);
         for n in 0..3 {
             admit(&mut lanes, "a", n);
             admit(&mut lanes, "b", n);
@@ -309,20 +482,20 @@ mod tests {
         assert_eq!(names(&first), ["a0", "b0"]);
         // a0 failed and is due again: it keeps its lane slot and goes before a1, in a's turn.
         lanes.requeue(first[0].lane, first[0]);
-        lanes.release(first[1].lane);
+        release(&mut lanes, &first[1]);
         assert_eq!(names(&pop(&mut lanes, 4)), ["a0", "b1", "a1", "b2"]);
         assert_eq!(lanes.held(), 5, "a0 was never released");
     }
 
     #[test]
     fn an_idle_owner_leaves_nothing_behind_and_its_slot_is_reused() {
-        let mut lanes = Lanes::new(10);
+        let mut lanes = counted(10);
         admit(&mut lanes, "a", 0);
         admit(&mut lanes, "b", 0);
         let served = pop(&mut lanes, 10);
         assert_eq!(lanes.owners(), 2);
         for item in &served {
-            lanes.release(item.lane);
+            release(&mut lanes, item);
         }
         assert_eq!((lanes.held(), lanes.owners()), (0, 0));
         assert!(lanes.turns.is_empty());
@@ -331,13 +504,13 @@ mod tests {
         assert_eq!(lanes.slots.len(), 2);
         assert_eq!(names(&pop(&mut lanes, 10)), ["c0"]);
         // A release too many is ignored.
-        lanes.release(served[0].lane);
+        release(&mut lanes, &served[0]);
         assert_eq!(lanes.held(), 1);
     }
 
     #[test]
     fn taking_the_waiting_items_keeps_them_held() {
-        let mut lanes = Lanes::new(10);
+        let mut lanes = counted(10);
         admit(&mut lanes, "a", 0);
         admit(&mut lanes, "a", 1);
         admit(&mut lanes, "b", 0);
@@ -345,8 +518,114 @@ mod tests {
         assert_eq!(names(&taken), ["a0", "b0", "a1"]);
         assert_eq!(lanes.held(), 3);
         for item in &taken {
-            lanes.release(item.lane);
+            release(&mut lanes, item);
         }
         assert_eq!((lanes.held(), lanes.owners()), (0, 0));
+    }
+
+    #[test]
+    fn a_lane_is_bounded_by_the_bytes_it_holds() {
+        let budget = Arc::new(MemoryBudget::new(usize::MAX));
+        let mut lanes = bounded(3 * ITEM_BYTES, &budget);
+        for n in 0..3 {
+            assert_eq!(try_admit(&mut lanes, "a", n), Ok(()));
+        }
+        assert_eq!(try_admit(&mut lanes, "a", 3), Err(Refusal::LaneFull));
+        assert_eq!(
+            try_admit(&mut lanes, "b", 0),
+            Ok(()),
+            "another owner gets in"
+        );
+        // A bigger item is refused where a small one still fits.
+        let big = lanes.admit(&"b", item("b", 1), 3 * ITEM_BYTES, |_, _| {});
+        assert_eq!(
+            big.err().map(|(_, refusal)| refusal),
+            Some(Refusal::LaneFull)
+        );
+        assert_eq!(try_admit(&mut lanes, "b", 1), Ok(()));
+        assert_eq!(budget.used(), 5 * ITEM_BYTES);
+    }
+
+    #[test]
+    fn the_budget_is_shared_by_every_destination_and_given_back() {
+        // Ten items' worth, drawn on by two destinations without lane bounds of their own.
+        let budget = Arc::new(MemoryBudget::new(10 * ITEM_BYTES));
+        let mut one = bounded(usize::MAX, &budget);
+        let mut two = bounded(usize::MAX, &budget);
+        let fill = |lanes: &mut Lanes<&'static str, Item>, owner| {
+            let mut n = 0;
+            while admit(lanes, owner, n) {
+                n += 1;
+            }
+            n
+        };
+        assert_eq!(fill(&mut one, "a"), 5, "alone, half the budget");
+        assert_eq!(
+            fill(&mut two, "b"),
+            3,
+            "beside a, its share of what one left"
+        );
+        assert_eq!(fill(&mut one, "c"), 2, "the last of the budget");
+        assert_eq!(budget.used(), 10 * ITEM_BYTES);
+        assert_eq!(try_admit(&mut two, "d", 0), Err(Refusal::Budget));
+        assert_eq!(
+            (one.owners(), two.owners()),
+            (2, 1),
+            "a refused newcomer keeps no lane"
+        );
+
+        // Settled items give their bytes back, in either destination, down to nothing.
+        let served = pop(&mut one, usize::MAX);
+        release(&mut one, &served[0]);
+        assert_eq!(try_admit(&mut two, "d", 0), Ok(()), "room again");
+        for item in served.iter().skip(1) {
+            release(&mut one, item);
+        }
+        for item in pop(&mut two, usize::MAX) {
+            release(&mut two, &item);
+        }
+        assert_eq!(budget.used(), 0);
+        assert_eq!(budget.lanes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_contended_budget_keeps_room_for_every_owner() {
+        // Past half the budget a lane holds at most budget / (lanes + 1): a lone flooder stops at
+        // half, so a newcomer finds room, and with two owners each stops at a third.
+        let budget = Arc::new(MemoryBudget::new(12 * ITEM_BYTES));
+        let mut lanes = bounded(usize::MAX, &budget);
+        let mut n = 0;
+        while admit(&mut lanes, "flood", n) {
+            n += 1;
+        }
+        assert_eq!(n, 6, "a lone owner takes half the budget");
+        assert_eq!(try_admit(&mut lanes, "flood", n), Err(Refusal::Budget));
+        assert_eq!(try_admit(&mut lanes, "quiet", 0), Ok(()));
+        assert_eq!(
+            try_admit(&mut lanes, "flood", n),
+            Err(Refusal::Budget),
+            "the flooder is over its share of two"
+        );
+        let mut quiet = 1;
+        while admit(&mut lanes, "quiet", quiet) {
+            quiet += 1;
+        }
+        assert_eq!(quiet, 4, "the newcomer gets its third");
+        assert_eq!(budget.used(), 10 * ITEM_BYTES, "never all of it");
+        // A third owner still gets in.
+        assert_eq!(try_admit(&mut lanes, "third", 0), Ok(()));
+    }
+
+    #[test]
+    fn an_uncontended_budget_is_not_shared_out() {
+        // Under half the budget, no owner is held to a share, however many there are.
+        let budget = Arc::new(MemoryBudget::new(100 * ITEM_BYTES));
+        let mut lanes = bounded(usize::MAX, &budget);
+        for owner in ["a", "b", "c", "d"] {
+            assert_eq!(try_admit(&mut lanes, owner, 0), Ok(()));
+        }
+        for n in 1..40 {
+            assert_eq!(try_admit(&mut lanes, "a", n), Ok(()), "item {n}");
+        }
     }
 }

@@ -57,6 +57,7 @@ pub(crate) struct DeliveryMetrics {
     drops: Vec<(DropReason, Counter)>,
     attempt_duration: LatencyHistogram,
     queue_depth: Family<DestinationLabels, Gauge>,
+    queue_bytes: Gauge,
 }
 
 impl DeliveryMetrics {
@@ -134,6 +135,14 @@ impl DeliveryMetrics {
             queue_depth.clone(),
         );
 
+        let queue_bytes = Gauge::default();
+        registry.register_with_unit(
+            "webhook_delivery_queue",
+            "Bytes held by the deliveries of every queue, counted against the memory budget",
+            Unit::Bytes,
+            queue_bytes.clone(),
+        );
+
         Self {
             delivered,
             failed,
@@ -143,6 +152,7 @@ impl DeliveryMetrics {
             drops,
             attempt_duration,
             queue_depth,
+            queue_bytes,
         }
     }
 
@@ -170,6 +180,11 @@ impl DeliveryMetrics {
         if let Some((_, counter)) = self.drops.iter().find(|(r, _)| *r == reason) {
             counter.inc();
         }
+    }
+
+    /// The gauge of the bytes held by every queue.
+    pub(crate) fn queue_bytes(&self) -> Gauge {
+        self.queue_bytes.clone()
     }
 
     /// The queue gauge of a destination, resolved once when the destination is created.

@@ -110,8 +110,13 @@ impl Suspension {
 /// Why a delivery was dropped without (another) attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
-    /// The owner's queue for the destination was full.
+    /// The owner's queue for the destination was full: it holds its bound of bytes.
     QueueFull,
+    /// The operator's memory budget for queued deliveries was spent, or the owner held its share
+    /// of it while other owners were waiting.
+    Budget,
+    /// The delivery could not be sent within its max age.
+    Expired,
     /// The engine is shutting down.
     ShuttingDown,
     /// The listener is suspended for this generation.
@@ -126,8 +131,10 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, for registering metrics up front.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::QueueFull,
+        Self::Budget,
+        Self::Expired,
         Self::ShuttingDown,
         Self::Suspended,
         Self::ListenerRemoved,
@@ -135,11 +142,13 @@ impl DropReason {
         Self::LeadershipLost,
     ];
 
-    /// The metric label: `queue_full`, `shutting_down`, `suspended`, `listener_removed`,
+    /// The metric label: `queue_full`, `budget`, `expired`, `shutting_down`, `suspended`, `listener_removed`,
     /// `paused`, `leadership_lost`.
     pub fn as_label(self) -> &'static str {
         match self {
             Self::QueueFull => "queue_full",
+            Self::Budget => "budget",
+            Self::Expired => "expired",
             Self::ShuttingDown => "shutting_down",
             Self::Suspended => "suspended",
             Self::ListenerRemoved => "listener_removed",
@@ -152,6 +161,8 @@ impl DropReason {
     pub fn describe(self) -> &'static str {
         match self {
             Self::QueueFull => "dropped: the owner's queue for this receiver was full",
+            Self::Budget => "dropped: the operator's memory budget for queued deliveries was spent",
+            Self::Expired => "dropped: not sent within the delivery's max age",
             Self::ShuttingDown => "dropped: the operator was shutting down",
             Self::Suspended => "dropped: deliveries to this listener are suspended",
             Self::ListenerRemoved => "dropped: the listener was removed",
@@ -365,6 +376,8 @@ pub(crate) struct Shared {
     policy: UrlPolicy,
     pub(crate) connector: client::Connector,
     pub(crate) metrics: Arc<DeliveryMetrics>,
+    /// The bytes every queue's deliveries may hold together.
+    budget: Arc<fair::MemoryBudget>,
     pub(crate) clock: Arc<dyn Clock>,
     runtime: tokio::runtime::Handle,
     // Looked up for every delivery: foldhash, randomly seeded, costs less than std's SipHash.
@@ -418,6 +431,7 @@ impl DeliveryEngine {
         Ok(Self {
             shared: Arc::new(Shared {
                 retry: config.retry_policy(),
+                budget: Arc::new(fair::MemoryBudget::new(config.memory_budget)),
                 config,
                 policy,
                 connector,
@@ -566,9 +580,9 @@ impl DeliveryEngine {
             match queue.push(delivery) {
                 Ok(()) => return Submission::Queued,
                 // Settling gives the charge back: no attempt was made.
-                Err(Rejected::Full(refused)) => {
-                    refused.settle(Settlement::Dropped(DropReason::QueueFull), shared);
-                    return Submission::Dropped(DropReason::QueueFull);
+                Err(Rejected::Full(refused, reason)) => {
+                    refused.settle(Settlement::Dropped(reason), shared);
+                    return Submission::Dropped(reason);
                 }
                 // The queue went idle and was released just now: take its successor.
                 Err(Rejected::Closed(refused)) => {
@@ -810,7 +824,8 @@ impl Shared {
         }
         let queue = Arc::new(DestinationQueue::new(
             key.clone(),
-            self.config.queue_capacity,
+            self.config.lane_bounds(),
+            Arc::clone(&self.budget),
             Arc::clone(&self.metrics),
         ));
         self.destinations.insert(key.clone(), Arc::clone(&queue));

@@ -4,6 +4,7 @@
 mod support;
 
 mod api;
+mod burst;
 mod chart;
 mod crds;
 mod delivery;
