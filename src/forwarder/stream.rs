@@ -347,20 +347,7 @@ pub(super) fn fill_gap(
         }
         log.epoch()
     };
-    let mut ready = scratch.ready.drain(..);
-    let mut taken = 0;
-    for (seq, digest, json, end) in placed {
-        let event = PlacedEvent {
-            log,
-            hash,
-            seq,
-            epoch,
-            digest,
-            json,
-        };
-        submit_all(shared, &event, ready.by_ref().take(end - taken));
-        taken = end;
-    }
+    submit_routed(shared, hash, log, epoch, placed, &mut scratch);
     FillDecision::Accepted
 }
 
@@ -428,9 +415,23 @@ pub(super) fn take_over(shared: &Shared, hash: TokenHash, log: &Arc<Mutex<TokenL
         });
         (count, log.epoch())
     };
+    submit_routed(shared, hash, log, epoch, events, &mut scratch);
+    count
+}
+
+/// Submits the deliveries of events routed under the log's lock, after it is released: each
+/// event with its place, and the deliveries in `scratch.ready` up to its end mark.
+fn submit_routed(
+    shared: &Shared,
+    hash: TokenHash,
+    log: &Arc<Mutex<TokenLog>>,
+    epoch: u64,
+    routed: Vec<(Seq, EventDigest, Bytes, usize)>,
+    scratch: &mut Scratch,
+) {
     let mut ready = scratch.ready.drain(..);
     let mut taken = 0;
-    for (seq, digest, json, end) in events {
+    for (seq, digest, json, end) in routed {
         let event = PlacedEvent {
             log,
             hash,
@@ -442,7 +443,6 @@ pub(super) fn take_over(shared: &Shared, hash: TokenHash, log: &Arc<Mutex<TokenL
         submit_all(shared, &event, ready.by_ref().take(end - taken));
         taken = end;
     }
-    count
 }
 
 /// `reason` cut to [`MAX_REASON_CHARS`] characters, the ellipsis included.
