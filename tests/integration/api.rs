@@ -1278,7 +1278,11 @@ async fn the_openapi_document_health_and_metrics_are_served() {
         .values()
         .map(|p| p.as_object().unwrap().len())
         .sum();
-    assert_eq!(operations, 12);
+    assert_eq!(operations, 13);
+    assert!(
+        doc["paths"]["/api/users/{id}/rotate"]["post"].is_object(),
+        "the rotate action is documented"
+    );
     assert_eq!(
         doc["components"]["securitySchemes"]["apiKey"]["name"],
         "API_KEY"
