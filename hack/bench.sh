@@ -22,6 +22,19 @@ log "control plane binaries: $("$here/build-kube.sh")"
 log "building crownstone-webhooks and the benchmark (release)"
 cargo build --locked --release --bin crownstone-webhooks
 cargo bench --locked --bench end_to_end --no-run
-# 10,000 event streams need as many sockets in the operator and in the simulator.
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# 10,000 event streams need as many sockets in the operator and in the simulator, and the
+# handover scenarios' three replicas three times as many in the simulator: raise the limit where
+# allowed (root), else take the hard limit.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# The handover scenarios hold three replicas' streams to one loopback address at once (30,000 at
+# full size), more than the default ephemeral port range (about 28,000) has: widen it where
+# allowed, else say why those scenarios may fail to connect.
+ports=/proc/sys/net/ipv4/ip_local_port_range
+if [ -r "$ports" ]; then
+  read -r low high < "$ports"
+  if [ $((high - low)) -lt 40000 ]; then
+    sysctl -q -w net.ipv4.ip_local_port_range="1024 65000" 2>/dev/null \
+      || log "ephemeral ports $low-$high: too few for the full-size handover scenarios (run as root to widen)"
+  fi
+fi
 exec cargo bench --locked --bench end_to_end -- "$@"
