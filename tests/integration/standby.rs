@@ -119,18 +119,7 @@ async fn a_warm_standby_streams_and_reconciles_but_writes_nothing_until_it_leads
     let operator = h.operator.as_ref().unwrap();
     assert_eq!(operator.role(), Role::Standby);
     let receiver = Receiver::start().await;
-    h.create_user("acme", true, None).await;
-    let token = h.token("user-1", SPHERE).await;
-    h.create_token_secret("hook-token", &token).await;
-    h.create_listener(
-        "hook",
-        "acme",
-        "hook-token",
-        &["command"],
-        receiver.url().as_str(),
-        None,
-    )
-    .await;
+    create_hook(&h, &receiver).await;
 
     // The standby opens the stream a leader would, and is ready once it reads it.
     h.wait_streams(1).await;
@@ -429,18 +418,7 @@ async fn a_cold_standby_streams_only_while_it_leads_and_stands_by_again_when_it_
     })
     .await;
     let receiver = Receiver::start().await;
-    h.create_user("acme", true, None).await;
-    let token = h.token("user-1", SPHERE).await;
-    h.create_token_secret("hook-token", &token).await;
-    h.create_listener(
-        "hook",
-        "acme",
-        "hook-token",
-        &["command"],
-        receiver.url().as_str(),
-        None,
-    )
-    .await;
+    create_hook(&h, &receiver).await;
 
     // Once it leads, its reconcilers start: the Listener is adopted, streamed and delivered to.
     free_lease(&h.ns).await;
@@ -468,4 +446,21 @@ async fn a_cold_standby_streams_only_while_it_leads_and_stands_by_again_when_it_
     publish(&h, 2).await;
     receiver.wait_for_requests(2, WAIT).await;
     assert_eq!(delivered_uids(&receiver), [1, 2]);
+}
+
+/// The user `acme` and its Listener `hook` on a fresh token, posting `command` events to
+/// `receiver`; not waited for, since a standby never marks it ready.
+async fn create_hook(h: &Harness, receiver: &Receiver) {
+    h.create_user("acme", true, None).await;
+    let token = h.token("user-1", SPHERE).await;
+    h.create_token_secret("hook-token", &token).await;
+    h.create_listener(
+        "hook",
+        "acme",
+        "hook-token",
+        &["command"],
+        receiver.url().as_str(),
+        None,
+    )
+    .await;
 }
