@@ -150,6 +150,10 @@ pub struct TokenLog {
     /// The latest digests with their numbers, oldest first: `MAX_TAIL` of them while leading
     /// (the records' tail), `HISTORY` on standby (where records are looked for).
     history: VecDeque<(u64, EventDigest)>,
+    /// Standby: the count before the first event it buffered in this role. While the history
+    /// still starts right after it, nothing before its first entry was read, so a record's
+    /// tail may match with its older digests before what this replica ever read.
+    standby_from: u64,
     /// Leading: every event up to here is settled.
     delivered_through: Seq,
     /// Leading: deliveries not settled yet of each event after `delivered_through`.
@@ -261,6 +265,7 @@ impl TokenLog {
             epoch: 0,
             count: 0,
             history: VecDeque::new(),
+            standby_from: 0,
             delivered_through: 0,
             unsettled: VecDeque::new(),
             dirty: false,
@@ -612,18 +617,35 @@ impl TokenLog {
             }
         }
         let first = self.history.front()?.0;
-        let k = tail.len() as u64;
-        (first + k - 1..=self.count).find(|&end| self.matches_at(tail, end))
+        (first..=self.count).find(|&end| self.matches_at(tail, end))
     }
 
-    /// Whether the events counted `end - tail.len() + 1 ..= end` have `tail`'s digests.
+    /// Whether the events counted `end - tail.len() + 1 ..= end` have `tail`'s digests. Where
+    /// that run starts before the first event this replica read as a standby (its stream opened
+    /// after the leader's had read some of them), the events it did read must match the tail's
+    /// last digests: a standby started next to a busy leader aligns on its first event, not
+    /// only once it has read as many events as a tail holds.
     fn matches_at(&self, tail: &[EventDigest], end: u64) -> bool {
         let Some(&(first, _)) = self.history.front() else {
             return false;
         };
         let k = tail.len() as u64;
-        if k == 0 || end > self.count || end < first + k - 1 {
+        if k == 0 || end > self.count || end < first {
             return false;
+        }
+        let read = end + 1 - first;
+        if read < k {
+            // Only where nothing before the history was read: otherwise the events before it
+            // were this replica's too, just forgotten, and a full run is needed.
+            if first != self.standby_from + 1 {
+                return false;
+            }
+            let skip = usize::try_from(k - read).unwrap_or(usize::MAX);
+            return self
+                .history
+                .iter()
+                .zip(tail.iter().skip(skip))
+                .all(|((_, have), want)| have == want);
         }
         let start = usize::try_from(end + 1 - k - first).unwrap_or(usize::MAX);
         self.history
@@ -655,15 +677,14 @@ impl TokenLog {
             }
             _ => None,
         };
+        // The matched run; it may start before this replica's first event (see `matches_at`).
+        let tail_from = (local + 1).saturating_sub(k);
         let (vouched_from, gap) = match (self.anchor, chained) {
             (Some((l, _)), Some(Some(gap))) => (l + 1, gap),
-            (Some(_), Some(None)) => (local + 1 - k, None),
+            (Some(_), Some(None)) => (tail_from, None),
             (Some((l, _)), None) if consistent => (l + 1, None),
-            (None, _) => (
-                self.chained_from(local, record).unwrap_or(local + 1 - k),
-                None,
-            ),
-            _ => (local + 1 - k, None),
+            (None, _) => (self.chained_from(local, record).unwrap_or(tail_from), None),
+            _ => (tail_from, None),
         };
         let before_gap = self
             .anchor
@@ -880,6 +901,9 @@ impl TokenLog {
         }
         self.mode = Mode::Standby;
         self.epoch += 1;
+        // The digests kept while leading are the tail's few; buffering starts a history anew.
+        self.history.clear();
+        self.standby_from = self.count;
         self.gaps.clear();
         self.anchor_chain = None;
         self.unsettled.clear();

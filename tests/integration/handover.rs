@@ -168,6 +168,39 @@ async fn a_rollout_then_a_crash_among_three_replicas_loses_nothing() {
     assert_repeats_keep_their_id(&rig, &audit);
 }
 
+/// A rollout onto a replica started moments before, as a Deployment with one replica and a
+/// surge pod rolls: its streams opened long after the leader's, and most tokens, each with an
+/// event every few seconds, had one event or none on it when the leader stopped. Every event
+/// it read must still line up with the leader's places, so nothing is delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_onto_a_replica_started_just_before_repeats_nothing() {
+    const SPARSE_TOKENS: usize = 40;
+    const SPARSE_RATE: f64 = 20.0;
+    let mut rig = Rig::start("handover-surge", 1, SPARSE_TOKENS).await;
+    let publisher = rig.publish(SPARSE_RATE);
+    tokio::time::sleep(WARM_UP).await;
+
+    let new = rig.add_replica().await;
+    // Long enough for a few records to reach it, short enough that no token has had as many
+    // events on its stream as a record's tail holds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rig.replicas[0].signal(Signal::Term);
+    assert_eq!(rig.next_leader(0).await, new);
+    rig.replicas[0].wait_exit(Duration::from_secs(15)).await;
+    tokio::time::sleep(AFTER).await;
+    let published = publisher.stop().await;
+    let audit = rig.settle(&published, QUIET).await;
+    report("rollout onto a new replica", &audit);
+
+    assert_nothing_lost(&rig, &audit);
+    assert!(
+        audit.repeated.is_empty(),
+        "events delivered twice: {}\n{}",
+        audit.summary(),
+        rig.logs()
+    );
+}
+
 /// The audit itself, on deliveries posted straight to a receiver: a gap, a repeat under the same
 /// id and a repeat under another id are each told apart, so the tests above count right.
 #[tokio::test]

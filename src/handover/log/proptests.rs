@@ -312,7 +312,8 @@ proptest! {
         }
         // A rollout repeats nothing, a token's first events included, where neither stream
         // missed an event and the standby's stream began no later than the leader's (a standby
-        // that began later cannot tell which of its first events the leader read).
+        // that began later and read more events than a tail holds before the first record it
+        // could match cannot tell which of its first events the leader read).
         if rollout && no_misses && standby_start <= leader_start
             && unambiguous(&digests, leader_start)
         {

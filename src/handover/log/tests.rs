@@ -243,9 +243,70 @@ fn identical_events_align_where_the_fewest_are_dropped() {
     for _ in 0..6 {
         log.buffer(event(0), now);
     }
-    // Runs of two identical events end at every count from 2 to 6.
+    // Runs of two identical events end at every count from 2 to 6, and the standby's first
+    // event may be the leader's second (its stream began one event later): only that one is
+    // taken as settled.
     log.apply(&record(2, &[0, 0], 2), now);
-    assert_eq!(log.buffered(), 4);
+    assert_eq!(log.buffered(), 5);
+}
+
+#[test]
+fn a_standby_whose_stream_began_after_the_leaders_aligns_on_its_first_event() {
+    let mut log = standby();
+    let now = Instant::now();
+    // The leader numbered 1..=10; the standby's stream opened before 10 and after 9.
+    log.buffer(event(10), now);
+    log.apply(&record(10, &[7, 8, 9, 10], 9), now);
+    assert!(log.pending.is_none(), "aligned on the one event it read");
+    // A record it has not read the event of yet waits, and matches on its arrival.
+    log.apply(&record(11, &[8, 9, 10, 11], 10), now);
+    assert!(log.pending.is_some());
+    log.buffer(event(11), now);
+    assert!(log.pending.is_none());
+    assert_eq!(log.buffered(), 1, "10 is settled, 11 is not");
+    log.buffer(event(12), now);
+    assert_eq!(take_over(&mut log), vec![(11, 11), (12, 12)]);
+}
+
+#[test]
+fn a_short_run_matches_only_at_the_start_of_what_the_standby_read() {
+    let mut log = standby();
+    let now = Instant::now();
+    for n in [5, 6, 7] {
+        log.buffer(event(n), now);
+    }
+    // 6 and 7 were read, but not as the first events: a record whose tail ends with them
+    // must match in full.
+    log.apply(&record(7, &[1, 2, 6, 7], 7), now);
+    assert!(log.pending.is_some());
+    assert_eq!(log.buffered(), 3);
+    // Nor at the start of a history that forgot older events this replica read.
+    let mut log = standby_with(BufferLimits {
+        bytes: usize::MAX,
+        ..BufferLimits::default()
+    });
+    for n in 1..=(HISTORY as u64 + 6) {
+        log.buffer(event(n), now);
+    }
+    assert_eq!(log.history.front().map(|(local, _)| *local), Some(7));
+    log.apply(&record(7, &[90, 91, 92, 7], 7), now);
+    assert!(log.pending.is_some());
+    // After a lead, the history starts again with the first event buffered as a standby.
+    let log = leader();
+    let mut log = log.lock();
+    for n in 1..=3 {
+        log.record(digest(n), 0);
+    }
+    log.stand_by();
+    log.buffer(event(5), now);
+    log.apply(&record(5, &[2, 3, 4, 5], 5), now);
+    assert_eq!(
+        log.buffered(),
+        0,
+        "the new leader's 5 is the event it read after 3"
+    );
+    log.buffer(event(6), now);
+    assert_eq!(take_over(&mut log), vec![(6, 6)]);
 }
 
 #[test]

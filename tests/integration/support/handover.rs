@@ -212,6 +212,7 @@ pub struct Rig {
     pub receiver: Receiver,
     pub replicas: Vec<Replica>,
     pub tokens: usize,
+    prefix: String,
 }
 
 impl Rig {
@@ -273,6 +274,7 @@ impl Rig {
             receiver,
             replicas: Vec::new(),
             tokens,
+            prefix: prefix.to_owned(),
         }
     }
 
@@ -296,6 +298,23 @@ impl Rig {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Starts one more replica, as a rollout's surge pod starts, and waits until it streams
+    /// every token beside the others; returns its index.
+    pub async fn add_replica(&mut self) -> usize {
+        let index = self.replicas.len();
+        self.replicas.push(Replica::start(
+            &format!("{}-{index}", self.prefix),
+            &self.harness.sim.base_url(),
+            &self.harness.ns.name,
+        ));
+        let all = self.tokens * self.replicas.len();
+        eventually(&format!("{all} open streams"), WAIT, || async {
+            (self.open_streams().await >= all).then_some(())
+        })
+        .await;
+        index
     }
 
     /// Streams open at the simulator now.
