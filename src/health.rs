@@ -118,17 +118,22 @@ impl ReplicaRole {
 }
 
 /// Whether a replica is ready, `Err` saying what it waits for. A leader needs its caches; a
-/// warm standby its caches and its streams, so that a rollout stops the old leader only once
-/// the new pod reads every stream; a cold standby has nothing to wait for.
+/// warm standby its caches, its streams and every progress record the leader has published,
+/// so that a rollout stops the old leader only once the new pod reads every stream and knows
+/// where the leader is on each; a cold standby has nothing to wait for.
 pub fn readiness(
     role: ReplicaRole,
     watches_healthy: bool,
     streams_open: bool,
+    caught_up: bool,
 ) -> Result<(), &'static str> {
     match role {
         ReplicaRole::StandbyCold => Ok(()),
         _ if !watches_healthy => Err("caches not synced or a watch is failing"),
         ReplicaRole::StandbyWarm if !streams_open => Err("streams not open yet"),
+        ReplicaRole::StandbyWarm if !caught_up => {
+            Err("not caught up with the leader's progress yet")
+        }
         _ => Ok(()),
     }
 }
@@ -140,20 +145,21 @@ mod tests {
     #[test]
     fn readiness_waits_for_what_the_role_needs() {
         use ReplicaRole::*;
-        // (role, watches healthy, streams open, ready)
+        // (role, watches healthy, streams open, caught up, ready)
         let table = [
-            (Leading, true, false, true),
-            (Leading, false, true, false),
-            (StandbyWarm, true, true, true),
-            (StandbyWarm, true, false, false),
-            (StandbyWarm, false, true, false),
-            (StandbyCold, false, false, true),
+            (Leading, true, false, false, true),
+            (Leading, false, true, true, false),
+            (StandbyWarm, true, true, true, true),
+            (StandbyWarm, true, false, true, false),
+            (StandbyWarm, true, true, false, false),
+            (StandbyWarm, false, true, true, false),
+            (StandbyCold, false, false, false, true),
         ];
-        for (role, watches, streams, ready) in table {
+        for (role, watches, streams, caught_up, ready) in table {
             assert_eq!(
-                readiness(role, watches, streams).is_ok(),
+                readiness(role, watches, streams, caught_up).is_ok(),
                 ready,
-                "{role:?} watches {watches} streams {streams}"
+                "{role:?} watches {watches} streams {streams} caught up {caught_up}"
             );
         }
         assert_eq!(

@@ -40,7 +40,7 @@ use crate::delivery::{DeliveryConfig, DeliveryEngine, DeliveryError};
 use crate::domain::ListenerId;
 use crate::forwarder::{ForwarderRegistry, StreamSettings, StreamState, TokenNotice};
 use crate::handover::peer::{
-    watch_lease_holder, FinishOutcome, HandoverError, HandoverMetrics, ProgressClient,
+    watch_lease_holder, CatchUp, FinishOutcome, HandoverError, HandoverMetrics, ProgressClient,
     ProgressServer, ADDRESS_ANNOTATION,
 };
 use crate::health::{readiness, ReplicaRole, WatchHealth};
@@ -82,6 +82,8 @@ struct Health {
     standby: StandbyMode,
     index: Arc<RoutingIndex>,
     forwarders: ForwarderRegistry,
+    /// Whether this replica has the leader's progress records (always, without a handover key).
+    catch_up: CatchUp,
 }
 
 impl Health {
@@ -111,7 +113,7 @@ impl Health {
         let role = self.role();
         let watches = self.watches().iter().all(|w| w.is_healthy());
         let streams = role != ReplicaRole::StandbyWarm || self.streams_open();
-        readiness(role, watches, streams)
+        readiness(role, watches, streams, self.catch_up.is_caught_up())
     }
 
     /// Alive: no watch has failed without a break for so long that a restart is the better cure.
@@ -280,6 +282,7 @@ pub async fn start(
         standby: standby_mode,
         index: index.clone(),
         forwarders: forwarders.clone(),
+        catch_up: CatchUp::default(),
     });
     let (users, users_stream) = reflected(
         scoped_apis::<WebhookUser>(&client, &scope),
@@ -381,6 +384,7 @@ pub async fn start(
                     holder,
                     Arc::new(forwarders.clone()),
                     handover_metrics,
+                    health.catch_up.clone(),
                     stop.clone(),
                 )?;
                 Some(server)

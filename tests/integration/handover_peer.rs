@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crownstone_webhooks::domain::TokenHash;
 use crownstone_webhooks::handover::peer::{
-    read_holder, watch_lease_holder, FinishOutcome, HandoverKey, HandoverMetrics, ProgressClient,
-    ProgressServer, ServerSettings, ADDRESS_ANNOTATION,
+    read_holder, watch_lease_holder, CatchUp, FinishOutcome, HandoverKey, HandoverMetrics,
+    ProgressClient, ProgressServer, ServerSettings, ADDRESS_ANNOTATION,
 };
 use crownstone_webhooks::handover::{EventDigest, ProgressSink, ProgressSource, TokenProgress};
 use crownstone_webhooks::leader::{LeaderArgs, LeaseLock};
@@ -100,6 +100,7 @@ async fn replica(ns: &TestNamespace, name: &str, stop: &CancellationToken) -> Re
         holder,
         forwarders.clone(),
         metrics,
+        CatchUp::default(),
         stop.clone(),
     )
     .unwrap();

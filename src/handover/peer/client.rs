@@ -3,6 +3,7 @@
 //! sends can crash it or grow it past a bound: bodies and record counts are capped, and an
 //! answer is accepted only with the right MAC, from the Lease's holder, in the Lease's term.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -246,6 +247,29 @@ pub fn accept_answer(
     Ok(answer)
 }
 
+/// Whether a standby has every record the leader it follows has published: once it does, a
+/// takeover starts right after the leader's progress on every token, so a warm standby says
+/// it is ready only then (a rollout then stops the old leader only once its successor has
+/// caught up). True while there is nobody to follow, and where no poller runs at all.
+#[derive(Clone, Debug)]
+pub struct CatchUp(Arc<AtomicBool>);
+
+impl Default for CatchUp {
+    fn default() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl CatchUp {
+    pub fn is_caught_up(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, caught_up: bool) {
+        self.0.store(caught_up, Ordering::Relaxed);
+    }
+}
+
 /// A standby's poller of the leader's progress.
 pub struct ProgressClient {
     key: HandoverKey,
@@ -253,17 +277,19 @@ pub struct ProgressClient {
     http: reqwest::Client,
     sink: Arc<dyn ProgressSink>,
     metrics: HandoverMetrics,
+    catch_up: CatchUp,
 }
 
 impl ProgressClient {
-    /// Polls whoever `holder` names (unless it is `identity`, this replica) until `cancel`, and
-    /// hands the records to `sink`.
+    /// Polls whoever `holder` names (unless it is `identity`, this replica) until `cancel`,
+    /// hands the records to `sink`, and keeps `catch_up` saying whether it has them all.
     pub fn spawn(
         key: HandoverKey,
         identity: String,
         holder: watch::Receiver<Option<Holder>>,
         sink: Arc<dyn ProgressSink>,
         metrics: HandoverMetrics,
+        catch_up: CatchUp,
         cancel: CancellationToken,
     ) -> Result<JoinHandle<()>, HandoverError> {
         let http = reqwest::Client::builder()
@@ -279,7 +305,10 @@ impl ProgressClient {
             http,
             sink,
             metrics,
+            catch_up,
         };
+        // Not caught up until the first answer, or until it is clear nobody is to be followed.
+        client.catch_up.set(false);
         Ok(tokio::spawn(client.run(holder, cancel)))
     }
 
@@ -293,6 +322,7 @@ impl ProgressClient {
             let Some((leader, address)) = target.and_then(|h| h.address.clone().map(|a| (h, a)))
             else {
                 // Nobody to follow: no holder, this replica leads, or no address yet.
+                self.catch_up.set(true);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = changed(&mut holder) => {}
@@ -304,6 +334,7 @@ impl ProgressClient {
                 // Another leader numbers its versions afresh.
                 after = 0;
                 following = Some(term);
+                self.catch_up.set(false);
             }
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -321,6 +352,10 @@ impl ProgressClient {
                         self.sink.apply_progress(&answer.records);
                     }
                     after = answer.version;
+                    // A page cut short of the leader's newest has more behind it.
+                    if answer.records.len() < MAX_RECORDS_PER_ANSWER {
+                        self.catch_up.set(true);
+                    }
                     for fill in self.sink.take_fills() {
                         let accepted = tokio::select! {
                             _ = cancel.cancelled() => return,

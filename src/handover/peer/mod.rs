@@ -24,7 +24,7 @@ use super::TokenProgress;
 use crate::metrics::ReasonLabel;
 
 pub use auth::{HandoverKey, KeyTooShort};
-pub use client::{read_holder, watch_lease_holder, Holder, ProgressClient};
+pub use client::{read_holder, watch_lease_holder, CatchUp, Holder, ProgressClient};
 pub use server::{FinishOutcome, ProgressServer, ServerSettings};
 
 /// The Lease annotation where the leader says where its progress is served (`host:port`).

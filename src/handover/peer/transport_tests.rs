@@ -45,12 +45,15 @@ impl ProgressSource for Source {
     }
 }
 
-/// The records a standby applied, the fills it has to send and the answers to them.
+/// The records a standby applied, the fills it has to send and the answers to them, and
+/// whether the standby said it was caught up as each batch of records arrived.
 #[derive(Default)]
 struct Sink(
     Mutex<Vec<TokenProgress>>,
     Mutex<Vec<GapFill>>,
     Mutex<Vec<(Seq, bool)>>,
+    CatchUp,
+    Mutex<Vec<bool>>,
 );
 
 impl Sink {
@@ -62,6 +65,7 @@ impl Sink {
 impl ProgressSink for Sink {
     fn apply_progress(&self, records: &[TokenProgress]) {
         self.0.lock().extend_from_slice(records);
+        self.4.lock().push(self.3.is_caught_up());
     }
 
     fn take_fills(&self) -> Vec<GapFill> {
@@ -147,6 +151,7 @@ fn standby(key: HandoverKey, holder: Holder) -> Standby {
         holder_rx,
         sink.clone(),
         metrics.clone(),
+        sink.3.clone(),
         cancel.clone(),
     )
     .unwrap();
@@ -205,6 +210,49 @@ async fn a_standby_gets_the_leaders_records_and_the_final_batch_before_finish_re
     leader.source.push(record("t1", 11));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!standby.sink.got().contains(&record("t1", 11)));
+    leader.stop.cancel();
+}
+
+#[tokio::test]
+async fn a_standby_is_caught_up_only_once_it_has_every_page_of_the_leaders_records() {
+    let leader = leader(Some(TERM)).await;
+    let count = 2 * MAX_RECORDS_PER_ANSWER + 500;
+    for n in 0..count {
+        leader.source.push(record(&format!("t{n}"), 1));
+    }
+    // Published at the leader's next tick, before the standby first polls.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let standby = standby(key(1), holder_of(&leader));
+    assert!(
+        !standby.sink.3.is_caught_up(),
+        "not before its first answer"
+    );
+    until("caught up", || standby.sink.3.is_caught_up()).await;
+    assert_eq!(standby.sink.got().len(), count);
+    let seen = standby.sink.4.lock().clone();
+    assert_eq!(
+        seen,
+        vec![false; 3],
+        "no page but the last says it is caught up"
+    );
+
+    // A standby the leader refuses never is; one with nobody to follow always is.
+    let refused = self::standby(key(2), holder_of(&leader));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!refused.sink.3.is_caught_up());
+    let (_, nobody) = watch::channel(None);
+    let alone = Arc::new(Sink::default());
+    ProgressClient::spawn(
+        key(1),
+        "replica-c".into(),
+        nobody,
+        alone.clone(),
+        HandoverMetrics::default(),
+        alone.3.clone(),
+        leader.stop.clone(),
+    )
+    .unwrap();
+    until("nobody to follow", || alone.3.is_caught_up()).await;
     leader.stop.cancel();
 }
 

@@ -75,6 +75,8 @@ pub fn send_signal(pid: u32, signal: Signal) {
 /// port and its output in a file.
 pub struct Replica {
     pub name: String,
+    /// Where it serves `/healthz`, `/readyz` and `/metrics`.
+    pub health: std::net::SocketAddr,
     child: Option<Child>,
     log: tempfile::NamedTempFile,
 }
@@ -136,9 +138,17 @@ impl Replica {
             .expect("operator binary starts");
         Replica {
             name: name.to_owned(),
+            health,
             child: Some(child),
             log,
         }
+    }
+
+    /// Whether `/readyz` answers 200, as a kubelet's readiness probe asks.
+    pub async fn is_ready(&self) -> bool {
+        reqwest::get(format!("http://{}/readyz", self.health))
+            .await
+            .is_ok_and(|r| r.status().is_success())
     }
 
     /// The process id.
@@ -301,7 +311,7 @@ impl Rig {
     }
 
     /// Starts one more replica, as a rollout's surge pod starts, and waits until it streams
-    /// every token beside the others; returns its index.
+    /// every token beside the others and says it is ready; returns its index.
     pub async fn add_replica(&mut self) -> usize {
         let index = self.replicas.len();
         self.replicas.push(Replica::start(
@@ -312,6 +322,11 @@ impl Rig {
         let all = self.tokens * self.replicas.len();
         eventually(&format!("{all} open streams"), WAIT, || async {
             (self.open_streams().await >= all).then_some(())
+        })
+        .await;
+        let added = &self.replicas[index];
+        eventually(&format!("{} ready", added.name), WAIT, || async {
+            added.is_ready().await.then_some(())
         })
         .await;
         index
