@@ -677,7 +677,8 @@ impl Replica {
                 tracing::info!("The standbys fetched the final progress.")
             }
             FinishOutcome::TimedOut { waiting } => {
-                tracing::warn!(?waiting, "Not every standby fetched the final progress in time: the next leader may deliver some events again.")
+                let waiting = waiting.join(", ");
+                tracing::warn!(%waiting, "Not every standby fetched the final progress in time: the next leader may deliver some events again.")
             }
         }
     }

@@ -30,6 +30,10 @@ const DELIVERY_MANAGER: &str = "crownstone-webhooks-delivery";
 const USAGE_MANAGER: &str = "crownstone-webhooks-usage";
 /// At most one failure Event per Listener this often.
 const EVENT_EVERY: Duration = Duration::from_secs(60);
+/// Patches in flight in the last flush of a term: the old leader holds the Lease until its
+/// counters are written, and its successor delivers only after that, so thousands of Listeners
+/// are written side by side rather than one after the other.
+const LAST_FLUSH_IN_FLIGHT: usize = 32;
 
 /// A Listener's counters since it was created: the part of its status this writer owns.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -257,8 +261,46 @@ impl StatusWriter {
         for (_, owner) in owners.into_iter().take(plan.usage) {
             self.write_usage(owner).await;
         }
-        for id in listeners.take(plan.counters) {
-            self.write_listener(id).await;
+        if everything {
+            self.write_listeners_at_once(listeners.take(plan.counters).collect())
+                .await;
+        } else {
+            for id in listeners.take(plan.counters) {
+                self.write_listener(id).await;
+            }
+        }
+    }
+
+    /// Writes the Listeners' counters with up to [`LAST_FLUSH_IN_FLIGHT`] patches in flight.
+    async fn write_listeners_at_once(&mut self, ids: Vec<ListenerId>) {
+        use futures::StreamExt;
+        let writes: Vec<(ListenerId, DeliveryStatus)> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let status = self.totals.get(&id)?.status.clone();
+                Some((id, status))
+            })
+            .collect();
+        let ctx = &self.ctx;
+        let results: Vec<(ListenerId, Option<Result<(), kube::Error>>)> =
+            futures::stream::iter(writes)
+                .map(|(id, status)| async move {
+                    // Checked before each write: one the Lease ended before is not made.
+                    if !ctx.may_write() {
+                        return (id, None);
+                    }
+                    let api: Api<Listener> = Api::namespaced(ctx.client.clone(), id.namespace());
+                    ctx.metrics.status_writes.inc();
+                    let result = apply_status(&api, id.name(), DELIVERY_MANAGER, &status).await;
+                    (id, Some(result))
+                })
+                .buffer_unordered(LAST_FLUSH_IN_FLIGHT)
+                .collect()
+                .await;
+        for (id, result) in results {
+            if let Some(result) = result {
+                self.written_listener(id, result);
+            }
         }
     }
 
@@ -376,11 +418,19 @@ impl StatusWriter {
         };
         let api: Api<Listener> = Api::namespaced(self.ctx.client.clone(), id.namespace());
         self.ctx.metrics.status_writes.inc();
-        match apply_status(&api, id.name(), DELIVERY_MANAGER, &totals.status).await {
+        let result = apply_status(&api, id.name(), DELIVERY_MANAGER, &totals.status).await;
+        self.written_listener(id, result);
+    }
+
+    /// Takes note of how a write of a Listener's counters went.
+    fn written_listener(&mut self, id: ListenerId, result: Result<(), kube::Error>) {
+        match result {
             Ok(()) => {
-                totals.dirty = false;
-                totals.urgent = false;
-                totals.written_at = Some(Instant::now());
+                if let Some(totals) = self.totals.get_mut(&id) {
+                    totals.dirty = false;
+                    totals.urgent = false;
+                    totals.written_at = Some(Instant::now());
+                }
             }
             Err(error) if is_not_found(&error) => {
                 self.totals.remove(&id);

@@ -576,6 +576,47 @@ async fn listeners_resume_after_an_operator_restart() {
     .await;
 }
 
+/// On the way down every Listener's counters are written, even where the pacing had them wait:
+/// the last flush of a term writes them side by side, not within the pacing.
+#[tokio::test]
+async fn the_last_flush_writes_every_listeners_counters_past_the_pacing() {
+    const LISTENERS: usize = 30;
+    let extra = [
+        "--allow-private-destinations",
+        "--status-writes-per-second",
+        "1",
+    ];
+    let mut h = Harness::start_with("op-last-flush", Arc::new(SystemClock), &extra).await;
+    let receiver = Receiver::start().await;
+    let names: Vec<String> = (0..LISTENERS).map(|n| format!("hook-{n}")).collect();
+    for name in &names {
+        h.ready_listener(name, "acme", &["command"], &receiver.url())
+            .await;
+    }
+    h.admin
+        .publish(&[samples::multi_switch(SPHERE)])
+        .await
+        .unwrap();
+    receiver.wait_for_requests(LISTENERS, WAIT).await;
+    let listeners = h.ns.api::<Listener>();
+    let delivered = |list: &[Listener]| {
+        list.iter()
+            .filter(|l| l.status.as_ref().is_some_and(|s| s.delivered == 1))
+            .count()
+    };
+    let before = delivered(&listeners.list(&Default::default()).await.unwrap().items);
+    // One write a second: most counters still wait when the operator stops.
+    assert!(before < LISTENERS / 2, "{before} written already");
+
+    h.stop_operator().await;
+    let after = listeners.list(&Default::default()).await.unwrap().items;
+    assert_eq!(
+        delivered(&after),
+        LISTENERS,
+        "every counter written on the way down"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_recover_after_the_api_server_restarts() {
     let _ = tracing_subscriber::fmt()

@@ -40,12 +40,12 @@ const FORGET_PEER: Duration = Duration::from_secs(60);
 const FORGET_RECORD: Duration = Duration::from_secs(600);
 
 /// How [`ProgressServer::finish`] ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FinishOutcome {
     /// Every standby that polled in the last seconds has fetched the final batch.
     AllFetched,
-    /// The timeout passed first; this many standbys had not fetched it.
-    TimedOut { waiting: usize },
+    /// The timeout passed first; these standbys (their identities, sorted) had not fetched it.
+    TimedOut { waiting: Vec<String> },
 }
 
 struct Entry {
@@ -132,11 +132,15 @@ impl Book {
     }
 
     /// Standbys that polled recently and have not yet polled past `version`.
-    fn waiting_for(&self, version: u64) -> usize {
-        self.peers
-            .values()
-            .filter(|p| p.polled.elapsed() < RECENT_PEER && p.acked < version)
-            .count()
+    fn waiting_for(&self, version: u64) -> Vec<String> {
+        let mut waiting: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.polled.elapsed() < RECENT_PEER && p.acked < version)
+            .map(|(identity, _)| identity.clone())
+            .collect();
+        waiting.sort_unstable();
+        waiting
     }
 }
 
@@ -285,17 +289,23 @@ impl ProgressServer {
             let polled = self.shared.polled.notified();
             tokio::pin!(polled);
             polled.as_mut().enable();
-            let waiting = self.shared.book.lock().waiting_for(final_version);
-            if waiting == 0 {
+            if self
+                .shared
+                .book
+                .lock()
+                .waiting_for(final_version)
+                .is_empty()
+            {
                 return FinishOutcome::AllFetched;
             }
             tokio::select! {
                 _ = polled => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     let waiting = self.shared.book.lock().waiting_for(final_version);
-                    return match waiting {
-                        0 => FinishOutcome::AllFetched,
-                        waiting => FinishOutcome::TimedOut { waiting },
+                    return if waiting.is_empty() {
+                        FinishOutcome::AllFetched
+                    } else {
+                        FinishOutcome::TimedOut { waiting }
                     };
                 }
             }

@@ -266,7 +266,12 @@ async fn finish_waits_for_a_standby_that_polled_and_not_for_ever() {
     drop(gone);
     let started = std::time::Instant::now();
     let outcome = leader.server.finish(Duration::from_millis(300)).await;
-    assert_eq!(outcome, FinishOutcome::TimedOut { waiting: 1 });
+    assert_eq!(
+        outcome,
+        FinishOutcome::TimedOut {
+            waiting: vec!["replica-b".into()]
+        }
+    );
     assert!(started.elapsed() >= Duration::from_millis(300));
 
     // With no standby at all there is nobody to wait for.
