@@ -352,6 +352,10 @@ pub async fn start(
         })?;
 
     let stop = CancellationToken::new();
+    // The progress server outlives `stop`: a leader shutting down drains, publishes its final
+    // batch and waits for the standbys to fetch it, all after `stop`; it ends once the
+    // replica has handed the Lease on.
+    let handover_stop = CancellationToken::new();
     // The term this replica leads in, for the progress server: `None` while standing by.
     let (leading_term, leading_term_rx) = watch::channel(None);
     let handover = match &lock {
@@ -363,7 +367,7 @@ pub async fn start(
                     Arc::new(forwarders.clone()),
                     leading_term_rx,
                     handover_metrics.clone(),
-                    stop.clone(),
+                    handover_stop.clone(),
                 )
                 .await?;
                 let pod_ip = std::env::var("POD_IP").ok();
@@ -372,21 +376,25 @@ pub async fn start(
                     .advertised_address(server.local_addr(), pod_ip.as_deref());
                 tracing::info!(%address, "Serving handover progress to the other replicas.");
                 lock.set_annotation(ADDRESS_ANNOTATION, address);
-                let holder = watch_lease_holder(
-                    Api::namespaced(client.clone(), &lease_namespace),
-                    args.leader.leader_election_lease.clone(),
-                    args.leader.lease_retry_period,
-                    stop.clone(),
-                );
-                ProgressClient::spawn(
-                    key,
-                    lock.identity().to_owned(),
-                    holder,
-                    Arc::new(forwarders.clone()),
-                    handover_metrics,
-                    health.catch_up.clone(),
-                    stop.clone(),
-                )?;
+                // A cold standby buffers nothing to align, so it follows no leader's progress,
+                // and a leader handing over does not wait for it to fetch the final batch.
+                if standby_mode == StandbyMode::Warm {
+                    let holder = watch_lease_holder(
+                        Api::namespaced(client.clone(), &lease_namespace),
+                        args.leader.leader_election_lease.clone(),
+                        args.leader.lease_retry_period,
+                        stop.clone(),
+                    );
+                    ProgressClient::spawn(
+                        key,
+                        lock.identity().to_owned(),
+                        holder,
+                        Arc::new(forwarders.clone()),
+                        handover_metrics,
+                        health.catch_up.clone(),
+                        stop.clone(),
+                    )?;
+                }
                 Some(server)
             }
             None => {
@@ -438,6 +446,7 @@ pub async fn start(
     let task_stop = stop.clone();
     let task = tokio::spawn(async move {
         replica.run(parts, task_stop).await;
+        handover_stop.cancel();
         let _ = server.await;
         tracing::info!("Stopped.");
     });

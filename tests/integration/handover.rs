@@ -71,6 +71,13 @@ async fn a_rollout_of_the_leader_loses_and_repeats_nothing() {
     let audit = rig.settle(&published, QUIET).await;
     report("rollout", &audit);
 
+    assert!(
+        rig.replicas[old]
+            .log()
+            .contains("The standbys fetched the final progress."),
+        "{}",
+        rig.logs()
+    );
     assert_nothing_lost(&rig, &audit);
     assert!(
         audit.repeated.is_empty(),
@@ -192,6 +199,13 @@ async fn a_rollout_onto_a_replica_started_just_before_repeats_nothing() {
     let audit = rig.settle(&published, QUIET).await;
     report("rollout onto a new replica", &audit);
 
+    // Ready meant caught up: the new replica fetched the old leader's final progress in time.
+    let old_log = rig.replicas[0].log();
+    assert!(
+        old_log.contains("The standbys fetched the final progress."),
+        "{}",
+        rig.logs()
+    );
     assert_nothing_lost(&rig, &audit);
     assert!(
         audit.repeated.is_empty(),
