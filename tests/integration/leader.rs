@@ -13,7 +13,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 
 use crate::support::cluster::{eventually, PrivatePlane, TestNamespace};
 use crate::support::operator::{test_args, Harness, WAIT};
-use crate::support::receiver::Receiver;
+use crate::support::receiver::{Receiver, Reply};
 
 const SPHERE: &str = "sphere-1";
 const ELECTED: &[&str] = &[
@@ -162,4 +162,89 @@ async fn a_leader_that_cannot_renew_stops_leading_by_itself() {
     .unwrap();
     assert_eq!(h.metric("crownstone_webhooks_leader").await, 0.0);
     h.wait_streams(1).await;
+}
+
+/// A leader that loses its API server while it drains on shutdown stops delivering at its renew
+/// deadline, not at the end of its grace period: past the deadline another replica may lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_from_the_api_server_while_draining_stops_delivering_at_the_renew_deadline() {
+    let plane = Arc::new(
+        tokio::task::spawn_blocking(PrivatePlane::start)
+            .await
+            .unwrap(),
+    );
+    let ns = TestNamespace::on(&plane.kubeconfig(), "leader-drain-cut").await;
+    // A grace period far longer than the test: only losing the Lease can end the drain early.
+    let flags: Vec<&str> = ELECTED
+        .iter()
+        .copied()
+        .chain(["--shutdown-grace", "120s", "--delivery-retry-max", "1s"])
+        .collect();
+    let mut h = Harness::start_in(ns, Arc::new(SystemClock), &flags).await;
+    // Every attempt fails and is retried about once a second for minutes: the drain never ends
+    // by itself.
+    let receiver = Receiver::scripted([], Reply::status(503)).await;
+    h.ready_listener("hook", "acme", &["command"], &receiver.url())
+        .await;
+    let slow_retries = serde_json::json!({"spec": {"delivery": {
+        "retry": 100, "backoffPolicy": "linear", "backoffDelay": "PT0.2S", "maxAge": "PT10M"
+    }}});
+    h.ns.api::<crownstone_webhooks::resources::Listener>()
+        .patch(
+            "hook",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&slow_retries),
+        )
+        .await
+        .unwrap();
+    eventually("the policy in force", WAIT, || async {
+        let listener =
+            h.ns.api::<crownstone_webhooks::resources::Listener>()
+                .get("hook")
+                .await
+                .ok()?;
+        let effective = listener.status?.effective_delivery?;
+        (effective.retry == 100).then_some(())
+    })
+    .await;
+    for n in 0..10 {
+        publish(&h, n).await;
+    }
+    receiver.wait_for_requests(30, WAIT).await;
+
+    let operator = h.operator.take().unwrap();
+    let before_shutdown = receiver.request_count();
+    let mut role = operator.role_changes();
+    let shutdown = tokio::spawn(operator.shutdown());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !shutdown.is_finished(),
+        "the drain waits for the deliveries left"
+    );
+    // Draining, the leader goes on retrying.
+    receiver.wait_for_requests(before_shutdown + 5, WAIT).await;
+    let stopping = plane.clone();
+    tokio::task::spawn_blocking(move || stopping.stop())
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        role.wait_for(|role| *role == Role::Standby),
+    )
+    .await
+    .expect("the draining leader noticed it cannot renew")
+    .unwrap();
+    // An attempt already on the wire may still land; nothing is sent after it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after_loss = receiver.request_count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        receiver.request_count(),
+        after_loss,
+        "deliveries went on after the Lease was lost"
+    );
+    tokio::time::timeout(Duration::from_secs(30), shutdown)
+        .await
+        .expect("the shutdown ends long before its grace period")
+        .unwrap();
 }

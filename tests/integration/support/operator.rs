@@ -41,31 +41,27 @@ pub fn test_args(events_url: &str, namespace: &str, extra: &[&str]) -> OperatorA
     all_namespaces_args(events_url, &flags)
 }
 
-/// Operator settings for tests, watching every namespace.
+/// Operator settings for tests, watching every namespace; a flag in `extra` replaces the
+/// test default of the same name.
 pub fn all_namespaces_args(events_url: &str, extra: &[&str]) -> OperatorArgs {
-    let mut flags = vec![
-        "operator",
-        "--events-url",
-        events_url,
-        "--health-listen",
-        "127.0.0.1:0",
-        "--status-interval",
-        "200ms",
-        "--counters-interval",
-        "200ms",
-        "--silence-timeout",
-        "5s",
-        "--reconnect-initial",
-        "100ms",
-        "--reconnect-max",
-        "500ms",
-        "--delivery-retry-initial",
-        "10ms",
-        "--delivery-retry-max",
-        "50ms",
-        "--shutdown-grace",
-        "2s",
+    let defaults = [
+        ("--events-url", events_url),
+        ("--health-listen", "127.0.0.1:0"),
+        ("--status-interval", "200ms"),
+        ("--counters-interval", "200ms"),
+        ("--silence-timeout", "5s"),
+        ("--reconnect-initial", "100ms"),
+        ("--reconnect-max", "500ms"),
+        ("--delivery-retry-initial", "10ms"),
+        ("--delivery-retry-max", "50ms"),
+        ("--shutdown-grace", "2s"),
     ];
+    let mut flags = vec!["operator"];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            flags.extend([flag, value]);
+        }
+    }
     flags.extend_from_slice(extra);
     Flags::try_parse_from(flags)
         .expect("test flags parse")
