@@ -37,6 +37,7 @@ const EVENT_EVERY: Duration = Duration::from_secs(60);
 struct DeliveryStatus {
     delivered: u64,
     failed: u64,
+    dead_lettered: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_delivery_time: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -326,6 +327,7 @@ impl StatusWriter {
                 status: DeliveryStatus {
                     delivered: status.delivered,
                     failed: status.failed,
+                    dead_lettered: status.dead_lettered,
                     last_delivery_time: status.last_delivery_time,
                     last_error: status.last_error,
                     failure_window: status.failure_window,
@@ -338,6 +340,7 @@ impl StatusWriter {
         let failed_now = report.failed + report.dropped;
         let status = &mut totals.status;
         status.delivered += report.delivered;
+        status.dead_lettered += report.dead_lettered;
         status.failed += failed_now;
         if report.last_delivery_time.is_some() {
             status.last_delivery_time = report.last_delivery_time;
