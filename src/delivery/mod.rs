@@ -8,6 +8,8 @@
 //! [`ListenerReport`]s, the changes per listener since the previous call, to write them to the
 //! listeners' status. A receiver answering 410 Gone, or failing every delivery for
 //! `endpoint_failing_after`, suspends its listener until the listener's generation changes.
+//! A delivery that ends without success goes once more to the listener's dead-letter sink, if
+//! it has one, queued like any delivery in its owner's lane of the sink's destination.
 
 mod body;
 mod charge;
@@ -88,7 +90,8 @@ pub struct DeliveryTarget {
     pub client_secret: ClientSecret,
     /// The Crownstone user id: `userId` in the body.
     pub user_id: Arc<str>,
-    /// The listener's delivery policy over its owner's; the engine's defaults fill the rest.
+    /// The listener's delivery policy and dead-letter sink over its owner's; the engine's
+    /// defaults fill the rest.
     pub delivery: Arc<DeliveryOverrides>,
 }
 
