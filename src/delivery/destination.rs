@@ -81,8 +81,11 @@ impl DestinationKey {
 /// One event on its way to one listener.
 ///
 /// A delivery is settled exactly once (delivered, failed or dropped). One dropped unsettled,
-/// which happens only when shutdown gives up on it, counts as failed, and leaves its event
-/// unsettled in its token's log.
+/// which happens only when shutdown gives up on it, counts as failed (a dead letter: as a
+/// dropped dead letter), and leaves its event unsettled in its token's log.
+///
+/// A dead letter is a delivery too, to the sink, with error headers; settling it only counts
+/// it.
 pub(crate) struct Delivery {
     pub(crate) listener: Arc<ListenerEntry>,
     pub(crate) target: Arc<PreparedTarget>,
