@@ -162,6 +162,16 @@ impl ErrorHeaders {
         }
     }
 
+    /// The bytes the headers hold, for the memory budget.
+    pub(crate) fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self
+                .pairs()
+                .iter()
+                .map(|(_, value)| value.len())
+                .sum::<usize>()
+    }
+
     /// The headers as name and value, in the order they are written.
     pub(crate) fn pairs(&self) -> [(&'static str, &HeaderValue); 4] {
         [

@@ -33,7 +33,7 @@ use crate::domain::OwnerKey;
 use super::{
     charge::Charge,
     client::{self, AttemptRequest, Connection},
-    dead_letter::{DeadLetterOutcome, DeadLetterReason, ErrorHeaders},
+    dead_letter::{DeadLetterOutcome, DeadLetterReason, ErrorHeaders, MAX_ERROR_DATA},
     fair::{LaneBounds, LaneId, Lanes, MemoryBudget, Refusal},
     listener::{FailureEffect, ListenerEntry},
     metrics::{DeliveryMetrics, Outcome},
@@ -169,14 +169,20 @@ impl Delivery {
     }
 
     /// The bytes the delivery holds while queued: itself, its body (the event until the first
-    /// attempt, then the body that replaces it) and its `webhook-id`. The parts shared with
-    /// other deliveries (target, listener) are not counted.
+    /// attempt, then the body that replaces it), its `webhook-id`, and with a dead-letter sink
+    /// the room for the last answer's body (a dead letter: its error headers). The parts shared
+    /// with other deliveries (target, listener) are not counted.
     fn footprint(&self) -> usize {
         let body = match &self.body {
             Some(body) => body.len(),
             None => self.target.prefix.len() + self.event.len() + 1,
         };
-        std::mem::size_of::<Self>() + body + self.message_id.len()
+        let dead_letter = match &self.error_headers {
+            Some(headers) => headers.footprint(),
+            None if self.target.sink.is_some() => MAX_ERROR_DATA,
+            None => 0,
+        };
+        std::mem::size_of::<Self>() + body + self.message_id.len() + dead_letter
     }
 
     /// Gives the owner's allowance back if no attempt was ever made.
@@ -757,7 +763,8 @@ fn conclude(attempted: Attempted, shared: &Arc<Shared>) -> Option<(Instant, Deli
     shared
         .metrics
         .attempt(result.label(), elapsed.as_secs_f64());
-    if let AttemptResult::Response { status, .. } = &result {
+    // Kept only for a dead letter, and counted in the footprint only then.
+    if let (AttemptResult::Response { status, .. }, Some(_)) = (&result, &delivery.target.sink) {
         delivery.last_answer = Some((*status, excerpt));
     }
     let settlement = match result.verdict() {

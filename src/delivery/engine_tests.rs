@@ -599,6 +599,19 @@ async fn dead_letters_of_a_flood_stay_in_the_flooders_lane_at_the_sink() {
 }
 
 #[tokio::test]
+async fn a_delivery_with_a_sink_counts_the_answer_it_keeps_for_its_dead_letter() {
+    let receiver = Receiver::start(Answer::Never).await;
+    let engine = start(one_at_a_time());
+    let plain = target("a", "acme", &receiver.url);
+    assert!(engine.submit(event(), plain).is_queued());
+    let without = engine.shared.budget.used();
+    let sunk = with_sink(target("b", "acme", &receiver.url), &receiver.url);
+    assert!(engine.submit(event(), sunk).is_queued());
+    let with = engine.shared.budget.used() - without;
+    assert!(with >= without + MAX_ERROR_DATA, "{with} vs {without}");
+}
+
+#[tokio::test]
 async fn a_failed_delivery_becomes_one_dead_letter_that_is_not_dead_lettered_again() {
     let receiver = Receiver::start(Answer::After(500, Duration::ZERO)).await;
     let sink = Receiver::start(Answer::After(500, Duration::ZERO)).await;
