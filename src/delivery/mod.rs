@@ -638,9 +638,11 @@ impl DeliveryEngine {
     ) {
         let shared = &self.shared;
         let settle = place.settle;
+        if target.delivery.dead_letter_sink.is_none() {
+            return settle.settled();
+        }
         let listener = shared.listener(&target.listener);
-        let sends = target.delivery.dead_letter_sink.is_some()
-            && !shared.shutting_down.load(Ordering::Acquire)
+        let sends = !shared.shutting_down.load(Ordering::Acquire)
             && !listener.is_removed()
             && !listener.is_paused();
         if !sends {
