@@ -673,6 +673,28 @@ mod placed {
     }
 
     #[tokio::test]
+    async fn an_event_with_a_dead_letter_is_settled_when_its_dead_letter_is() {
+        let receiver = Receiver::start(Answer::After(400, Duration::ZERO)).await;
+        // The sink holds the dead letter until its timeout.
+        let sink = Receiver::start(Answer::Never).await;
+        let engine = start(DeliveryConfig {
+            timeout: Duration::from_millis(800),
+            ..one_at_a_time()
+        });
+        let log = leading_log();
+        let place = place(&log);
+        let target = with_sink(target("a", "acme", &receiver.url), &sink.url);
+        assert!(engine
+            .submit_placed(event(), target, None, place)
+            .is_queued());
+        eventually("the dead letter at the sink", || sink.requests() == 1).await;
+        assert_eq!(receiver.ids(), sink.ids());
+        assert_eq!(log.lock().delivered_through(), 0, "not settled yet");
+        // The dead letter fails on its timeout: now the event is settled.
+        eventually("the event settled", || log.lock().delivered_through() == 1).await;
+    }
+
+    #[tokio::test]
     async fn a_placed_delivery_carries_the_id_of_its_place_on_every_attempt() {
         let receiver = Receiver::start(Answer::After(503, Duration::ZERO)).await;
         let engine = start(DeliveryConfig {
