@@ -265,6 +265,16 @@ pub enum Skip {
 }
 
 impl Skip {
+    /// Every reason, for registering metrics at zero.
+    pub const ALL: [Skip; 6] = [
+        Skip::NotSubscribed,
+        Skip::OwnerMissing,
+        Skip::OwnerWithoutCredentials,
+        Skip::OwnerDisabled,
+        Skip::AllowanceUsed,
+        Skip::Expired,
+    ];
+
     /// The metric label.
     pub fn as_label(self) -> &'static str {
         match self {

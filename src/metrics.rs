@@ -7,7 +7,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::controller::ErrorKind;
 use crate::domain::Skip;
+
+/// The bounds a standby's buffer drops events at, as `buffer_drops_total`'s `reason`: its age,
+/// the token's share of bytes, every token's bytes.
+pub const BUFFER_DROP_REASONS: [&str; 3] = ["age", "bytes", "total_bytes"];
+
+/// The controllers, as the `controller` label.
+pub const CONTROLLERS: [&str; 2] = ["listener", "webhookuser"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -53,8 +61,17 @@ pub struct ForwarderMetrics {
 }
 
 impl ForwarderMetrics {
+    /// Creates the metrics, every closed label set at zero, and registers them.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = ForwarderMetrics::default();
+        for skip in Skip::ALL {
+            let _ = metrics.skipped.get_or_create(&ReasonLabel {
+                reason: skip.as_label(),
+            });
+        }
+        for reason in BUFFER_DROP_REASONS {
+            let _ = metrics.buffer_drops.get_or_create(&ReasonLabel { reason });
+        }
         let registry = registry.sub_registry_with_prefix("forwarder");
         registry.register(
             "streams",
@@ -159,8 +176,21 @@ pub struct ControllerMetrics {
 }
 
 impl ControllerMetrics {
+    /// Creates the metrics, every controller and error kind at zero, and registers them.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = ControllerMetrics::default();
+        for controller in CONTROLLERS {
+            let _ = metrics.reconciliations.get_or_create(&ControllerLabel {
+                controller,
+                error: "",
+            });
+            for kind in ErrorKind::ALL {
+                let _ = metrics.failures.get_or_create(&ControllerLabel {
+                    controller,
+                    error: kind.as_label(),
+                });
+            }
+        }
         let registry = registry.sub_registry_with_prefix("controller");
         registry.register(
             "reconciliations",
@@ -178,5 +208,42 @@ impl ControllerMetrics {
             metrics.status_writes.clone(),
         );
         metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closed_label_sets_are_visible_before_their_first_sample() {
+        let mut registry = Registry::with_prefix("crownstone_webhooks");
+        ForwarderMetrics::register(&mut registry);
+        ControllerMetrics::register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let mut expected = vec![
+            r#"crownstone_webhooks_forwarder_skipped_total{reason="allowance_used"} 0"#.to_owned(),
+            r#"crownstone_webhooks_forwarder_skipped_total{reason="owner_without_credentials"} 0"#
+                .to_owned(),
+        ];
+        for reason in BUFFER_DROP_REASONS {
+            expected.push(format!(
+                r#"crownstone_webhooks_forwarder_buffer_drops_total{{reason="{reason}"}} 0"#
+            ));
+        }
+        for controller in CONTROLLERS {
+            expected.push(format!(
+                r#"crownstone_webhooks_controller_reconciliations_total{{controller="{controller}",error=""}} 0"#
+            ));
+            for error in ["conflict", "transient", "permanent"] {
+                expected.push(format!(
+                    r#"crownstone_webhooks_controller_failures_total{{controller="{controller}",error="{error}"}} 0"#
+                ));
+            }
+        }
+        for line in expected {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 }

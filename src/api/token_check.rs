@@ -99,6 +99,16 @@ impl TokenChecker {
         if concurrency == 0 {
             return Err(TokenCheckSetupError::NoConcurrency);
         }
+        // Every pair `check` can count, at zero, so the series exist before the first check.
+        for (outcome, via) in [
+            ("valid", "stream"),
+            ("invalid", "stream"),
+            ("unreachable", "stream"),
+            ("valid", "forwarder"),
+            ("unreachable", "busy"),
+        ] {
+            let _ = checks.get_or_create(&OutcomeLabel { outcome, via });
+        }
         let streams =
             EventStreamClient::new(events_url, PROJECT_NAME, proxy, MAX_FIRST_FRAME_BYTES)
                 .map_err(|error| match error {

@@ -287,7 +287,21 @@ async fn apply(
         owner
             .as_deref()
             .and_then(|user| user.spec.delivery.as_ref()),
-    );
+        id.namespace(),
+    )
+    .map_err(|error| error.to_string())
+    .and_then(|overrides| {
+        // The sink is checked where a Listener's url is, and refused like a spec error: nothing
+        // is streamed, so nothing is sent there.
+        match overrides
+            .dead_letter_sink
+            .as_deref()
+            .map(|sink| ctx.engine.check_url(sink))
+        {
+            Some(Err(refused)) => Err(format!("spec.delivery.deadLetterSink: {refused}")),
+            _ => Ok(overrides),
+        }
+    });
     let token_state = match (&token, &url, &delivery) {
         (Ok(token), Ok(url), Ok(delivery)) => {
             let hash = token.hash();
@@ -372,10 +386,9 @@ async fn apply(
         };
     }
     let host = url.as_ref().ok().map(url_host);
-    let effective = delivery
-        .as_ref()
-        .ok()
-        .map(|overrides| EffectiveDelivery::from(&ctx.engine.effective_policy(overrides)));
+    let effective = delivery.as_ref().ok().map(|overrides| {
+        EffectiveDelivery::new(&ctx.engine.effective_policy(overrides), overrides)
+    });
     let wrote = write_status(
         listener,
         status_key,

@@ -170,14 +170,28 @@ pub enum ErrorKind {
     Permanent,
 }
 
-impl Error {
-    /// A label for metrics: the kind of failure, never its details.
-    pub fn metric_label(&self) -> &'static str {
-        match self.kind() {
+impl ErrorKind {
+    /// Every kind, for registering metrics at zero.
+    pub const ALL: [ErrorKind; 3] = [
+        ErrorKind::Conflict,
+        ErrorKind::Transient,
+        ErrorKind::Permanent,
+    ];
+
+    /// The metric label: `conflict`, `transient`, `permanent`.
+    pub fn as_label(self) -> &'static str {
+        match self {
             ErrorKind::Conflict => "conflict",
             ErrorKind::Transient => "transient",
             ErrorKind::Permanent => "permanent",
         }
+    }
+}
+
+impl Error {
+    /// A label for metrics: the kind of failure, never its details.
+    pub fn metric_label(&self) -> &'static str {
+        self.kind().as_label()
     }
 
     /// The Kubernetes API error underneath, if there is one.

@@ -41,6 +41,7 @@ const LAST_FLUSH_IN_FLIGHT: usize = 32;
 struct DeliveryStatus {
     delivered: u64,
     failed: u64,
+    dead_lettered: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_delivery_time: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -368,6 +369,7 @@ impl StatusWriter {
                 status: DeliveryStatus {
                     delivered: status.delivered,
                     failed: status.failed,
+                    dead_lettered: status.dead_lettered,
                     last_delivery_time: status.last_delivery_time,
                     last_error: status.last_error,
                     failure_window: status.failure_window,
@@ -380,6 +382,7 @@ impl StatusWriter {
         let failed_now = report.failed + report.dropped;
         let status = &mut totals.status;
         status.delivered += report.delivered;
+        status.dead_lettered += report.dead_lettered;
         status.failed += failed_now;
         if report.last_delivery_time.is_some() {
             status.last_delivery_time = report.last_delivery_time;

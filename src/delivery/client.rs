@@ -28,6 +28,7 @@ use tokio_util::either::Either;
 use url::{Host, Position, Url};
 
 use super::{
+    dead_letter::{ErrorHeaders, MAX_ERROR_DATA},
     retry::{parse_retry_after, AttemptResult},
     signature::{SigningKeys, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP},
     url_policy::{DestinationRefused, ResolveError, UrlPolicy},
@@ -215,12 +216,17 @@ pub(crate) struct AttemptRequest<'a> {
     pub timeout: Duration,
     /// The W3C `traceparent` value, so the receiver's trace joins ours.
     pub traceparent: &'a [u8],
+    /// A dead letter's `crownstone-error-*` headers; `None` for a delivery.
+    pub error_headers: Option<&'a ErrorHeaders>,
 }
 
 /// How an attempt ended, and the connection when it can carry another request.
 pub(crate) struct Attempt {
     pub result: AttemptResult,
     pub connection: Option<Connection>,
+    /// The first [`MAX_ERROR_DATA`] bytes of the body of an answer that is not a 2xx, for a
+    /// dead letter's `crownstone-error-data`.
+    pub excerpt: Bytes,
 }
 
 /// Sends one signed POST on `idle` (or a new connection) and reports how it ended, all within
@@ -232,10 +238,15 @@ pub(crate) async fn attempt(
 ) -> Attempt {
     let timeout = request.timeout;
     match tokio::time::timeout(timeout, exchange(connector, idle, &request)).await {
-        Ok((result, connection)) => Attempt { result, connection },
+        Ok((result, connection, excerpt)) => Attempt {
+            result,
+            connection,
+            excerpt,
+        },
         Err(_) => Attempt {
             result: AttemptResult::TimedOut(timeout),
             connection: None,
+            excerpt: Bytes::new(),
         },
     }
 }
@@ -244,7 +255,7 @@ async fn exchange(
     connector: &Connector,
     idle: Option<Connection>,
     request: &AttemptRequest<'_>,
-) -> (AttemptResult, Option<Connection>) {
+) -> (AttemptResult, Option<Connection>, Bytes) {
     let unix = request.timestamp.timestamp();
     let message_id = request.message_id.to_str().unwrap_or_default();
     let signature = request.signing_key.sign(message_id, unix, request.body);
@@ -256,7 +267,7 @@ async fn exchange(
             Some(connection) => connection,
             None => match connector.connect(request.url).await {
                 Ok(connection) => connection,
-                Err(error) => return (describe_connect(error), None),
+                Err(error) => return (describe_connect(error), None, Bytes::new()),
             },
         };
         connection.write_request(request, unix, &signature);
@@ -266,9 +277,11 @@ async fn exchange(
             // so the request goes once more, on a new connection.
             Err(RoundTripError::ClosedUnanswered) if reused => {}
             Err(RoundTripError::ClosedUnanswered) => {
-                return (describe_http1(&Http1Error::Incomplete), None)
+                return (describe_http1(&Http1Error::Incomplete), None, Bytes::new())
             }
-            Err(RoundTripError::Failed(error)) => return (describe_http1(&error), None),
+            Err(RoundTripError::Failed(error)) => {
+                return (describe_http1(&error), None, Bytes::new())
+            }
         }
     }
 }
@@ -307,6 +320,9 @@ impl Connection {
         let _ = write!(out, "{unix}");
         push_header(out, WEBHOOK_SIGNATURE, signature.as_bytes());
         push_header(out, TRACEPARENT, request.traceparent);
+        for (name, value) in request.error_headers.iter().flat_map(|h| h.pairs()) {
+            push_header(out, name, value.as_bytes());
+        }
         if let Some(authorization) = request.authorization {
             push_header(
                 out,
@@ -380,7 +396,7 @@ impl Connection {
         mut self,
         answer: Answer,
         timestamp: DateTime<Utc>,
-    ) -> (AttemptResult, Option<Connection>) {
+    ) -> (AttemptResult, Option<Connection>, Bytes) {
         let Answer { head, mut body } = answer;
         let status = head.status();
         let retry_after = if status == StatusCode::TOO_MANY_REQUESTS
@@ -405,9 +421,18 @@ impl Connection {
                 .iter()
                 .any(|value| has_token(value, "close"));
         let mut read = 0usize;
+        // Kept only from a failure's answer, for a dead letter; a success's body is not needed.
+        let mut excerpt = BytesMut::new();
+        let keep = if status.is_success() {
+            0
+        } else {
+            MAX_ERROR_DATA
+        };
         let complete = loop {
             match body.next(&mut self.io, &mut self.read).await {
                 Ok(Some(data)) => {
+                    let room = keep.saturating_sub(excerpt.len());
+                    excerpt.extend_from_slice(&data[..data.len().min(room)]);
                     read = read.saturating_add(data.len());
                     if read > MAX_RESPONSE_BODY {
                         break false;
@@ -419,9 +444,9 @@ impl Connection {
         };
         if keep_alive && complete && self.read.is_empty() {
             self.idle_since = Instant::now();
-            (result, Some(self))
+            (result, Some(self), excerpt.freeze())
         } else {
-            (result, None)
+            (result, None, excerpt.freeze())
         }
     }
 }
@@ -646,6 +671,7 @@ mod tests {
                 timestamp: Utc::now(),
                 timeout,
                 traceparent: b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                error_headers: None,
             };
             attempt(connector, idle, request).await
         }

@@ -21,7 +21,7 @@ use std::{
 
 use bytes::Bytes;
 use futures::{stream::FuturesUnordered, StreamExt};
-use http::HeaderValue;
+use http::{HeaderValue, StatusCode};
 use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{sync::Notify, time::Instant};
@@ -33,6 +33,7 @@ use crate::domain::OwnerKey;
 use super::{
     charge::Charge,
     client::{self, AttemptRequest, Connection},
+    dead_letter::{DeadLetterOutcome, DeadLetterReason, ErrorHeaders, MAX_ERROR_DATA},
     fair::{LaneBounds, LaneId, Lanes, MemoryBudget, Refusal},
     listener::{FailureEffect, ListenerEntry},
     metrics::{DeliveryMetrics, Outcome},
@@ -80,8 +81,11 @@ impl DestinationKey {
 /// One event on its way to one listener.
 ///
 /// A delivery is settled exactly once (delivered, failed or dropped). One dropped unsettled,
-/// which happens only when shutdown gives up on it, counts as failed, and leaves its event
-/// unsettled in its token's log.
+/// which happens only when shutdown gives up on it, counts as failed (a dead letter: as a
+/// dropped dead letter), and leaves its event unsettled in its token's log.
+///
+/// A dead letter is a delivery too, to the sink, with error headers; settling it only counts
+/// it.
 pub(crate) struct Delivery {
     pub(crate) listener: Arc<ListenerEntry>,
     pub(crate) target: Arc<PreparedTarget>,
@@ -107,6 +111,13 @@ pub(crate) struct Delivery {
     pub(crate) lead: u64,
     /// The trace the delivery's attempts belong to.
     pub(crate) trace: DeliveryTrace,
+    /// The latest answer's status and the start of its body, for a dead letter.
+    last_answer: Option<(StatusCode, Bytes)>,
+    /// Why the delivery failed for good, set just before it is settled as failed.
+    ending: Option<DeadLetterReason>,
+    /// A dead letter's error headers; `None` for a delivery. A dead letter that fails is not
+    /// dead-lettered again.
+    error_headers: Option<Box<ErrorHeaders>>,
 }
 
 /// How a delivery ended.
@@ -115,6 +126,9 @@ pub(crate) enum Settlement {
     Delivered,
     Failed(String, FailureEffect),
     Dropped(DropReason),
+    /// Never sent, for a reason the caller has counted already (an exhausted allowance): only
+    /// dead-lettered.
+    Unsent(DeadLetterReason),
 }
 
 impl Delivery {
@@ -143,18 +157,32 @@ impl Delivery {
             settle_handle: None,
             lead: 0,
             trace: DeliveryTrace::UNTRACED,
+            last_answer: None,
+            ending: None,
+            error_headers: None,
         }
     }
 
+    /// Whether this is a dead letter, on its way to a sink.
+    pub(crate) fn is_dead_letter(&self) -> bool {
+        self.error_headers.is_some()
+    }
+
     /// The bytes the delivery holds while queued: itself, its body (the event until the first
-    /// attempt, then the body that replaces it) and its `webhook-id`. The parts shared with
-    /// other deliveries (target, listener) are not counted.
+    /// attempt, then the body that replaces it), its `webhook-id`, and with a dead-letter sink
+    /// the room for the last answer's body (a dead letter: its error headers). The parts shared
+    /// with other deliveries (target, listener) are not counted.
     fn footprint(&self) -> usize {
         let body = match &self.body {
             Some(body) => body.len(),
             None => self.target.prefix.len() + self.event.len() + 1,
         };
-        std::mem::size_of::<Self>() + body + self.message_id.len()
+        let dead_letter = match &self.error_headers {
+            Some(headers) => headers.footprint(),
+            None if self.target.sink.is_some() => MAX_ERROR_DATA,
+            None => 0,
+        };
+        std::mem::size_of::<Self>() + body + self.message_id.len() + dead_letter
     }
 
     /// Gives the owner's allowance back if no attempt was ever made.
@@ -166,18 +194,36 @@ impl Delivery {
         }
     }
 
-    /// Records the outcome on the listener and the metrics, and frees the queue slot.
-    pub(crate) fn settle(mut self, settlement: Settlement, shared: &Shared) {
+    /// Records the outcome on the listener and the metrics, frees the queue slot, and sends a
+    /// delivery that ended without success to its sink, if it has one.
+    pub(crate) fn settle(mut self, settlement: Settlement, shared: &Arc<Shared>) {
         self.settled = true;
         self.refund_if_unattempted();
+        if self.is_dead_letter() {
+            self.settle_dead_letter(settlement, shared);
+            return;
+        }
+        let dead_letter = match &settlement {
+            Settlement::Delivered => None,
+            Settlement::Failed(..) => self.ending,
+            Settlement::Dropped(reason) => DeadLetterReason::for_drop(*reason),
+            Settlement::Unsent(reason) => Some(*reason),
+        }
+        .and_then(|reason| Some((reason, Arc::clone(self.target.sink.as_ref()?))));
         let stands = match &settlement {
             Settlement::Dropped(reason) => reason.settles(),
-            Settlement::Delivered | Settlement::Failed(..) => true,
+            Settlement::Delivered | Settlement::Failed(..) | Settlement::Unsent(_) => true,
         };
-        if let Some(handle) = self.settle_handle.take() {
-            if stands {
-                handle.settled();
+        // The event is settled once its dead letter is: a dead letter this replica cannot send
+        // because it stops leading leaves the event to the next leader.
+        let handle = self.settle_handle.take();
+        match handle {
+            Some(handle) if dead_letter.is_none() => {
+                if stands {
+                    handle.settled();
+                }
             }
+            handle => self.settle_handle = handle,
         }
         let generation = self.target.generation;
         match settlement {
@@ -208,6 +254,58 @@ impl Delivery {
                 self.listener.record_dropped(generation, reason);
                 shared.metrics.dropped(reason);
             }
+            Settlement::Unsent(_) => {}
+        }
+        // Freed before the dead letter is queued, which may be in the same lane.
+        if let Some(queue) = self.admitted.take() {
+            queue.release(self.lane, self.queued_bytes);
+        }
+        if let Some((reason, sink)) = dead_letter {
+            let letter = self.dead_letter(reason, sink);
+            shared.enqueue_dead_letter(letter);
+        }
+    }
+
+    /// The dead letter of this delivery: the same body, `webhook-id`, owner and trace, to the
+    /// sink, with the error headers. It takes nothing of the allowance.
+    fn dead_letter(&mut self, reason: DeadLetterReason, sink: Arc<PreparedTarget>) -> Delivery {
+        let (status, excerpt) = match self.last_answer.take() {
+            Some((status, excerpt)) => (Some(status), excerpt),
+            None => (None, Bytes::new()),
+        };
+        let headers = ErrorHeaders::new(&self.target.url, status, &excerpt, reason);
+        let deadline = Instant::now() + sink.retry.max_age;
+        let mut letter = Delivery::new(
+            Arc::clone(&self.listener),
+            sink,
+            std::mem::take(&mut self.event),
+            self.message_id.clone(),
+            deadline,
+            None,
+        );
+        letter.body = self.body.take();
+        letter.error_headers = Some(Box::new(headers));
+        letter.settle_handle = self.settle_handle.take();
+        letter.lead = self.lead;
+        letter.trace = self.trace;
+        letter
+    }
+
+    /// Counts how a dead letter ended; it is never dead-lettered again.
+    fn settle_dead_letter(mut self, settlement: Settlement, shared: &Shared) {
+        let (outcome, stands) = match settlement {
+            Settlement::Delivered => {
+                self.listener.record_dead_lettered(self.target.generation);
+                (DeadLetterOutcome::Delivered, true)
+            }
+            Settlement::Failed(..) | Settlement::Unsent(_) => (DeadLetterOutcome::Failed, true),
+            Settlement::Dropped(reason) => (DeadLetterOutcome::Dropped, reason.settles()),
+        };
+        shared.metrics.dead_letter(outcome);
+        if let Some(handle) = self.settle_handle.take() {
+            if stands {
+                handle.settled();
+            }
         }
         if let Some(queue) = self.admitted.take() {
             queue.release(self.lane, self.queued_bytes);
@@ -232,6 +330,11 @@ impl Drop for Delivery {
         }
         self.refund_if_unattempted();
         if let Some(queue) = self.admitted.take() {
+            if self.is_dead_letter() {
+                queue.metrics.dead_letter(DeadLetterOutcome::Dropped);
+                queue.release(self.lane, self.queued_bytes);
+                return;
+            }
             self.listener.record_failed(
                 self.target.generation,
                 "not delivered before shutdown".to_owned(),
@@ -426,6 +529,8 @@ struct Attempted {
     elapsed: Duration,
     /// The connection, if it can carry another request.
     connection: Option<Connection>,
+    /// The start of a failure's response body.
+    excerpt: Bytes,
 }
 
 /// The most recently used of a destination's idle connections that can still carry a request;
@@ -561,7 +666,7 @@ pub(crate) async fn dispatch(
 }
 
 /// Checks a delivery before an attempt: drops or fails the ones that must not be sent.
-fn ready_for_attempt(mut delivery: Delivery, shared: &Shared) -> Option<Delivery> {
+fn ready_for_attempt(mut delivery: Delivery, shared: &Arc<Shared>) -> Option<Delivery> {
     if delivery.lead != shared.abandons.load(Ordering::Acquire) || !shared.fence.holds() {
         delivery.settle(Settlement::Dropped(DropReason::LeadershipLost), shared);
         return None;
@@ -570,7 +675,9 @@ fn ready_for_attempt(mut delivery: Delivery, shared: &Shared) -> Option<Delivery
         delivery.settle(Settlement::Dropped(DropReason::ListenerRemoved), shared);
         return None;
     }
-    if delivery.listener.is_suspended(delivery.target.generation) {
+    // A dead letter goes out whatever the listener's own receiver did: suspension is about that
+    // receiver.
+    if !delivery.is_dead_letter() && delivery.listener.is_suspended(delivery.target.generation) {
         delivery.settle(Settlement::Dropped(DropReason::Suspended), shared);
         return None;
     }
@@ -585,6 +692,7 @@ fn ready_for_attempt(mut delivery: Delivery, shared: &Shared) -> Option<Delivery
             return None;
         }
         let reason = delivery.expiry_reason(delivery.target.retry.max_age);
+        delivery.ending = Some(DeadLetterReason::MaxAge);
         delivery.settle(Settlement::Failed(reason, FailureEffect::Counted), shared);
         return None;
     }
@@ -628,6 +736,7 @@ async fn send(
             timestamp: shared.clock.now(),
             timeout: delivery.target.retry.timeout,
             traceparent: trace.traceparent(),
+            error_headers: delivery.error_headers.as_deref(),
         },
     )
     .await;
@@ -638,24 +747,36 @@ async fn send(
         result: attempt.result,
         elapsed,
         connection: attempt.connection,
+        excerpt: attempt.excerpt,
     }
 }
 
 /// Settles a delivery after an attempt, or returns when and what to retry.
-fn conclude(attempted: Attempted, shared: &Shared) -> Option<(Instant, Delivery)> {
+fn conclude(attempted: Attempted, shared: &Arc<Shared>) -> Option<(Instant, Delivery)> {
     let Attempted {
         mut delivery,
         result,
         elapsed,
         connection: _,
+        excerpt,
     } = attempted;
     shared
         .metrics
         .attempt(result.label(), elapsed.as_secs_f64());
+    // Kept only for a dead letter, and counted in the footprint only then.
+    if let (AttemptResult::Response { status, .. }, Some(_)) = (&result, &delivery.target.sink) {
+        delivery.last_answer = Some((*status, excerpt));
+    }
     let settlement = match result.verdict() {
         Verdict::Delivered => Settlement::Delivered,
-        Verdict::Gone => Settlement::Failed(result.reason(), FailureEffect::Gone),
-        Verdict::Fail => Settlement::Failed(result.reason(), FailureEffect::Counted),
+        Verdict::Gone => {
+            delivery.ending = Some(DeadLetterReason::Gone);
+            Settlement::Failed(result.reason(), FailureEffect::Gone)
+        }
+        Verdict::Fail => {
+            delivery.ending = Some(DeadLetterReason::NotRetryable);
+            Settlement::Failed(result.reason(), FailureEffect::Counted)
+        }
         Verdict::Retry { retry_after } => {
             let delay =
                 delivery
@@ -672,7 +793,14 @@ fn conclude(attempted: Attempted, shared: &Shared) -> Option<(Instant, Delivery)
                     delivery.last_failure = Some(result.reason());
                     return Some((due, delivery));
                 }
-                _ => Settlement::Failed(result.reason(), FailureEffect::Counted),
+                Some(_) => {
+                    delivery.ending = Some(DeadLetterReason::MaxAge);
+                    Settlement::Failed(result.reason(), FailureEffect::Counted)
+                }
+                None => {
+                    delivery.ending = Some(DeadLetterReason::AttemptsExhausted);
+                    Settlement::Failed(result.reason(), FailureEffect::Counted)
+                }
             }
         }
     };

@@ -536,6 +536,107 @@ async fn a_flooding_owner_fills_only_its_own_lane() {
     );
 }
 
+/// The value of one series in `registry`'s text form; 0 when absent.
+fn series(registry: &Registry, name: &str) -> f64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn with_sink(mut target: DeliveryTarget, sink: &Url) -> DeliveryTarget {
+    target.delivery = Arc::new(DeliveryOverrides {
+        dead_letter_sink: Some(Arc::new(sink.clone())),
+        ..DeliveryOverrides::default()
+    });
+    target
+}
+
+#[tokio::test]
+async fn dead_letters_of_a_flood_stay_in_the_flooders_lane_at_the_sink() {
+    let receiver = Receiver::start(Answer::Never).await;
+    let sink = Receiver::start(Answer::Never).await;
+    let mut registry = Registry::default();
+    let engine = DeliveryEngine::new(
+        DeliveryConfig {
+            queue_capacity: 3,
+            timeout: Duration::from_secs(5),
+            ..one_at_a_time()
+        },
+        &mut registry,
+    )
+    .unwrap();
+    let flood: Vec<Submission> = (0..10)
+        .map(|_| {
+            engine.submit(
+                event(),
+                with_sink(target("flood", "flooder", &receiver.url), &sink.url),
+            )
+        })
+        .collect();
+    assert_eq!(flood.iter().filter(|s| s.is_queued()).count(), 3);
+    // Seven drops, seven dead letters: three fit the flooder's lane at the sink, four are
+    // dropped there and counted, none is dead-lettered again.
+    assert_eq!(
+        series(&registry, r#"dead_letters_total{outcome="dropped"}"#),
+        4.0
+    );
+    eventually("the first dead letter at the sink", || sink.requests() == 1).await;
+    // Another owner's lane at the sink is untouched by the flooder's dead letters.
+    for _ in 0..3 {
+        assert_eq!(
+            engine.submit(event(), target("quiet", "quiet", &sink.url)),
+            Submission::Queued
+        );
+    }
+    assert_eq!(
+        series(&registry, r#"dead_letters_total{outcome="delivered"}"#),
+        0.0
+    );
+    // Each dead letter carries the id of the delivery it stands for.
+    assert!(!sink.ids()[0].is_empty());
+}
+
+#[tokio::test]
+async fn a_delivery_with_a_sink_counts_the_answer_it_keeps_for_its_dead_letter() {
+    let receiver = Receiver::start(Answer::Never).await;
+    let engine = start(one_at_a_time());
+    let plain = target("a", "acme", &receiver.url);
+    assert!(engine.submit(event(), plain).is_queued());
+    let without = engine.shared.budget.used();
+    let sunk = with_sink(target("b", "acme", &receiver.url), &receiver.url);
+    assert!(engine.submit(event(), sunk).is_queued());
+    let with = engine.shared.budget.used() - without;
+    assert!(with >= without + MAX_ERROR_DATA, "{with} vs {without}");
+}
+
+#[tokio::test]
+async fn a_failed_delivery_becomes_one_dead_letter_that_is_not_dead_lettered_again() {
+    let receiver = Receiver::start(Answer::After(500, Duration::ZERO)).await;
+    let sink = Receiver::start(Answer::After(500, Duration::ZERO)).await;
+    let mut registry = Registry::default();
+    let engine = DeliveryEngine::new(one_at_a_time(), &mut registry).unwrap();
+    assert!(engine
+        .submit(
+            event(),
+            with_sink(target("a", "acme", &receiver.url), &sink.url)
+        )
+        .is_queued());
+    eventually("the dead letter to fail at the sink", || {
+        series(&registry, r#"dead_letters_total{outcome="failed"}"#) == 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(receiver.requests(), 1);
+    assert_eq!(sink.requests(), 1);
+    assert_eq!(receiver.ids(), sink.ids(), "the same webhook-id");
+    // The sink's failure is not the listener's: one failure counted, no dead letter taken.
+    let reports = engine.take_reports();
+    assert_eq!(reports.iter().map(|r| r.failed).sum::<u64>(), 1);
+    assert_eq!(reports.iter().map(|r| r.dead_lettered).sum::<u64>(), 0);
+}
+
 mod placed {
     //! Deliveries of events with a place: their ids and what they tell the event's log.
 
@@ -569,6 +670,28 @@ mod placed {
             digest,
             settle: Settle::new(Arc::clone(log), seq, epoch),
         }
+    }
+
+    #[tokio::test]
+    async fn an_event_with_a_dead_letter_is_settled_when_its_dead_letter_is() {
+        let receiver = Receiver::start(Answer::After(400, Duration::ZERO)).await;
+        // The sink holds the dead letter until its timeout.
+        let sink = Receiver::start(Answer::Never).await;
+        let engine = start(DeliveryConfig {
+            timeout: Duration::from_millis(800),
+            ..one_at_a_time()
+        });
+        let log = leading_log();
+        let place = place(&log);
+        let target = with_sink(target("a", "acme", &receiver.url), &sink.url);
+        assert!(engine
+            .submit_placed(event(), target, None, place)
+            .is_queued());
+        eventually("the dead letter at the sink", || sink.requests() == 1).await;
+        assert_eq!(receiver.ids(), sink.ids());
+        assert_eq!(log.lock().delivered_through(), 0, "not settled yet");
+        // The dead letter fails on its timeout: now the event is settled.
+        eventually("the event settled", || log.lock().delivered_through() == 1).await;
     }
 
     #[tokio::test]

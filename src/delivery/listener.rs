@@ -75,6 +75,7 @@ pub(crate) struct ListenerState {
     delivered: u64,
     failed: u64,
     dropped: u64,
+    dead_lettered: u64,
     last_delivery_time: Option<DateTime<Utc>>,
     last_error: Option<String>,
     last_drop_reason: Option<DropReason>,
@@ -127,6 +128,7 @@ impl ListenerEntry {
                 delivered: 0,
                 failed: 0,
                 dropped: 0,
+                dead_lettered: 0,
                 last_delivery_time: None,
                 last_error: None,
                 last_drop_reason: None,
@@ -254,6 +256,14 @@ impl ListenerEntry {
         state.dirty = true;
     }
 
+    /// Counts a dead letter the sink took.
+    pub(crate) fn record_dead_lettered(&self, generation: i64) {
+        let mut state = self.state.lock();
+        state.observe_generation(generation);
+        state.dead_lettered += 1;
+        state.dirty = true;
+    }
+
     /// The changes since the previous report, or `None` when nothing changed.
     pub(crate) fn take_report(&self) -> Option<ListenerReport> {
         let mut state = self.state.lock();
@@ -267,6 +277,7 @@ impl ListenerEntry {
             delivered: std::mem::take(&mut state.delivered),
             failed: std::mem::take(&mut state.failed),
             dropped: std::mem::take(&mut state.dropped),
+            dead_lettered: std::mem::take(&mut state.dead_lettered),
             last_delivery_time: state.last_delivery_time.take(),
             last_error: state.last_error.take(),
             last_drop_reason: state.last_drop_reason.take(),

@@ -9,6 +9,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+use super::dead_letter::DeadLetterOutcome;
 use super::retry::AttemptLabel;
 use super::DropReason;
 
@@ -58,6 +59,7 @@ pub(crate) struct DeliveryMetrics {
     attempt_duration: LatencyHistogram,
     queue_depth: Family<DestinationLabels, Gauge>,
     queue_bytes: Gauge,
+    dead_letters: Vec<(DeadLetterOutcome, Counter)>,
 }
 
 impl DeliveryMetrics {
@@ -143,6 +145,24 @@ impl DeliveryMetrics {
             queue_bytes.clone(),
         );
 
+        let dead_letter_family = Family::<OutcomeLabels, Counter>::default();
+        let dead_letters = DeadLetterOutcome::ALL
+            .iter()
+            .map(|outcome| {
+                let counter = dead_letter_family
+                    .get_or_create(&OutcomeLabels {
+                        outcome: outcome.as_label(),
+                    })
+                    .clone();
+                (*outcome, counter)
+            })
+            .collect();
+        registry.register(
+            "dead_letters",
+            "Dead letters (deliveries that ended without success, sent to their sink) by outcome: delivered, failed or dropped",
+            dead_letter_family,
+        );
+
         Self {
             delivered,
             failed,
@@ -153,6 +173,13 @@ impl DeliveryMetrics {
             attempt_duration,
             queue_depth,
             queue_bytes,
+            dead_letters,
+        }
+    }
+
+    pub(crate) fn dead_letter(&self, outcome: DeadLetterOutcome) {
+        if let Some((_, counter)) = self.dead_letters.iter().find(|(o, _)| *o == outcome) {
+            counter.inc();
         }
     }
 

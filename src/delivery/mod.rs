@@ -8,11 +8,14 @@
 //! [`ListenerReport`]s, the changes per listener since the previous call, to write them to the
 //! listeners' status. A receiver answering 410 Gone, or failing every delivery for
 //! `endpoint_failing_after`, suspends its listener until the listener's generation changes.
+//! A delivery that ends without success goes once more to the listener's dead-letter sink, if
+//! it has one, queued like any delivery in its owner's lane of the sink's destination.
 
 mod body;
 mod charge;
 mod client;
 mod config;
+mod dead_letter;
 mod destination;
 #[cfg(test)]
 mod engine_tests;
@@ -35,9 +38,9 @@ use std::{
 
 use bytes::Bytes;
 
-use crate::domain::OwnerKey;
 pub use crate::domain::{ClientSecret, ListenerId};
-use crate::handover::{webhook_id, EventPlace, Settle};
+use crate::domain::{OwnerKey, TokenHash};
+use crate::handover::{webhook_id, EventDigest, EventPlace, Seq, Settle};
 use crate::telemetry::Tracing;
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
@@ -52,6 +55,9 @@ pub use body::BodyPrefix;
 pub use charge::{Charge, Ledger};
 pub use client::USER_AGENT;
 pub use config::{ConfigError, DeliveryArgs, DeliveryConfig, NetworkList};
+pub use dead_letter::{
+    display_url, DeadLetterReason, ERROR_CODE, ERROR_DATA, ERROR_DEST, ERROR_REASON, MAX_ERROR_DATA,
+};
 pub use policy::{
     format_iso_duration, parse_iso_duration, DeliveryOverrides, DurationError, ISO_DURATION_PATTERN,
 };
@@ -84,7 +90,8 @@ pub struct DeliveryTarget {
     pub client_secret: ClientSecret,
     /// The Crownstone user id: `userId` in the body.
     pub user_id: Arc<str>,
-    /// The listener's delivery policy over its owner's; the engine's defaults fill the rest.
+    /// The listener's delivery policy and dead-letter sink over its owner's; the engine's
+    /// defaults fill the rest.
     pub delivery: Arc<DeliveryOverrides>,
 }
 
@@ -209,6 +216,8 @@ pub struct ListenerReport {
     pub failed: u64,
     /// Deliveries dropped without an attempt, since the previous report.
     pub dropped: u64,
+    /// Dead letters the sink took, since the previous report.
+    pub dead_lettered: u64,
     /// When the latest success came, if one came since the previous report.
     pub last_delivery_time: Option<DateTime<Utc>>,
     /// The reason of the latest failure, if one happened since the previous report: short,
@@ -276,6 +285,9 @@ pub(crate) struct PreparedTarget {
     destination: DestinationKey,
     /// The WebhookUser whose lane of the destination the deliveries go to.
     pub(crate) owner: OwnerKey,
+    /// The dead-letter sink, prepared like a target of its own (same owner, keys and policy);
+    /// `None` without a sink, for a sink itself, or when the URL policy refuses the sink.
+    pub(crate) sink: Option<Arc<PreparedTarget>>,
 }
 
 impl PreparedTarget {
@@ -285,13 +297,32 @@ impl PreparedTarget {
         policy: &UrlPolicy,
         defaults: &RetryPolicy,
     ) -> Result<Self, String> {
-        policy.check_url(&target.url).map_err(|e| e.to_string())?;
-        let destination = DestinationKey::of(&target.url).ok_or("url has no host")?;
+        // The controller refuses a Listener whose sink the policy refuses; should one get here
+        // anyway (the policy changed), its deliveries go on and their dead letters are not sent.
+        let sink = target
+            .delivery
+            .dead_letter_sink
+            .as_ref()
+            .and_then(|sink| Self::for_url(target, sink, policy, defaults, None).ok())
+            .map(Arc::new);
+        Self::for_url(target, &target.url, policy, defaults, sink)
+    }
+
+    /// Prepares deliveries of `target` to `url`: its own url, or its sink.
+    fn for_url(
+        target: &DeliveryTarget,
+        url: &Arc<Url>,
+        policy: &UrlPolicy,
+        defaults: &RetryPolicy,
+        sink: Option<Arc<PreparedTarget>>,
+    ) -> Result<Self, String> {
+        policy.check_url(url).map_err(|e| e.to_string())?;
+        let destination = DestinationKey::of(url).ok_or("url has no host")?;
         let signing_key = SigningKeys::of(&target.client_secret).map_err(|e| e.to_string())?;
-        let (request_url, authorization) = split_credentials(&target.url)?;
+        let (request_url, authorization) = split_credentials(url)?;
         Ok(Self {
             generation: target.generation,
-            url: Arc::clone(&target.url),
+            url: Arc::clone(url),
             request_url,
             authorization,
             client_id: Arc::clone(&target.client_id),
@@ -307,6 +338,7 @@ impl PreparedTarget {
             signing_key,
             destination,
             owner: OwnerKey::new(target.listener.namespace(), Arc::clone(&target.client_id)),
+            sink,
         })
     }
 
@@ -533,9 +565,6 @@ impl DeliveryEngine {
         if listener.is_removed() {
             return refused(DropReason::ListenerRemoved, charge, settle);
         }
-        if listener.is_suspended(generation) {
-            return refused(DropReason::Suspended, charge, settle);
-        }
         if listener.is_paused() {
             return refused(DropReason::Paused, charge, settle);
         }
@@ -551,18 +580,11 @@ impl DeliveryEngine {
                 return refused(DropReason::ShuttingDown, charge, settle)
             }
         };
-        let message_id = match place {
-            Some((token, seq, digest)) => webhook_id(&target.listener, &token, seq, digest),
-            None => signature::new_message_id(),
-        };
-        let message_id = match HeaderValue::try_from(message_id) {
-            Ok(id) => id,
-            Err(_) => {
-                give_back(charge);
-                settled(settle);
-                shared.failed(&listener, generation, "could not make a message id".into());
-                return Submission::Refused;
-            }
+        let Some(message_id) = message_id(&target, place) else {
+            give_back(charge);
+            settled(settle);
+            shared.failed(&listener, generation, "could not make a message id".into());
+            return Submission::Refused;
         };
         let deadline = Instant::now() + prepared.retry.max_age;
         let mut delivery = Delivery::new(
@@ -576,6 +598,11 @@ impl DeliveryEngine {
         delivery.settle_handle = settle;
         delivery.lead = shared.abandons.load(Ordering::Acquire);
         delivery.trace = shared.tracing().delivery();
+        // Refused at submit, it never waits in a queue; as a delivery it still reaches the sink.
+        if listener.is_suspended(generation) {
+            delivery.settle(Settlement::Dropped(DropReason::Suspended), shared);
+            return Submission::Dropped(DropReason::Suspended);
+        }
         loop {
             match queue.push(delivery) {
                 Ok(()) => return Submission::Queued,
@@ -597,6 +624,56 @@ impl DeliveryEngine {
                 }
             }
         }
+    }
+
+    /// Sends an event that is not delivered for a reason its caller counted (an owner's
+    /// allowance used up) to the listener's dead-letter sink, if it has one, and settles the
+    /// event's place once that is done. The dead letter costs nothing of the allowance.
+    pub fn dead_letter_unsent(
+        &self,
+        event: Bytes,
+        target: DeliveryTarget,
+        reason: DeadLetterReason,
+        place: EventPlace,
+    ) {
+        let shared = &self.shared;
+        let settle = place.settle;
+        if target.delivery.dead_letter_sink.is_none() {
+            return settle.settled();
+        }
+        let listener = shared.listener(&target.listener);
+        let sends = !shared.shutting_down.load(Ordering::Acquire)
+            && !listener.is_removed()
+            && !listener.is_paused();
+        if !sends {
+            return settle.settled();
+        }
+        let prepared = match shared.prepare(&listener, &target, None) {
+            Ok((prepared, _)) => prepared,
+            Err(_) => return settle.settled(),
+        };
+        let Some(message_id) = message_id(&target, Some((place.token, place.seq, place.digest)))
+        else {
+            return settle.settled();
+        };
+        let mut delivery = Delivery::new(
+            Arc::clone(&listener),
+            Arc::clone(&prepared),
+            event,
+            message_id,
+            Instant::now() + prepared.retry.max_age,
+            None,
+        );
+        delivery.settle_handle = Some(settle);
+        delivery.lead = shared.abandons.load(Ordering::Acquire);
+        delivery.trace = shared.tracing().delivery();
+        delivery.settle(Settlement::Unsent(reason), shared);
+    }
+
+    /// Checks a url against the URL policy as far as it can be without DNS (scheme, IP
+    /// literals), as every delivery's url is checked: for a dead-letter sink, before it is used.
+    pub fn check_url(&self, url: &Url) -> Result<(), UrlRefused> {
+        self.shared.policy.check_url(url)
     }
 
     /// The policy deliveries with these overrides get: the overrides over the engine's
@@ -726,6 +803,19 @@ impl DeliveryEngine {
 /// How long a forgotten listener's entry stays to turn away deliveries routed to it just before
 /// it was forgotten: routing and submitting are one step of a stream's task, so a moment would do.
 const FORGOTTEN_KEPT: Duration = Duration::from_secs(60);
+
+/// A delivery's `webhook-id`: from the event's place in its token's stream (the same on every
+/// replica), or new for an event without one.
+fn message_id(
+    target: &DeliveryTarget,
+    place: Option<(TokenHash, Seq, EventDigest)>,
+) -> Option<HeaderValue> {
+    let id = match place {
+        Some((token, seq, digest)) => webhook_id(&target.listener, &token, seq, digest),
+        None => signature::new_message_id(),
+    };
+    HeaderValue::try_from(id).ok()
+}
 
 /// Tells an event's log that its delivery is settled, if the event has a place.
 fn settled(settle: Option<Settle>) {
@@ -877,6 +967,29 @@ impl Shared {
                     }
                 }
                 None => exit.await,
+            }
+        }
+    }
+
+    /// Queues a dead letter in its owner's lane of the sink's destination, under the same
+    /// bounds and budget as any delivery: one that does not fit is dropped and counted.
+    pub(crate) fn enqueue_dead_letter(self: &Arc<Self>, mut letter: Delivery) {
+        loop {
+            let queue = match self.queue_for(&letter.target.destination) {
+                Ok(queue) => queue,
+                Err(_) => {
+                    letter.settle(Settlement::Dropped(DropReason::ShuttingDown), self);
+                    return;
+                }
+            };
+            match queue.push(letter) {
+                Ok(()) => return,
+                Err(Rejected::Full(refused, reason)) => {
+                    refused.settle(Settlement::Dropped(reason), self);
+                    return;
+                }
+                // Released for idleness just now: the next call makes its successor.
+                Err(Rejected::Closed(refused)) => letter = refused,
             }
         }
     }

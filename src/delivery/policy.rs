@@ -1,7 +1,9 @@
 //! A resource's delivery policy: the fields a Listener or its owner may set, their ISO-8601
 //! durations, and how they stack over the operator's defaults. Pure values, no I/O.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use url::Url;
 
 use super::retry::{Backoff, RetryPolicy};
 
@@ -21,6 +23,9 @@ pub struct DeliveryOverrides {
     pub retry_after_max: Option<Duration>,
     /// How long a delivery is kept before it fails.
     pub max_age: Option<Duration>,
+    /// Where a delivery that ends without success is POSTed once more (a Service reference
+    /// already resolved to its url). There is no operator-wide default.
+    pub dead_letter_sink: Option<Arc<Url>>,
 }
 
 impl DeliveryOverrides {
@@ -33,6 +38,10 @@ impl DeliveryOverrides {
             timeout: self.timeout.or(lower.timeout),
             retry_after_max: self.retry_after_max.or(lower.retry_after_max),
             max_age: self.max_age.or(lower.max_age),
+            dead_letter_sink: self
+                .dead_letter_sink
+                .clone()
+                .or_else(|| lower.dead_letter_sink.clone()),
         }
     }
 

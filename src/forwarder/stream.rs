@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::events::{EventStreamClient, StreamEnded};
 use super::{Backoff, InvalidTokenCause, Shared, StreamState, Token, TokenHash, TokenNotice};
 use crate::crownstone::{EventType, StreamFrame, SystemCode};
-use crate::delivery::DeliveryTarget;
+use crate::delivery::{DeadLetterReason, DeliveryTarget};
 use crate::domain::Skip;
 use crate::handover::{
     gap_place, EventDigest, EventPlace, FillDecision, LoggedEvent, Seq, Settle, TokenLog,
@@ -384,16 +384,22 @@ fn submit_all(
 ) {
     for (target, allowance) in deliveries {
         let settle = Settle::new(Arc::clone(event.log), event.seq, event.epoch);
-        let Some(charge) = allowance.take() else {
-            shared.metrics.skipped(Skip::AllowanceUsed);
-            settle.settled();
-            continue;
-        };
         let place = EventPlace {
             token: event.hash,
             seq: event.seq,
             digest: event.digest,
             settle,
+        };
+        let Some(charge) = allowance.take() else {
+            shared.metrics.skipped(Skip::AllowanceUsed);
+            // To the Listener's dead-letter sink, if it has one; the engine settles the place.
+            shared.engine.dead_letter_unsent(
+                event.json.clone(),
+                target,
+                DeadLetterReason::AllowanceExhausted,
+                place,
+            );
+            continue;
         };
         shared
             .engine

@@ -1,11 +1,16 @@
-//! `spec.delivery`, shared by Listener and WebhookUser: how deliveries are retried and for how
-//! long they are kept. Field names follow Knative Eventing's `delivery` block.
+//! `spec.delivery`, shared by Listener and WebhookUser: how deliveries are retried, for how
+//! long they are kept, and where those that end without success go. Field names follow Knative
+//! Eventing's `delivery` block.
+
+use std::sync::Arc;
 
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
+use url::Url;
 
 use crate::delivery::{
-    format_iso_duration, parse_iso_duration, Backoff, DeliveryOverrides, DurationError, RetryPolicy,
+    display_url, format_iso_duration, parse_iso_duration, Backoff, DeliveryOverrides,
+    DurationError, RetryPolicy,
 };
 
 /// A CEL expression turning an ISO-8601 `PT…` duration into a CEL duration: `PT1M30S` becomes
@@ -77,6 +82,133 @@ pub struct DeliverySpec {
     #[schemars(length(max = 32))]
     #[x_kube(validation = duration_rule!())]
     pub max_age: Option<String>,
+
+    /// Where a delivery that ends without success (attempts used up, a status that is not
+    /// retried, 410 Gone, its max age reached, or dropped: queue full, memory budget, expired,
+    /// Listener suspended, allowance used up) is POSTed once more, retried like a delivery: the
+    /// original body and `webhook-id`, signed with the owner's secrets, with
+    /// `crownstone-error-dest`, `-code`, `-data` and `-reason` headers. The Listener's sink
+    /// wins over its owner's; there is no operator-wide one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_sink: Option<DeadLetterSink>,
+}
+
+/// A dead-letter sink: exactly one of `url` and `ref`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.url) != has(self.ref)")
+    .message("deadLetterSink takes exactly one of url and ref"))]
+pub struct DeadLetterSink {
+    /// An http or https url of at most 2048 characters, under the same URL policy as a
+    /// Listener's url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''"
+    ).message("deadLetterSink.url must be an absolute http or https URL"))]
+    pub url: Option<String>,
+
+    /// A Service in the resource's own namespace, sent to as
+    /// `http://NAME.NAMESPACE.svc:PORT/PATH`: the operator must resolve cluster DNS, and the URL
+    /// policy applies to the addresses the name resolves to, as for any url.
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceReference>,
+}
+
+/// A Service in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceReference {
+    /// `Service`, the only kind a sink may name.
+    #[schemars(length(max = 63))]
+    #[x_kube(validation = kube::core::Rule::new("self == 'Service'")
+        .message("deadLetterSink.ref.kind must be Service"))]
+    pub kind: String,
+
+    /// The Service's name, a DNS label.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("deadLetterSink.ref.name must be a Service name (a DNS label)"))]
+    pub name: String,
+
+    /// The Service's port; 80 when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+
+    /// The path the dead letters are POSTed to, starting with `/`; `/` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('/') && !self.contains('?') && !self.contains('#')")
+        .message("deadLetterSink.ref.path must start with / and hold no query or fragment"))]
+    pub path: Option<String>,
+}
+
+/// A `deadLetterSink` that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// `url` and `ref` both, or neither.
+    #[error("deadLetterSink takes exactly one of url and ref")]
+    NotOneOf,
+    /// `ref` names something other than a Service.
+    #[error("deadLetterSink.ref.kind must be Service, not {0:?}")]
+    Kind(String),
+    /// The url, or the url a Service reference resolves to, does not parse or is not http(s).
+    #[error("deadLetterSink is not an absolute http or https URL: {0}")]
+    Url(String),
+}
+
+impl DeadLetterSink {
+    /// The url dead letters go to: `url`, or the Service's cluster DNS name in `namespace`.
+    pub fn resolve(&self, namespace: &str) -> Result<Url, SinkError> {
+        let url = match (&self.url, &self.service) {
+            (Some(url), None) => Url::parse(url).map_err(|e| SinkError::Url(e.to_string()))?,
+            (None, Some(service)) => service.resolve(namespace)?,
+            _ => return Err(SinkError::NotOneOf),
+        };
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+            return Err(SinkError::Url(display_url(&url)));
+        }
+        Ok(url)
+    }
+}
+
+impl ServiceReference {
+    /// `http://NAME.NAMESPACE.svc:PORT/PATH`.
+    pub fn resolve(&self, namespace: &str) -> Result<Url, SinkError> {
+        if self.kind != "Service" {
+            return Err(SinkError::Kind(self.kind.clone()));
+        }
+        let label = |text: &str| {
+            !text.is_empty()
+                && text.len() <= 63
+                && text
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !text.starts_with('-')
+                && !text.ends_with('-')
+        };
+        if !label(&self.name) || !label(namespace) {
+            return Err(SinkError::Url(format!(
+                "{:?} in {namespace:?} is not a Service name",
+                self.name
+            )));
+        }
+        let mut url = Url::parse(&format!(
+            "http://{}.{namespace}.svc:{}/",
+            self.name,
+            self.port.unwrap_or(80)
+        ))
+        .map_err(|e| SinkError::Url(e.to_string()))?;
+        let path = self.path.as_deref().unwrap_or("/");
+        if !path.starts_with('/') || path.contains(['?', '#']) {
+            return Err(SinkError::Url(format!(
+                "path {path:?} must start with / and hold no query or fragment"
+            )));
+        }
+        url.set_path(path);
+        Ok(url)
+    }
 }
 
 /// How the wait between attempts grows.
@@ -91,23 +223,30 @@ pub enum BackoffPolicy {
 
 /// A `spec.delivery` field that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("spec.delivery.{field}: {error}")]
-pub struct DeliverySpecError {
-    /// The field, as named in the spec.
-    pub field: &'static str,
-    /// What is wrong with it.
-    pub error: DurationError,
+pub enum DeliverySpecError {
+    /// A duration field.
+    #[error("spec.delivery.{field}: {error}")]
+    Duration {
+        /// The field, as named in the spec.
+        field: &'static str,
+        /// What is wrong with it.
+        error: DurationError,
+    },
+    /// The dead-letter sink.
+    #[error("spec.delivery.{0}")]
+    Sink(#[from] SinkError),
 }
 
 impl DeliverySpec {
-    /// The overrides this spec sets, its durations parsed.
-    pub fn overrides(&self) -> Result<DeliveryOverrides, DeliverySpecError> {
+    /// The overrides this spec of a resource in `namespace` sets, its durations parsed and its
+    /// sink resolved.
+    pub fn overrides(&self, namespace: &str) -> Result<DeliveryOverrides, DeliverySpecError> {
         let parse = |field: &'static str, value: &Option<String>| {
             value
                 .as_deref()
                 .map(parse_iso_duration)
                 .transpose()
-                .map_err(|error| DeliverySpecError { field, error })
+                .map_err(|error| DeliverySpecError::Duration { field, error })
         };
         Ok(DeliveryOverrides {
             attempts: self.retry,
@@ -119,17 +258,24 @@ impl DeliverySpec {
             timeout: parse("timeout", &self.timeout)?,
             retry_after_max: parse("retryAfterMax", &self.retry_after_max)?,
             max_age: parse("maxAge", &self.max_age)?,
+            dead_letter_sink: self
+                .dead_letter_sink
+                .as_ref()
+                .map(|sink| sink.resolve(namespace).map(Arc::new))
+                .transpose()?,
         })
     }
 }
 
-/// A Listener's `spec.delivery` over its owner's: the resource layers of its policy.
+/// A Listener's `spec.delivery` over its owner's (both in `namespace`): the resource layers of
+/// its policy.
 pub fn resource_overrides(
     listener: Option<&DeliverySpec>,
     owner: Option<&DeliverySpec>,
+    namespace: &str,
 ) -> Result<DeliveryOverrides, DeliverySpecError> {
-    let listener = listener.map(DeliverySpec::overrides).transpose()?;
-    let owner = owner.map(DeliverySpec::overrides).transpose()?;
+    let listener = listener.map(|s| s.overrides(namespace)).transpose()?;
+    let owner = owner.map(|s| s.overrides(namespace)).transpose()?;
     Ok(listener
         .unwrap_or_default()
         .over(&owner.unwrap_or_default()))
@@ -152,6 +298,10 @@ pub struct EffectiveDelivery {
     pub retry_after_max: String,
     /// How long a delivery is kept.
     pub max_age: String,
+    /// Where deliveries that end without success go: scheme, host, port and path, never the
+    /// url's user information or query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_sink: Option<String>,
     /// One line for `kubectl get -o wide`: `5x exponential PT1S timeout PT10S maxAge PT5M`.
     pub summary: String,
 }
@@ -173,6 +323,17 @@ impl From<&RetryPolicy> for EffectiveDelivery {
             timeout,
             retry_after_max: format_iso_duration(policy.max_backoff),
             max_age,
+            dead_letter_sink: None,
+        }
+    }
+}
+
+impl EffectiveDelivery {
+    /// The policy and sink a Listener's deliveries get.
+    pub fn new(policy: &RetryPolicy, overrides: &DeliveryOverrides) -> Self {
+        Self {
+            dead_letter_sink: overrides.dead_letter_sink.as_deref().map(display_url),
+            ..Self::from(policy)
         }
     }
 }
@@ -199,7 +360,7 @@ mod tests {
         let parsed = spec(json.clone());
         assert_eq!(serde_json::to_value(&parsed).unwrap(), json);
         assert_eq!(
-            parsed.overrides(),
+            parsed.overrides("tenant"),
             Ok(DeliveryOverrides {
                 attempts: Some(3),
                 backoff: Some(Backoff::Linear),
@@ -207,6 +368,7 @@ mod tests {
                 timeout: Some(Duration::from_secs(2)),
                 retry_after_max: Some(Duration::from_secs(30)),
                 max_age: Some(Duration::from_secs(60)),
+                dead_letter_sink: None,
             })
         );
         assert_eq!(
@@ -217,7 +379,7 @@ mod tests {
 
     #[test]
     fn a_bad_duration_names_its_field() {
-        let error = spec(serde_json::json!({"maxAge": "P1D"})).overrides();
+        let error = spec(serde_json::json!({"maxAge": "P1D"})).overrides("tenant");
         assert_eq!(
             error.map_err(|e| e.to_string()),
             Err("spec.delivery.maxAge: \"P1D\" uses a calendar unit; give the duration in hours, minutes and seconds, e.g. PT24H".to_owned())
@@ -232,12 +394,130 @@ mod tests {
     fn the_listener_layer_wins_field_by_field() {
         let listener = spec(serde_json::json!({"retry": 2}));
         let owner = spec(serde_json::json!({"retry": 9, "backoffPolicy": "linear"}));
-        let merged = resource_overrides(Some(&listener), Some(&owner)).unwrap();
+        let merged = resource_overrides(Some(&listener), Some(&owner), "tenant").unwrap();
         assert_eq!(merged.attempts, Some(2));
         assert_eq!(merged.backoff, Some(Backoff::Linear));
-        let merged = resource_overrides(None, Some(&owner)).unwrap();
+        let merged = resource_overrides(None, Some(&owner), "tenant").unwrap();
         assert_eq!(merged.attempts, Some(9));
-        assert!(resource_overrides(None, None).unwrap().is_empty());
+        assert!(resource_overrides(None, None, "tenant").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_service_reference_resolves_to_its_cluster_name() {
+        let sink = |json| serde_json::from_value::<DeadLetterSink>(json).unwrap();
+        let table = [
+            (
+                serde_json::json!({"ref": {"kind": "Service", "name": "dead"}}),
+                Ok("http://dead.tenant.svc/"),
+            ),
+            (
+                serde_json::json!({"ref": {"kind": "Service", "name": "dead", "port": 8080, "path": "/letters/in"}}),
+                Ok("http://dead.tenant.svc:8080/letters/in"),
+            ),
+            (
+                serde_json::json!({"url": "https://u:p@sink.example.com/x?k=v"}),
+                Ok("https://u:p@sink.example.com/x?k=v"),
+            ),
+            (
+                serde_json::json!({"ref": {"kind": "Secret", "name": "dead"}}),
+                Err(SinkError::Kind("Secret".into())),
+            ),
+            (serde_json::json!({}), Err(SinkError::NotOneOf)),
+            (
+                serde_json::json!({"url": "https://a.example.com/", "ref": {"kind": "Service", "name": "dead"}}),
+                Err(SinkError::NotOneOf),
+            ),
+        ];
+        for (json, expected) in table {
+            let got = sink(json.clone()).resolve("tenant");
+            assert_eq!(
+                got.as_ref().map(Url::as_str).map_err(Clone::clone),
+                expected,
+                "{json}"
+            );
+        }
+        // Nothing a tenant writes leaves the name under its own namespace.
+        for (name, path) in [
+            ("evil.other", "/"),
+            ("Dead", "/"),
+            ("dead", "x"),
+            ("dead", "/?q=1"),
+            ("dead@kubernetes.default", "/"),
+        ] {
+            let json = serde_json::json!({"ref": {"kind": "Service", "name": name, "path": path}});
+            assert!(
+                matches!(sink(json).resolve("tenant"), Err(SinkError::Url(_))),
+                "{name} {path}"
+            );
+        }
+        assert!(matches!(
+            sink(serde_json::json!({"url": "ftp://sink.example.com/"})).resolve("tenant"),
+            Err(SinkError::Url(_))
+        ));
+    }
+
+    #[test]
+    fn the_listener_sink_wins_over_the_owner_sink() {
+        let listener =
+            spec(serde_json::json!({"deadLetterSink": {"url": "https://mine.example.com/"}}));
+        let owner = spec(
+            serde_json::json!({"retry": 2, "deadLetterSink": {"ref": {"kind": "Service", "name": "shared"}}}),
+        );
+        let sink = |merged: DeliveryOverrides| merged.dead_letter_sink.map(|u| u.to_string());
+        assert_eq!(
+            sink(resource_overrides(Some(&listener), Some(&owner), "tenant").unwrap()),
+            Some("https://mine.example.com/".to_owned())
+        );
+        assert_eq!(
+            sink(resource_overrides(None, Some(&owner), "tenant").unwrap()),
+            Some("http://shared.tenant.svc/".to_owned())
+        );
+        assert_eq!(
+            sink(resource_overrides(Some(&listener), None, "tenant").unwrap()),
+            Some("https://mine.example.com/".to_owned())
+        );
+        assert_eq!(
+            sink(resource_overrides(None, None, "tenant").unwrap()),
+            None
+        );
+        let bad =
+            spec(serde_json::json!({"deadLetterSink": {"ref": {"kind": "Pod", "name": "x"}}}));
+        assert_eq!(
+            resource_overrides(Some(&bad), Some(&owner), "tenant").map_err(|e| e.to_string()),
+            Err("spec.delivery.deadLetterSink.ref.kind must be Service, not \"Pod\"".to_owned())
+        );
+    }
+
+    #[test]
+    fn the_effective_sink_shows_no_credentials() {
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            backoff: Backoff::Exponential,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            timeout: Duration::from_secs(10),
+            max_age: Duration::from_secs(300),
+        };
+        let overrides = DeliveryOverrides {
+            dead_letter_sink: Some(Arc::new(
+                Url::parse("https://user:secret@sink.example.com/in?token=t").unwrap(),
+            )),
+            ..DeliveryOverrides::default()
+        };
+        let effective = EffectiveDelivery::new(&policy, &overrides);
+        assert_eq!(
+            effective.dead_letter_sink.as_deref(),
+            Some("https://sink.example.com/in")
+        );
+        let json = serde_json::to_string(&effective).unwrap();
+        assert!(
+            !json.contains("secret") && !json.contains("token"),
+            "{json}"
+        );
+        let none = EffectiveDelivery::new(&policy, &DeliveryOverrides::default());
+        assert!(!serde_json::to_string(&none)
+            .unwrap()
+            .contains("deadLetterSink"));
     }
 
     #[test]
@@ -267,6 +547,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("retry must be at least 1"));
+        assert!(text.contains("deadLetterSink takes exactly one of url and ref"));
+        assert!(text.contains("deadLetterSink.ref.kind must be Service"));
         assert_eq!(schema["properties"]["retry"]["minimum"], 1);
         for field in ["backoffDelay", "timeout", "retryAfterMax", "maxAge"] {
             let rules = &schema["properties"][field]["x-kubernetes-validations"];

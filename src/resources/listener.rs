@@ -117,6 +117,10 @@ pub struct ListenerStatus {
     #[serde(default)]
     #[schemars(extend("format" = "int64"))]
     pub failed: u64,
+    /// Failed or dropped deliveries the dead-letter sink took.
+    #[serde(default)]
+    #[schemars(extend("format" = "int64"))]
+    pub dead_lettered: u64,
     /// When the last event was delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_delivery_time: Option<DateTime<Utc>>,

@@ -5,7 +5,8 @@ mod listener;
 mod webhook_user;
 
 pub use delivery::{
-    resource_overrides, BackoffPolicy, DeliverySpec, DeliverySpecError, EffectiveDelivery,
+    resource_overrides, BackoffPolicy, DeadLetterSink, DeliverySpec, DeliverySpecError,
+    EffectiveDelivery, ServiceReference, SinkError,
 };
 pub use listener::{FailureWindow, Listener, ListenerSpec, ListenerStatus, SecretKeyRef};
 pub use webhook_user::{Usage, WebhookUser, WebhookUserSpec, WebhookUserStatus};

@@ -7,6 +7,7 @@ mod api;
 mod burst;
 mod chart;
 mod crds;
+mod dead_letter;
 mod delivery;
 mod delivery_policy;
 mod facade_hardening;

@@ -71,6 +71,7 @@ fn attempt_answered(pieces: Vec<Vec<u8>>) -> (AttemptResult, bool) {
             // Only a safety net: the receiver closes the connection after its answer.
             timeout: Duration::from_secs(30),
             traceparent: b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            error_headers: None,
         };
         let done = attempt(&connector, None, request).await;
         let _ = receiver.await;

@@ -194,6 +194,35 @@ pub struct HandoverMetrics {
 impl HandoverMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = HandoverMetrics::default();
+        // Every reason either side counts, at zero, so the series exist before the first one.
+        let refused = [
+            auth::AuthError::MissingHeader,
+            auth::AuthError::BadTime,
+            auth::AuthError::Stale,
+            auth::AuthError::BadMac,
+        ]
+        .map(auth::AuthError::as_label);
+        for (side, answers) in [
+            ("leader", &["wrong_leader"][..]),
+            ("standby", &["wrong_leader", "backwards"][..]),
+        ] {
+            for reason in refused.iter().chain(answers) {
+                let _ = metrics
+                    .auth_failures
+                    .get_or_create(&SideLabel { side, reason });
+            }
+        }
+        for reason in [
+            "bad_address",
+            "unreachable",
+            "refused",
+            "not_leading",
+            "status",
+            "too_large",
+            "malformed",
+        ] {
+            let _ = metrics.poll_errors.get_or_create(&ReasonLabel { reason });
+        }
         let registry = registry.sub_registry_with_prefix("handover");
         registry.register(
             "records_sent",

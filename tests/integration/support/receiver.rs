@@ -37,6 +37,8 @@ pub enum Reply {
     WithHeaders(StatusCode, Vec<(HeaderName, HeaderValue)>),
     /// Never answer: the request stays open until the client gives up.
     Hang,
+    /// This status with this body.
+    WithBody(StatusCode, &'static [u8]),
 }
 
 impl Reply {
@@ -263,5 +265,6 @@ async fn handle(
             response
         }
         Reply::Hang => std::future::pending().await,
+        Reply::WithBody(status, body) => (status, body).into_response(),
     }
 }
