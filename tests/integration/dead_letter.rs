@@ -11,69 +11,15 @@ use base64::Engine as _;
 use crownstone_webhooks::crownstone::samples;
 use crownstone_webhooks::delivery::{verify, SigningKey};
 use crownstone_webhooks::resources::{Listener, WebhookUser};
-use kube::api::{Api, DynamicObject, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
-use kube::Resource;
 use serde_json::{json, Value};
 
 use crate::support::cluster::{eventually, TestNamespace};
+use crate::support::objects::{create, dynamic, listener, user};
 use crate::support::operator::{Harness, WAIT};
 use crate::support::receiver::{Receiver, RecordedRequest, Reply};
 
 const SPHERE: &str = "sphere-1";
 const DEAD: &str = "crownstone_webhooks_dead_letters_total";
-
-fn dynamic<K: Resource<DynamicType = ()>>(ns: &TestNamespace, plural: &str) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk(&K::group(&()), &K::version(&()), &K::kind(&()));
-    Api::namespaced_with(
-        ns.client.clone(),
-        &ns.name,
-        &ApiResource::from_gvk_with_plural(&gvk, plural),
-    )
-}
-
-async fn create(api: &Api<DynamicObject>, object: Value) -> Result<(), String> {
-    let object: DynamicObject = serde_json::from_value(object).unwrap();
-    api.create(&PostParams::default(), &object)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-fn listener(name: &str, owner: &str, url: &str, delivery: Option<Value>) -> Value {
-    let mut spec = json!({
-        "owner": owner,
-        "userId": "user-1",
-        "eventTypes": ["command"],
-        "url": url,
-        "tokenSecretRef": {"name": format!("{name}-token"), "key": "token"},
-    });
-    if let Some(delivery) = delivery {
-        spec["delivery"] = delivery;
-    }
-    json!({
-        "apiVersion": "webhooks.crownstone.rocks/v1alpha1",
-        "kind": "Listener",
-        "metadata": {"name": name},
-        "spec": spec,
-    })
-}
-
-fn user(name: &str, delivery: Option<Value>, allowance: Option<u64>) -> Value {
-    let mut spec = json!({"displayName": name});
-    if let Some(delivery) = delivery {
-        spec["delivery"] = delivery;
-    }
-    if let Some(allowance) = allowance {
-        spec["dailyAllowance"] = json!(allowance);
-    }
-    json!({
-        "apiVersion": "webhooks.crownstone.rocks/v1alpha1",
-        "kind": "WebhookUser",
-        "metadata": {"name": name},
-        "spec": spec,
-    })
-}
 
 /// Makes the token Secret of Listener `name` and the Listener.
 async fn make_listener(h: &Harness, name: &str, owner: &str, url: &str, delivery: Option<Value>) {
@@ -82,7 +28,7 @@ async fn make_listener(h: &Harness, name: &str, owner: &str, url: &str, delivery
         .await;
     create(
         &dynamic::<Listener>(&h.ns, "listeners"),
-        listener(name, owner, url, delivery),
+        listener(name, owner, &format!("{name}-token"), url, delivery),
     )
     .await
     .unwrap();
@@ -435,7 +381,13 @@ async fn the_api_server_refuses_malformed_sinks_with_a_clear_message() {
         let delivery = json!({"deadLetterSink": sink});
         let error = create(
             &listeners,
-            listener(name, "acme", url, Some(delivery.clone())),
+            listener(
+                name,
+                "acme",
+                &format!("{name}-token"),
+                url,
+                Some(delivery.clone()),
+            ),
         )
         .await
         .expect_err(name);
@@ -465,7 +417,13 @@ async fn the_api_server_refuses_malformed_sinks_with_a_clear_message() {
         let delivery = json!({"deadLetterSink": sink});
         create(
             &listeners,
-            listener(name, "acme", url, Some(delivery.clone())),
+            listener(
+                name,
+                "acme",
+                &format!("{name}-token"),
+                url,
+                Some(delivery.clone()),
+            ),
         )
         .await
         .unwrap();

@@ -9,66 +9,15 @@ use std::time::{Duration, Instant};
 use crownstone_webhooks::clock::SystemClock;
 use crownstone_webhooks::crownstone::samples;
 use crownstone_webhooks::resources::{Listener, WebhookUser};
-use kube::api::{Api, DynamicObject, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
-use kube::Resource;
 use serde_json::{json, Value};
 
 use crate::support::api::{registration, Facade};
 use crate::support::cluster::{eventually, TestNamespace};
+use crate::support::objects::{create, dynamic, listener, user};
 use crate::support::operator::{Harness, WAIT};
 use crate::support::receiver::{Receiver, RecordedRequest, Reply};
 
 const SPHERE: &str = "sphere-1";
-
-fn dynamic<K: Resource<DynamicType = ()>>(ns: &TestNamespace, plural: &str) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk(&K::group(&()), &K::version(&()), &K::kind(&()));
-    Api::namespaced_with(
-        ns.client.clone(),
-        &ns.name,
-        &ApiResource::from_gvk_with_plural(&gvk, plural),
-    )
-}
-
-async fn create(api: &Api<DynamicObject>, object: Value) -> Result<(), String> {
-    let object: DynamicObject = serde_json::from_value(object).unwrap();
-    api.create(&PostParams::default(), &object)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-fn listener(name: &str, owner: &str, secret: &str, url: &str, delivery: Option<Value>) -> Value {
-    let mut spec = json!({
-        "owner": owner,
-        "userId": "user-1",
-        "eventTypes": ["command"],
-        "url": url,
-        "tokenSecretRef": {"name": secret, "key": "token"},
-    });
-    if let Some(delivery) = delivery {
-        spec["delivery"] = delivery;
-    }
-    json!({
-        "apiVersion": "webhooks.crownstone.rocks/v1alpha1",
-        "kind": "Listener",
-        "metadata": {"name": name},
-        "spec": spec,
-    })
-}
-
-fn user(name: &str, delivery: Option<Value>) -> Value {
-    let mut spec = json!({"displayName": name});
-    if let Some(delivery) = delivery {
-        spec["delivery"] = delivery;
-    }
-    json!({
-        "apiVersion": "webhooks.crownstone.rocks/v1alpha1",
-        "kind": "WebhookUser",
-        "metadata": {"name": name},
-        "spec": spec,
-    })
-}
 
 #[tokio::test]
 async fn the_api_server_refuses_nonsense_policies_with_a_clear_message() {
@@ -118,7 +67,7 @@ async fn the_api_server_refuses_nonsense_policies_with_a_clear_message() {
         .expect_err(name);
         assert!(error.contains("spec.delivery"), "{name}: {error}");
         assert!(error.contains(message), "{name}: {error}");
-        let error = create(&users, user(name, Some(delivery)))
+        let error = create(&users, user(name, Some(delivery), None))
             .await
             .expect_err(name);
         assert!(error.contains(message), "{name} (WebhookUser): {error}");
@@ -141,7 +90,9 @@ async fn the_api_server_refuses_nonsense_policies_with_a_clear_message() {
     )
     .await
     .unwrap();
-    create(&users, user("sound", Some(sound))).await.unwrap();
+    create(&users, user("sound", Some(sound), None))
+        .await
+        .unwrap();
     create(&listeners, listener("none", "acme", "t", url, None))
         .await
         .unwrap();
@@ -195,10 +146,10 @@ async fn the_listeners_policy_wins_over_its_owners_over_the_defaults() {
     let owner_policy = json!({
         "retry": 3, "backoffPolicy": "linear", "backoffDelay": "PT0.1S", "retryAfterMax": "PT10S"
     });
-    create(&users, user("acme", Some(owner_policy)))
+    create(&users, user("acme", Some(owner_policy), None))
         .await
         .unwrap();
-    create(&users, user("plain", None)).await.unwrap();
+    create(&users, user("plain", None, None)).await.unwrap();
     let token = h.token("user-1", SPHERE).await;
     let url = |path: &str| receiver.url_with_path(path).to_string();
     let cases = [

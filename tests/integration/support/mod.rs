@@ -3,6 +3,7 @@
 pub mod api;
 pub mod cluster;
 pub mod handover;
+pub mod objects;
 pub mod operator;
 pub mod receiver;
 pub mod sim;
