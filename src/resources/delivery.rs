@@ -488,16 +488,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_effective_sink_shows_no_credentials() {
-        let policy = RetryPolicy {
+    /// Five attempts, exponential from 1 s to 60 s, 10 s timeout, 5 min max age.
+    fn five_exponential_attempts() -> RetryPolicy {
+        RetryPolicy {
             max_attempts: 5,
             backoff: Backoff::Exponential,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
             timeout: Duration::from_secs(10),
             max_age: Duration::from_secs(300),
-        };
+        }
+    }
+
+    #[test]
+    fn the_effective_sink_shows_no_credentials() {
+        let policy = five_exponential_attempts();
         let overrides = DeliveryOverrides {
             dead_letter_sink: Some(Arc::new(
                 Url::parse("https://user:secret@sink.example.com/in?token=t").unwrap(),
@@ -522,14 +527,7 @@ mod tests {
 
     #[test]
     fn the_effective_policy_reads_as_a_summary() {
-        let policy = RetryPolicy {
-            max_attempts: 5,
-            backoff: Backoff::Exponential,
-            initial_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(60),
-            timeout: Duration::from_secs(10),
-            max_age: Duration::from_secs(300),
-        };
+        let policy = five_exponential_attempts();
         let effective = EffectiveDelivery::from(&policy);
         assert_eq!(
             effective.summary,
