@@ -302,7 +302,8 @@ pub struct EffectiveDelivery {
     /// url's user information or query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_sink: Option<String>,
-    /// One line for `kubectl get -o wide`: `5x exponential PT1S timeout PT10S maxAge PT5M`.
+    /// One line for `kubectl get -o wide`: `5x exponential PT1S timeout PT10S maxAge PT5M`,
+    /// and `deadLetter HOST` after it with a sink.
     pub summary: String,
 }
 
@@ -331,10 +332,15 @@ impl From<&RetryPolicy> for EffectiveDelivery {
 impl EffectiveDelivery {
     /// The policy and sink a Listener's deliveries get.
     pub fn new(policy: &RetryPolicy, overrides: &DeliveryOverrides) -> Self {
-        Self {
-            dead_letter_sink: overrides.dead_letter_sink.as_deref().map(display_url),
-            ..Self::from(policy)
+        let mut effective = Self::from(policy);
+        if let Some(sink) = overrides.dead_letter_sink.as_deref() {
+            effective.dead_letter_sink = Some(display_url(sink));
+            if let Some(host) = sink.host_str() {
+                effective.summary.push_str(" deadLetter ");
+                effective.summary.push_str(host);
+            }
         }
+        effective
     }
 }
 
@@ -513,6 +519,10 @@ mod tests {
         assert_eq!(
             effective.dead_letter_sink.as_deref(),
             Some("https://sink.example.com/in")
+        );
+        assert_eq!(
+            effective.summary,
+            "5x exponential PT1S timeout PT10S maxAge PT5M deadLetter sink.example.com"
         );
         let json = serde_json::to_string(&effective).unwrap();
         assert!(
