@@ -32,6 +32,25 @@ fn assert_nothing_lost(rig: &Rig, audit: &Audit) {
     );
 }
 
+/// A rollout's targets: the standbys fetched the old leader's final progress, and nothing was
+/// lost or delivered twice.
+fn assert_a_clean_rollout(rig: &Rig, old: usize, audit: &Audit) {
+    assert!(
+        rig.replicas[old]
+            .log()
+            .contains("The standbys fetched the final progress."),
+        "{}",
+        rig.logs()
+    );
+    assert_nothing_lost(rig, audit);
+    assert!(
+        audit.repeated.is_empty(),
+        "events delivered twice: {}\n{}",
+        audit.summary(),
+        rig.logs()
+    );
+}
+
 fn assert_repeats_keep_their_id(rig: &Rig, audit: &Audit) {
     assert!(
         audit.repeated_with_new_id.is_empty(),
@@ -71,20 +90,7 @@ async fn a_rollout_of_the_leader_loses_and_repeats_nothing() {
     let audit = rig.settle(&published, QUIET).await;
     report("rollout", &audit);
 
-    assert!(
-        rig.replicas[old]
-            .log()
-            .contains("The standbys fetched the final progress."),
-        "{}",
-        rig.logs()
-    );
-    assert_nothing_lost(&rig, &audit);
-    assert!(
-        audit.repeated.is_empty(),
-        "events delivered twice: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
+    assert_a_clean_rollout(&rig, old, &audit);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,19 +206,7 @@ async fn a_rollout_onto_a_replica_started_just_before_repeats_nothing() {
     report("rollout onto a new replica", &audit);
 
     // Ready meant caught up: the new replica fetched the old leader's final progress in time.
-    let old_log = rig.replicas[0].log();
-    assert!(
-        old_log.contains("The standbys fetched the final progress."),
-        "{}",
-        rig.logs()
-    );
-    assert_nothing_lost(&rig, &audit);
-    assert!(
-        audit.repeated.is_empty(),
-        "events delivered twice: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
+    assert_a_clean_rollout(&rig, 0, &audit);
 }
 
 /// The audit itself, on deliveries posted straight to a receiver: a gap, a repeat under the same
