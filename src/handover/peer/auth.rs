@@ -95,19 +95,49 @@ impl AuthError {
     }
 }
 
-fn request_message(
-    mac: &mut HmacSha256,
+/// The MAC of a request: method, path and query, identity and time, each length-prefixed so no
+/// two different requests sign the same bytes, then the body's exact bytes where there is one.
+fn request_mac(
+    key: &HandoverKey,
     method: &str,
     path_and_query: &str,
     identity: &str,
     time: &str,
-) {
+    body: Option<&[u8]>,
+) -> HmacSha256 {
+    let mut mac = key.mac();
     mac.update(REQUEST_DOMAIN);
-    // Each part is length-prefixed, so no two different requests sign the same bytes.
     for part in [method, path_and_query, identity, time] {
         mac.update(&(part.len() as u64).to_be_bytes());
         mac.update(part.as_bytes());
     }
+    if let Some(body) = body {
+        mac.update(&(body.len() as u64).to_be_bytes());
+        mac.update(body);
+    }
+    mac
+}
+
+/// Checks a request's time and MAC (compared in constant time).
+#[allow(clippy::too_many_arguments)]
+fn verify_request_mac(
+    key: &HandoverKey,
+    method: &str,
+    path_and_query: &str,
+    identity: &str,
+    time: &str,
+    auth: &str,
+    now: i64,
+    body: Option<&[u8]>,
+) -> Result<(), AuthError> {
+    let sent: i64 = time.parse().map_err(|_| AuthError::BadTime)?;
+    if sent.abs_diff(now) > MAX_SKEW_SECONDS.unsigned_abs() {
+        return Err(AuthError::Stale);
+    }
+    let claimed = hex::decode(auth).map_err(|_| AuthError::BadMac)?;
+    request_mac(key, method, path_and_query, identity, time, body)
+        .verify_slice(&claimed)
+        .map_err(|_| AuthError::BadMac)
 }
 
 /// The `x-handover-auth` value of a request with a body: HMAC of method, path and query,
@@ -120,16 +150,14 @@ pub fn sign_request_with_body(
     time: i64,
     body: &[u8],
 ) -> String {
-    let mut mac = key.mac();
-    request_message(
-        &mut mac,
+    let mac = request_mac(
+        key,
         method,
         path_and_query,
         identity,
         &time.to_string(),
+        Some(body),
     );
-    mac.update(&(body.len() as u64).to_be_bytes());
-    mac.update(body);
     hex::encode(mac.finalize().into_bytes())
 }
 
@@ -145,16 +173,16 @@ pub fn verify_request_with_body(
     now: i64,
     body: &[u8],
 ) -> Result<(), AuthError> {
-    let sent: i64 = time.parse().map_err(|_| AuthError::BadTime)?;
-    if sent.abs_diff(now) > MAX_SKEW_SECONDS.unsigned_abs() {
-        return Err(AuthError::Stale);
-    }
-    let claimed = hex::decode(auth).map_err(|_| AuthError::BadMac)?;
-    let mut mac = key.mac();
-    request_message(&mut mac, method, path_and_query, identity, time);
-    mac.update(&(body.len() as u64).to_be_bytes());
-    mac.update(body);
-    mac.verify_slice(&claimed).map_err(|_| AuthError::BadMac)
+    verify_request_mac(
+        key,
+        method,
+        path_and_query,
+        identity,
+        time,
+        auth,
+        now,
+        Some(body),
+    )
 }
 
 /// The `x-handover-auth` value of a request: HMAC of method, path and query, identity, time.
@@ -165,13 +193,13 @@ pub fn sign_request(
     identity: &str,
     time: i64,
 ) -> String {
-    let mut mac = key.mac();
-    request_message(
-        &mut mac,
+    let mac = request_mac(
+        key,
         method,
         path_and_query,
         identity,
         &time.to_string(),
+        None,
     );
     hex::encode(mac.finalize().into_bytes())
 }
@@ -187,14 +215,7 @@ pub fn verify_request(
     auth: &str,
     now: i64,
 ) -> Result<(), AuthError> {
-    let sent: i64 = time.parse().map_err(|_| AuthError::BadTime)?;
-    if sent.abs_diff(now) > MAX_SKEW_SECONDS.unsigned_abs() {
-        return Err(AuthError::Stale);
-    }
-    let claimed = hex::decode(auth).map_err(|_| AuthError::BadMac)?;
-    let mut mac = key.mac();
-    request_message(&mut mac, method, path_and_query, identity, time);
-    mac.verify_slice(&claimed).map_err(|_| AuthError::BadMac)
+    verify_request_mac(key, method, path_and_query, identity, time, auth, now, None)
 }
 
 /// The `x-handover-mac` value of an answer: HMAC of its exact body bytes.
