@@ -568,6 +568,12 @@ impl DeliveryEngine {
         if listener.is_paused() {
             return refused(DropReason::Paused, charge, settle);
         }
+        // Without a sink a suspended listener's event needs nothing prepared: no destination
+        // queue is made for a receiver that answered 410.
+        let suspended = listener.is_suspended(generation);
+        if suspended && target.delivery.dead_letter_sink.is_none() {
+            return refused(DropReason::Suspended, charge, settle);
+        }
         let (prepared, mut queue) = match shared.prepare(&listener, &target, None) {
             Ok(pair) => pair,
             Err(Unavailable::Refused(reason)) => {
@@ -586,20 +592,10 @@ impl DeliveryEngine {
             shared.failed(&listener, generation, "could not make a message id".into());
             return Submission::Refused;
         };
-        let deadline = Instant::now() + prepared.retry.max_age;
-        let mut delivery = Delivery::new(
-            Arc::clone(&listener),
-            Arc::clone(&prepared),
-            event,
-            message_id,
-            deadline,
-            charge,
-        );
-        delivery.settle_handle = settle;
-        delivery.lead = shared.abandons.load(Ordering::Acquire);
-        delivery.trace = shared.tracing().delivery();
+        let mut delivery =
+            shared.new_delivery(&listener, &prepared, event, message_id, charge, settle);
         // Refused at submit, it never waits in a queue; as a delivery it still reaches the sink.
-        if listener.is_suspended(generation) {
+        if suspended {
             delivery.settle(Settlement::Dropped(DropReason::Suspended), shared);
             return Submission::Dropped(DropReason::Suspended);
         }
@@ -656,17 +652,8 @@ impl DeliveryEngine {
         else {
             return settle.settled();
         };
-        let mut delivery = Delivery::new(
-            Arc::clone(&listener),
-            Arc::clone(&prepared),
-            event,
-            message_id,
-            Instant::now() + prepared.retry.max_age,
-            None,
-        );
-        delivery.settle_handle = Some(settle);
-        delivery.lead = shared.abandons.load(Ordering::Acquire);
-        delivery.trace = shared.tracing().delivery();
+        let delivery =
+            shared.new_delivery(&listener, &prepared, event, message_id, None, Some(settle));
         delivery.settle(Settlement::Unsent(reason), shared);
     }
 
@@ -969,6 +956,30 @@ impl Shared {
                 None => exit.await,
             }
         }
+    }
+
+    /// A delivery of `event` made now, in this lead, with its max age from `prepared`'s policy.
+    fn new_delivery(
+        &self,
+        listener: &Arc<ListenerEntry>,
+        prepared: &Arc<PreparedTarget>,
+        event: Bytes,
+        message_id: HeaderValue,
+        charge: Option<Charge>,
+        settle: Option<Settle>,
+    ) -> Delivery {
+        let mut delivery = Delivery::new(
+            Arc::clone(listener),
+            Arc::clone(prepared),
+            event,
+            message_id,
+            Instant::now() + prepared.retry.max_age,
+            charge,
+        );
+        delivery.settle_handle = settle;
+        delivery.lead = self.abandons.load(Ordering::Acquire);
+        delivery.trace = self.tracing().delivery();
+        delivery
     }
 
     /// Queues a dead letter in its owner's lane of the sink's destination, under the same
