@@ -253,27 +253,22 @@ impl StatusWriter {
         events.sort_unstable_by_key(|(last_event, _)| *last_event);
         let plan = FlushPlan::within(budget, urgent, events.len(), owners.len());
         let mut listeners = listeners.into_iter().map(|(_, _, id)| id);
-        for id in listeners.by_ref().take(plan.failures) {
-            self.write_listener(id).await;
-        }
+        let failures = listeners.by_ref().take(plan.failures).collect();
+        self.write_listeners(failures, 1).await;
         for (_, id) in events.into_iter().take(plan.events) {
             self.publish_failures(id).await;
         }
         for (_, owner) in owners.into_iter().take(plan.usage) {
             self.write_usage(owner).await;
         }
-        if everything {
-            self.write_listeners_at_once(listeners.take(plan.counters).collect())
-                .await;
-        } else {
-            for id in listeners.take(plan.counters) {
-                self.write_listener(id).await;
-            }
-        }
+        // The last flush of a term writes side by side; a paced one, one after the other.
+        let in_flight = if everything { LAST_FLUSH_IN_FLIGHT } else { 1 };
+        let counters = listeners.take(plan.counters).collect();
+        self.write_listeners(counters, in_flight).await;
     }
 
-    /// Writes the Listeners' counters with up to [`LAST_FLUSH_IN_FLIGHT`] patches in flight.
-    async fn write_listeners_at_once(&mut self, ids: Vec<ListenerId>) {
+    /// Writes the Listeners' counters, in order, with up to `in_flight` patches at a time.
+    async fn write_listeners(&mut self, ids: Vec<ListenerId>, in_flight: usize) {
         use futures::StreamExt;
         let writes: Vec<(ListenerId, DeliveryStatus)> = ids
             .into_iter()
@@ -295,7 +290,7 @@ impl StatusWriter {
                     let result = apply_status(&api, id.name(), DELIVERY_MANAGER, &status).await;
                     (id, Some(result))
                 })
-                .buffer_unordered(LAST_FLUSH_IN_FLIGHT)
+                .buffered(in_flight)
                 .collect()
                 .await;
         for (id, result) in results {
@@ -410,19 +405,6 @@ impl StatusWriter {
                 pending.last_error = error;
             }
         }
-    }
-
-    async fn write_listener(&mut self, id: ListenerId) {
-        if !self.ctx.may_write() {
-            return;
-        }
-        let Some(totals) = self.totals.get_mut(&id) else {
-            return;
-        };
-        let api: Api<Listener> = Api::namespaced(self.ctx.client.clone(), id.namespace());
-        self.ctx.metrics.status_writes.inc();
-        let result = apply_status(&api, id.name(), DELIVERY_MANAGER, &totals.status).await;
-        self.written_listener(id, result);
     }
 
     /// Takes note of how a write of a Listener's counters went.
