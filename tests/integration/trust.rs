@@ -301,11 +301,21 @@ async fn a_gone_receiver_stays_suspended_across_an_operator_restart() {
     h.wait_streams(1).await;
     h.wait_condition("hook", "Streaming", "True", "Streaming")
         .await;
-    h.admin
-        .publish(&[samples::multi_switch(SPHERE)])
-        .await
-        .unwrap();
-    h.wait_metric(DROPPED_SUSPENDED, 1.0).await;
+    // The stream count and the condition may still be the old process's: publish until the
+    // new process reads an event, which it must drop.
+    eventually(
+        "an event dropped as suspended after the restart",
+        WAIT,
+        || async {
+            h.admin
+                .publish(&[samples::multi_switch(SPHERE)])
+                .await
+                .ok()?;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            (h.metric(DROPPED_SUSPENDED).await >= 1.0).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         receiver.request_count(),
         1,
