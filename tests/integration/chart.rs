@@ -694,6 +694,17 @@ async fn two_replicas_run_on_the_charts_service_account_alone() {
     let user_id = user["id"].as_str().unwrap().to_owned();
     let api_key = user["apiKey"].as_str().unwrap().to_owned();
     let token = h.token("user-1", SPHERE).await;
+    // The other replica knows the new key once its cache of credentials Secrets has the user's.
+    eventually("the new key known on the other replica", WAIT, || async {
+        let response = http
+            .get(format!("{}/listeners", replicas[1].api))
+            .header("API_KEY", &api_key)
+            .send()
+            .await
+            .ok()?;
+        response.status().is_success().then_some(())
+    })
+    .await;
     let listener = call(
         http.post(format!("{}/listeners", replicas[1].api))
             .header("API_KEY", &api_key)
