@@ -2,4 +2,5 @@
 //! lists the live members and hashes each token onto them by rendezvous hashing, so all agree,
 //! without talking, which replica owns a token and which keeps a warm standby of it.
 
+pub mod members;
 pub mod ring;
