@@ -184,7 +184,9 @@ impl Members {
         Ok(())
     }
 
-    /// The live members, this replica among them while it renews, sorted by identity.
+    /// The live members, this replica among them while it renews, sorted by identity. A Lease
+    /// this process sees for the first time counts as live for one duration, even one left by a
+    /// replica that died long ago: this process cannot tell that without trusting other clocks.
     pub async fn live(&self) -> Result<Vec<Member>, MembersError> {
         let selector = format!(
             "{}={},{}={}",
