@@ -19,5 +19,6 @@ pub mod net;
 pub mod operator;
 pub mod receiver;
 pub mod resources;
+pub mod shard;
 pub mod simulator;
 pub mod telemetry;

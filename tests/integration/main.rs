@@ -15,6 +15,7 @@ mod handover;
 mod handover_gap;
 mod handover_peer;
 mod leader;
+mod members;
 mod namespaces;
 mod observability;
 mod operator;
