@@ -114,6 +114,9 @@ pub struct OperatorArgs {
     pub handover: HandoverArgs,
 
     #[command(flatten)]
+    pub shard: crate::shard::coordinator::ShardArgs,
+
+    #[command(flatten)]
     pub telemetry: crate::telemetry::TelemetryArgs,
 }
 

@@ -179,13 +179,13 @@ impl LeaseFence {
     }
 
     /// Leading until `deadline`.
-    fn extend_to(&self, deadline: Instant) {
+    pub(crate) fn extend_to(&self, deadline: Instant) {
         let until = nanos(deadline.saturating_duration_since(self.base)).min(u64::MAX - 1);
         self.until.store(until, Ordering::Release);
     }
 
     /// Not leading any more.
-    fn close(&self) {
+    pub(crate) fn close(&self) {
         self.until.store(0, Ordering::Release);
     }
 }

@@ -48,6 +48,8 @@ use crate::index::RoutingIndex;
 use crate::leader::{self, LeaderError, Leadership, LeadershipEnd, LeaseLock, Role, StandbyMode};
 use crate::metrics::{ControllerMetrics, ForwarderMetrics};
 use crate::resources::{Listener, WebhookUser};
+use crate::shard::coordinator::{Coordinator, ShardMetrics, ShardReport, ShardTable};
+use crate::shard::members::Members;
 
 /// Why the operator could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,12 @@ pub enum OperatorError {
     Handover(#[from] HandoverError),
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::TelemetryError),
+    #[error(transparent)]
+    Members(#[from] crate::shard::members::MembersError),
+    #[error(
+        "sharding needs leader election (--leader-election) and a handover key (--handover-key)"
+    )]
+    ShardingNeedsElection,
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -84,6 +92,10 @@ struct Health {
     forwarders: ForwarderRegistry,
     /// Whether this replica has the leader's progress records (always, without a handover key).
     catch_up: CatchUp,
+    /// Sharded: streams follow the shards, so only the streams this replica runs must be open.
+    sharded: bool,
+    /// Sharded: what `/shards` answers.
+    shards: Arc<Mutex<ShardReport>>,
 }
 
 impl Health {
@@ -95,16 +107,27 @@ impl Health {
         ReplicaRole::of(self.leadership.role(), self.standby)
     }
 
-    /// Every token a Listener is routed on has its stream open, or refused for good.
+    /// Every token a Listener is routed on has its stream open, or refused for good; sharded,
+    /// every token this replica streams.
     fn streams_open(&self) -> bool {
+        let open = |state: Option<StreamState>| {
+            matches!(
+                state,
+                Some(StreamState::Streaming | StreamState::InvalidToken(_) | StreamState::Expired)
+            )
+        };
+        if self.sharded {
+            return self
+                .forwarders
+                .token_roles()
+                .iter()
+                .all(|(token, _)| open(self.forwarders.state(token)));
+        }
         self.index.listener_ids().iter().all(|id| {
             let Some(entry) = self.index.listener(id) else {
                 return true;
             };
-            matches!(
-                self.forwarders.state(&entry.token),
-                Some(StreamState::Streaming | StreamState::InvalidToken(_) | StreamState::Expired)
-            )
+            open(self.forwarders.state(&entry.token))
         })
     }
 
@@ -112,7 +135,10 @@ impl Health {
     fn ready(&self) -> Result<(), &'static str> {
         let role = self.role();
         let watches = self.watches().iter().all(|w| w.is_healthy());
-        let streams = role != ReplicaRole::StandbyWarm || self.streams_open();
+        let streams = match self.sharded {
+            true => self.streams_open(),
+            false => role != ReplicaRole::StandbyWarm || self.streams_open(),
+        };
         readiness(role, watches, streams, self.catch_up.is_caught_up())
     }
 
@@ -205,6 +231,10 @@ pub async fn start(
     args: OperatorArgs,
     clock: SharedClock,
 ) -> Result<RunningOperator, OperatorError> {
+    let sharding = args.shard.sharding;
+    if sharding && (!args.leader.leader_election || args.handover.handover_key.is_none()) {
+        return Err(OperatorError::ShardingNeedsElection);
+    }
     wait_for_crds(&client).await?;
     let mut registry = Registry::with_prefix("crownstone_webhooks");
     let delivery_config =
@@ -255,7 +285,11 @@ pub async fn start(
                 &lease_namespace,
                 leader::identity(),
             )?;
-            lock.set_fence(engine.fence());
+            // Sharded, each token's shard fences its deliveries, through the member Lease; the
+            // leader Lease then only decides who writes what belongs to no token.
+            if !sharding {
+                lock.set_fence(engine.fence());
+            }
             Some(Arc::new(lock))
         }
         false => None,
@@ -273,7 +307,20 @@ pub async fn start(
             Leadership::new(Role::Leading)
         }
     };
-    let standby_mode = args.leader.standby;
+    // Sharded, every replica streams what its shards need whatever it does about the Lease.
+    let standby_mode = match sharding {
+        true => StandbyMode::Warm,
+        false => args.leader.standby,
+    };
+    let identity = lock
+        .as_ref()
+        .map_or_else(leader::identity, |lock| lock.identity().to_owned());
+    let shard_table = sharding.then(|| {
+        let table = Arc::new(ShardTable::new(identity.clone()));
+        forwarders.set_duties(table.clone());
+        table
+    });
+    let shard_report = Arc::new(Mutex::new(ShardReport::default()));
     let health = Arc::new(Health {
         users: WatchHealth::default(),
         listeners: WatchHealth::default(),
@@ -283,6 +330,8 @@ pub async fn start(
         index: index.clone(),
         forwarders: forwarders.clone(),
         catch_up: CatchUp::default(),
+        sharded: sharding,
+        shards: shard_report.clone(),
     });
     let (users, users_stream) = reflected(
         scoped_apis::<WebhookUser>(&client, &scope),
@@ -341,6 +390,8 @@ pub async fn start(
         count_refresh_pending: Default::default(),
         triggers,
         leadership: leadership.clone(),
+        shards: shard_table.clone(),
+        identity: identity.clone(),
     });
 
     let registry = Arc::new(Mutex::new(registry));
@@ -358,6 +409,7 @@ pub async fn start(
     let handover_stop = CancellationToken::new();
     // The term this replica leads in, for the progress server: `None` while standing by.
     let (leading_term, leading_term_rx) = watch::channel(None);
+    let mut handover_address = None;
     let handover = match &lock {
         Some(lock) => match args.handover.server_settings(lock.identity()) {
             Some(settings) => {
@@ -375,10 +427,12 @@ pub async fn start(
                     .handover
                     .advertised_address(server.local_addr(), pod_ip.as_deref());
                 tracing::info!(%address, "Serving handover progress to the other replicas.");
-                lock.set_annotation(ADDRESS_ANNOTATION, address);
+                lock.set_annotation(ADDRESS_ANNOTATION, address.clone());
+                handover_address = Some(address);
                 // A cold standby buffers nothing to align, so it follows no leader's progress,
                 // and a leader handing over does not wait for it to fetch the final batch.
-                if standby_mode == StandbyMode::Warm {
+                // Sharded, the coordinator follows every peer instead.
+                if standby_mode == StandbyMode::Warm && !sharding {
                     let holder = watch_lease_holder(
                         Api::namespaced(client.clone(), &lease_namespace),
                         args.leader.leader_election_lease.clone(),
@@ -390,7 +444,7 @@ pub async fn start(
                         lock.identity().to_owned(),
                         holder,
                         Arc::new(forwarders.clone()),
-                        handover_metrics,
+                        handover_metrics.clone(),
                         health.catch_up.clone(),
                         stop.clone(),
                     )?;
@@ -404,10 +458,54 @@ pub async fn start(
         },
         None => None,
     };
+    let handover = handover.map(Arc::new);
+    let shard = match (&shard_table, &lock, &args.handover.handover_key) {
+        (Some(table), Some(_), Some(key)) => {
+            let members = Members::new(
+                client.clone(),
+                &lease_namespace,
+                &args.shard.shard_lease_prefix,
+                identity.clone(),
+                args.leader.lease_duration,
+                handover_address,
+            )?;
+            let fence = engine.fence();
+            fence.close();
+            let shard_metrics = ShardMetrics::register(&mut registry.lock());
+            let synced_health = health.clone();
+            let waker = ctx.clone();
+            Some(Coordinator {
+                members: Arc::new(members),
+                table: table.clone(),
+                forwarders: forwarders.clone(),
+                server: handover.clone(),
+                key: key.clone(),
+                term: shard_term(),
+                fence,
+                renew_deadline: args.leader.lease_renew_deadline,
+                retry_period: args.leader.lease_retry_period,
+                warm_timeout: args.shard.shard_warm_timeout,
+                synced: Arc::new(move || synced_health.watches().iter().all(|w| w.is_healthy())),
+                on_taken_over: Arc::new(move |tokens| {
+                    for token in tokens {
+                        for id in waker.index.listeners_of_token(token) {
+                            waker.wake_listener(&id);
+                        }
+                    }
+                }),
+                metrics: shard_metrics,
+                handover_metrics: handover_metrics.clone(),
+                report: shard_report.clone(),
+                wake: Arc::default(),
+            })
+        }
+        _ => None,
+    };
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/shards", get(shards))
         .with_state(HealthState {
             health: health.clone(),
             registry: registry.clone(),
@@ -442,6 +540,7 @@ pub async fn start(
         leader_gauge,
         handover,
         leading_term: Arc::new(leading_term),
+        shard,
     };
     let task_stop = stop.clone();
     let task = tokio::spawn(async move {
@@ -545,14 +644,19 @@ struct Replica {
     grace: Duration,
     leader_gauge: Gauge,
     /// The progress server, when the replicas share a handover key.
-    handover: Option<ProgressServer>,
+    handover: Option<Arc<ProgressServer>>,
     leading_term: Arc<watch::Sender<Option<i32>>>,
+    /// Sharded: the coordinator of this replica's shards.
+    shard: Option<Coordinator>,
 }
 
 impl Replica {
     /// Runs until `stop`: stands by, leads when it wins the Lease, stands by again when it loses
     /// it (a cold standby closes its streams then), and takes everything down in order.
-    async fn run(self, parts: ControllerParts, stop: CancellationToken) {
+    async fn run(mut self, parts: ControllerParts, stop: CancellationToken) {
+        if let Some(coordinator) = self.shard.take() {
+            return self.run_sharded(parts, coordinator, stop).await;
+        }
         let mut parts = Some(parts);
         let mut controllers = None;
         if self.lock.is_none() || self.standby == StandbyMode::Warm {
@@ -594,6 +698,86 @@ impl Replica {
             self.bounded("stopping the reconcilers", controllers.stop())
                 .await;
         }
+    }
+
+    /// Sharded: delivers the tokens of this replica's shards from the start, as the coordinator
+    /// decides, and writes their Listeners' status; the Lease only decides who writes what
+    /// belongs to no token (WebhookUsers, Secrets, finalizers). Stopping hands every token on
+    /// first, then drains, publishes the final progress, writes the last counters and gives the
+    /// Lease back.
+    async fn run_sharded(
+        self,
+        parts: ControllerParts,
+        coordinator: Coordinator,
+        stop: CancellationToken,
+    ) {
+        let controllers = parts.start();
+        // Every replica's progress server serves from the start: each leads some tokens.
+        self.leading_term.send_replace(Some(coordinator.term));
+        let leave = CancellationToken::new();
+        let coordinating = tokio::spawn(coordinator.run(leave.clone(), self.grace));
+        let writer_stop = CancellationToken::new();
+        let mut writer = StatusWriter::new(self.ctx.clone(), self.status_pacing);
+        let writing = {
+            let writer_stop = writer_stop.clone();
+            tokio::spawn(async move {
+                writer.run(writer_stop).await;
+                writer
+            })
+        };
+        let hold_stop = CancellationToken::new();
+        let electing = self.lock.clone().map(|lock| {
+            let ctx = self.ctx.clone();
+            let gauge = self.leader_gauge.clone();
+            let stop = stop.clone();
+            let hold_stop = hold_stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    if !lock.acquire(&stop).await {
+                        return;
+                    }
+                    ctx.leadership.set(Role::Leading);
+                    gauge.set(1);
+                    ctx.requeue_all();
+                    let end = lock.hold(&hold_stop).await;
+                    if end == LeadershipEnd::Stopped {
+                        return;
+                    }
+                    ctx.leadership.set(Role::Standby);
+                    gauge.set(0);
+                    tracing::warn!("Lost the lease: no longer writing WebhookUsers and Secrets.");
+                }
+            })
+        });
+
+        stop.cancelled().await;
+        leave.cancel();
+        match tokio::time::timeout(self.grace + Duration::from_secs(5), coordinating).await {
+            Ok(Ok(departure)) => tracing::info!(?departure, "Left the shards."),
+            _ => tracing::warn!("Leaving the shards did not end in time."),
+        }
+        self.ctx.engine.shutdown(self.grace).await;
+        self.bounded("the final progress batch", self.publish_final_progress())
+            .await;
+        self.ctx.forwarders.shutdown();
+        writer_stop.cancel();
+        if let Ok(mut writer) = writing.await {
+            self.bounded("the last status writes", writer.flush_all())
+                .await;
+        }
+        hold_stop.cancel();
+        if let Some(electing) = electing {
+            let _ = electing.await;
+        }
+        if let Some(lock) = &self.lock {
+            if self.ctx.leadership.is_leading() {
+                self.ctx.leadership.set(Role::Standby);
+                self.leader_gauge.set(0);
+                lock.release().await;
+            }
+        }
+        self.bounded("stopping the reconcilers", controllers.stop())
+            .await;
     }
 
     /// Becomes the leader: routes and delivers, writes status, and reconciles everything again
@@ -808,6 +992,20 @@ async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {
             format!("not ready ({role}): {why}"),
         ),
     }
+}
+
+/// This replica's place among the shards, as JSON: its view, the members, the token hashes it
+/// leads and stands by for. Empty without sharding.
+async fn shards(State(state): State<HealthState>) -> impl IntoResponse {
+    let report = state.health.shards.lock().clone();
+    axum::Json(report)
+}
+
+/// A number new with every start of this process, for the progress records of its shards.
+fn shard_term() -> i32 {
+    i32::try_from(rand::random::<u32>() >> 1)
+        .unwrap_or(1)
+        .max(1)
 }
 
 async fn metrics(State(state): State<HealthState>) -> impl IntoResponse {

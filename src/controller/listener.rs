@@ -192,6 +192,8 @@ struct ListenerStatusApply<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     effective_delivery: Option<&'a EffectiveDelivery>,
     observed_generation: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    streamed_by: Option<&'a str>,
 }
 
 /// The suspension and failure window this generation's status recorded, to carry them over a
@@ -526,19 +528,24 @@ async fn write_status(
     let generation = listener.meta().generation.unwrap_or(0);
     let previous = listener.status.clone().unwrap_or_default();
     let conditions = to_conditions(desired, &previous.conditions, Some(generation), now);
+    let id = listener_id(listener).ok_or(Error::MissingNamespace)?;
+    let streamed_by = ctx.streamed_by(&id);
     let unchanged = same_conditions(&conditions, &previous.conditions)
         && previous.expires_at == listener.spec.expires_at
         && previous.url_host == host
         && previous.effective_delivery == effective
-        && previous.observed_generation == Some(generation);
+        && previous.observed_generation == Some(generation)
+        && previous.streamed_by.as_deref() == streamed_by;
     let status = ListenerStatusApply {
         conditions: &conditions,
         expires_at: listener.spec.expires_at,
         url_host: host.as_deref(),
         effective_delivery: effective.as_ref(),
         observed_generation: generation,
+        streamed_by,
     };
-    ctx.apply_status_if_changed(status_key, api, listener, unchanged, &status)
+    let allowed = ctx.may_write_listener(&id);
+    ctx.apply_status_if_changed(status_key, api, listener, unchanged, &status, allowed)
         .await
 }
 

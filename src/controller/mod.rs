@@ -45,6 +45,7 @@ use crate::index::RoutingIndex;
 use crate::leader::Leadership;
 use crate::metrics::{ControllerLabel, ControllerMetrics};
 use crate::resources::{self, Listener, WebhookUser};
+use crate::shard::coordinator::ShardTable;
 
 /// The finalizer both resources carry.
 pub const FINALIZER: &str = "webhooks.crownstone.rocks/cleanup";
@@ -90,6 +91,11 @@ pub struct Context {
     /// Whether this replica leads: a standby reconciles into its routing index and streams,
     /// but writes nothing to the API server.
     pub leadership: Leadership,
+    /// Sharded: which tokens this replica delivers. A Listener's status is written by the
+    /// replica that delivers its token.
+    pub shards: Option<Arc<ShardTable>>,
+    /// This replica's name, shown in `status.streamedBy`.
+    pub identity: String,
 }
 
 /// What this process last did about an object's status.
@@ -264,6 +270,24 @@ impl Context {
         self.leadership.is_leading()
     }
 
+    /// Whether this replica may write a Listener's status and Events: the replica that
+    /// delivers its token when sharded (the leader for a Listener without a token yet),
+    /// else the leader.
+    pub fn may_write_listener(&self, id: &ListenerId) -> bool {
+        match (&self.shards, self.index.listener(id)) {
+            (Some(shards), Some(entry)) => shards.leads(&entry.token),
+            _ => self.may_write(),
+        }
+    }
+
+    /// The replica named in a Listener's `status.streamedBy`: this one while it may write the
+    /// Listener and streams its token; nobody while the token is not streamed.
+    pub fn streamed_by(&self, id: &ListenerId) -> Option<&str> {
+        let entry = self.index.listener(id)?;
+        let streams = self.forwarders.state(&entry.token).is_some();
+        (streams && self.may_write_listener(id)).then_some(self.identity.as_str())
+    }
+
     /// Asks for a reconcile of every Listener and WebhookUser in the caches: this replica just
     /// started leading, and what it skipped writing while standing by is due now.
     pub fn requeue_all(&self) {
@@ -363,6 +387,7 @@ impl Context {
         cached: &K,
         cached_same: bool,
         status: &S,
+        allowed: bool,
     ) -> Result<bool, Error>
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
@@ -376,7 +401,7 @@ impl Context {
                 .hash(&mut hasher);
             hasher.finish()
         };
-        if !self.may_write() {
+        if !allowed {
             return Ok(false);
         }
         let cached_version = cached.meta().resource_version.as_deref();

@@ -281,8 +281,9 @@ impl StatusWriter {
         let results: Vec<(ListenerId, Option<Result<(), kube::Error>>)> =
             futures::stream::iter(writes)
                 .map(|(id, status)| async move {
-                    // Checked before each write: one the Lease ended before is not made.
-                    if !ctx.may_write() {
+                    // Checked before each write: one the Lease (or the token's shard) ended
+                    // before is not made.
+                    if !ctx.may_write_listener(&id) {
                         return (id, None);
                     }
                     let api: Api<Listener> = Api::namespaced(ctx.client.clone(), id.namespace());
@@ -294,8 +295,14 @@ impl StatusWriter {
                 .collect()
                 .await;
         for (id, result) in results {
-            if let Some(result) = result {
-                self.written_listener(id, result);
+            match result {
+                Some(result) => self.written_listener(id, result),
+                // Sharded: another replica delivers this Listener's token now and writes its
+                // counters, from its status; counting on here would later write over them.
+                None if self.ctx.shards.is_some() => {
+                    self.totals.remove(&id);
+                }
+                None => {}
             }
         }
     }
@@ -431,7 +438,7 @@ impl StatusWriter {
     /// flush picks which Listeners, at most one Event each per [`EVENT_EVERY`]: failures that
     /// wait are counted into the next Event, not lost.
     async fn publish_failures(&mut self, id: ListenerId) {
-        if !self.ctx.may_write() {
+        if !self.ctx.may_write_listener(&id) {
             return;
         }
         let reference = ObjectRef::<Listener>::new(id.name()).within(id.namespace());

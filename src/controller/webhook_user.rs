@@ -293,6 +293,7 @@ async fn apply(user: &WebhookUser, namespace: &str, ctx: &Context) -> Result<Act
         user,
         unchanged,
         &status,
+        ctx.may_write(),
     )
     .await?;
     // The leader prunes a previous secret soon after it expires (it signs nothing from then on).

@@ -667,7 +667,15 @@ pub(crate) async fn dispatch(
 
 /// Checks a delivery before an attempt: drops or fails the ones that must not be sent.
 fn ready_for_attempt(mut delivery: Delivery, shared: &Arc<Shared>) -> Option<Delivery> {
-    if delivery.lead != shared.abandons.load(Ordering::Acquire) || !shared.fence.holds() {
+    // Another replica leads now, for every token or (sharded) for this delivery's token.
+    let token_moved = delivery
+        .settle_handle
+        .as_ref()
+        .is_some_and(|settle| !settle.is_current());
+    if delivery.lead != shared.abandons.load(Ordering::Acquire)
+        || !shared.fence.holds()
+        || token_moved
+    {
         delivery.settle(Settlement::Dropped(DropReason::LeadershipLost), shared);
         return None;
     }

@@ -80,6 +80,41 @@ pub struct StreamSettings {
     pub buffer: BufferLimits,
 }
 
+/// What this replica does with one token when tokens are sharded over replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Duty {
+    /// Stream it and deliver its events.
+    Lead,
+    /// Stream it but route nothing more, while its deliveries in flight settle: it moves to
+    /// another replica, which starts after the last event routed here.
+    Release,
+    /// Stream it and buffer its events for a takeover.
+    Standby,
+    /// Do not stream it.
+    Idle,
+}
+
+/// Who decides each token's [`Duty`]: the shard coordinator.
+pub trait Duties: Send + Sync + 'static {
+    fn duty(&self, token: &TokenHash) -> Duty;
+}
+
+/// What one [`ForwarderRegistry::refresh_duties`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DutyChanges {
+    /// Tokens this replica started delivering.
+    pub taken_over: usize,
+    /// Buffered events routed by those takeovers.
+    pub events_routed: usize,
+    /// Tokens it stopped routing, to hand them on.
+    pub released: usize,
+    /// Tokens it leads or released that it only buffers now.
+    pub stood_by: usize,
+    /// Streams opened and closed.
+    pub started: usize,
+    pub stopped: usize,
+}
+
 /// The most progress records kept for tokens this replica does not stream (yet).
 const MAX_WAITING_RECORDS: usize = 10_000;
 
@@ -116,6 +151,11 @@ struct Shared {
     closed: AtomicBool,
     /// The leader's records of tokens without a forwarder here, with when they came.
     waiting_records: Mutex<HashMap<TokenHash, (TokenProgress, Instant)>>,
+    /// Sharded: each token's duty; `None` streams every token in the registry's role.
+    duties: Mutex<Option<Arc<dyn Duties>>>,
+    /// Every token a Listener is routed on, streamed or not, so a token that becomes this
+    /// replica's duty can be streamed without a reconcile. Read under the forwarders' lock.
+    known: Mutex<HashMap<TokenHash, Token>>,
 }
 
 /// The forwarders, by token hash.
@@ -155,6 +195,8 @@ impl ForwarderRegistry {
                 frozen: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 waiting_records: Mutex::default(),
+                duties: Mutex::new(None),
+                known: Mutex::default(),
             }),
             shutdown: CancellationToken::new(),
         };
@@ -191,15 +233,20 @@ impl ForwarderRegistry {
     /// starts a new one.
     fn ensure(&self, forwarders: &mut HashMap<TokenHash, Forwarder>, token: &Token) {
         let hash = token.hash();
+        self.shared.known.lock().insert(hash, token.clone());
         if forwarders.contains_key(&hash)
             || self.shutdown.is_cancelled()
             || self.shared.closed.load(Ordering::Acquire)
         {
             return;
         }
+        let duty = self.duty(&hash);
+        if duty == Some(Duty::Idle) {
+            return;
+        }
         let cancel = self.shutdown.child_token();
         let state = Arc::new(Mutex::new(StreamState::Connecting));
-        let log = self.new_log(hash);
+        let log = self.new_log(hash, duty);
         tokio::spawn(stream::run(
             self.shared.clone(),
             token.clone(),
@@ -214,8 +261,12 @@ impl ForwarderRegistry {
 
     /// A log for a new forwarder, in the registry's current role, with the leader's record of
     /// the token if one came before the stream started.
-    fn new_log(&self, hash: TokenHash) -> Arc<Mutex<TokenLog>> {
-        let leading = self.shared.leading.load(Ordering::Acquire);
+    fn new_log(&self, hash: TokenHash, duty: Option<Duty>) -> Arc<Mutex<TokenLog>> {
+        // A new stream has nothing routed, so a token being released only buffers.
+        let leading = match duty {
+            Some(duty) => duty == Duty::Lead,
+            None => self.shared.leading.load(Ordering::Acquire),
+        };
         let mut log = TokenLog::new(hash, leading, Arc::clone(&self.shared.logs));
         if self.shared.frozen.load(Ordering::Acquire) {
             log.freeze();
@@ -317,6 +368,7 @@ impl ForwarderRegistry {
         if self.shared.index.has_token(&hash) {
             return;
         }
+        self.shared.known.lock().remove(&hash);
         if let Some(forwarder) = forwarders.remove(&hash) {
             forwarder.cancel.cancel();
             tracing::info!(token = %hash, "forwarder stopped: no listener left");
@@ -350,6 +402,109 @@ impl ForwarderRegistry {
     pub fn shutdown(&self) {
         self.shutdown.cancel();
         self.forwarders.lock().clear();
+    }
+}
+
+/// Sharding: each token's stream and role follow the [`Duties`] given.
+impl ForwarderRegistry {
+    /// From now on every token's stream and role follow `duties`; call
+    /// [`refresh_duties`](Self::refresh_duties) whenever they change.
+    pub fn set_duties(&self, duties: Arc<dyn Duties>) {
+        *self.shared.duties.lock() = Some(duties);
+    }
+
+    fn duty(&self, hash: &TokenHash) -> Option<Duty> {
+        let duties = self.shared.duties.lock().clone();
+        duties.map(|duties| duties.duty(hash))
+    }
+
+    /// Brings every token's stream and log in line with its duty now: opens and closes
+    /// streams, takes over, releases and stands by. A release freezes the log, so its
+    /// deliveries in flight still settle into its progress; standing by (or closing) moves the
+    /// log to a new epoch, so its deliveries not yet attempted are dropped, never sent.
+    pub fn refresh_duties(&self) -> DutyChanges {
+        let _change = self.shared.role_change.lock();
+        let mut changes = DutyChanges::default();
+        let Some(duties) = self.shared.duties.lock().clone() else {
+            return changes;
+        };
+        let known: Vec<(TokenHash, Token)> = self
+            .shared
+            .known
+            .lock()
+            .iter()
+            .map(|(hash, token)| (*hash, token.clone()))
+            .collect();
+        for (hash, token) in known {
+            let duty = duties.duty(&hash);
+            let Some(log) = self.log(&hash) else {
+                if duty != Duty::Idle {
+                    let mut forwarders = self.forwarders.lock();
+                    // Still routed on, as decided under the lock a detach takes.
+                    if self.shared.index.has_token(&hash) && !forwarders.contains_key(&hash) {
+                        self.ensure(&mut forwarders, &token);
+                        changes.started += usize::from(forwarders.contains_key(&hash));
+                    }
+                }
+                continue;
+            };
+            match duty {
+                Duty::Lead => {
+                    if !log.lock().is_leading() {
+                        changes.events_routed += stream::take_over(&self.shared, hash, &log);
+                        changes.taken_over += 1;
+                    }
+                }
+                Duty::Release => {
+                    let mut log = log.lock();
+                    if log.is_leading() {
+                        log.freeze();
+                        changes.released += 1;
+                    }
+                }
+                Duty::Standby => {
+                    let mut log = log.lock();
+                    if !log.is_standby() {
+                        log.stand_by();
+                        changes.stood_by += 1;
+                    }
+                }
+                Duty::Idle => {
+                    if !log.lock().is_standby() {
+                        log.lock().stand_by();
+                        changes.stood_by += 1;
+                    }
+                    let mut forwarders = self.forwarders.lock();
+                    if let Some(forwarder) = forwarders.remove(&hash) {
+                        forwarder.cancel.cancel();
+                        changes.stopped += 1;
+                    }
+                    self.shared.metrics.streams.set(forwarders.len() as i64);
+                }
+            }
+        }
+        changes
+    }
+
+    /// Whether every event routed on these tokens has settled (tokens not streamed count as
+    /// settled): a release waits for this before it publishes the last progress.
+    pub fn settled(&self, tokens: &[TokenHash]) -> bool {
+        tokens
+            .iter()
+            .all(|hash| self.log(hash).is_none_or(|log| log.lock().is_settled()))
+    }
+
+    /// The tokens streamed here, each with whether this replica delivers it (leading).
+    pub fn token_roles(&self) -> Vec<(TokenHash, bool)> {
+        self.logs()
+            .into_iter()
+            .map(|(hash, log)| (hash, log.lock().is_leading()))
+            .collect()
+    }
+
+    /// Every token a Listener is routed on, streamed here or not.
+    pub fn known_tokens(&self) -> Vec<TokenHash> {
+        self.shared.known.lock().keys().copied().collect()
     }
 }
 

@@ -249,6 +249,13 @@ impl Settle {
     pub fn settled(self) {
         self.log.lock().settle(self.seq, self.epoch);
     }
+
+    /// Whether the token's log is still in the lead this delivery was made in: false once it
+    /// stood by (the token moved to another replica), so the delivery must not be attempted.
+    pub fn is_current(&self) -> bool {
+        let log = self.log.lock();
+        log.epoch == self.epoch && log.mode != Mode::Standby
+    }
 }
 
 impl TokenLog {
@@ -483,6 +490,13 @@ impl TokenLog {
     /// The place up to which every event is settled (leading), for tests and diagnostics.
     pub fn delivered_through(&self) -> Seq {
         self.delivered_through
+    }
+
+    /// Leading or frozen: every event routed is settled, so the progress record says all
+    /// this replica did and a successor repeats nothing. A standby has nothing to settle.
+    pub fn is_settled(&self) -> bool {
+        self.mode == Mode::Standby
+            || (self.unsettled.is_empty() && self.gaps.iter().all(|gap| gap.unsettled == 0))
     }
 
     /// Stops routing for a rollout: the log stays at its last routed place, reads nothing more,

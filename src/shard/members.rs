@@ -45,12 +45,56 @@ pub enum MembersError {
     List(String),
 }
 
-/// A live member as its Lease names it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// The number a process starts with, new on every start: progress records of an earlier run
+/// of the same identity are told apart by it.
+pub const TERM_ANNOTATION: &str = "webhooks.crownstone.rocks/shard-term";
+/// The view whose streams this member has open.
+pub const WARM_ANNOTATION: &str = "webhooks.crownstone.rocks/shard-warm";
+/// The view this member serves: it routes nothing it does not own in it.
+pub const SERVING_ANNOTATION: &str = "webhooks.crownstone.rocks/shard-serving";
+/// `true` while this member shuts down: it owns nothing in any new view.
+pub const LEAVING_ANNOTATION: &str = "webhooks.crownstone.rocks/shard-leaving";
+
+/// A live member as its Lease names it. Annotations it did not write, or wrote malformed,
+/// read as absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Member {
     pub identity: String,
     /// Where it serves the handover, if it said.
     pub address: Option<String>,
+    /// Its process's term.
+    pub term: Option<i32>,
+    /// The view whose streams it has open.
+    pub warm: Option<String>,
+    /// The view it serves.
+    pub serving: Option<String>,
+    /// It shuts down.
+    pub leaving: bool,
+}
+
+impl Member {
+    fn from_annotations(identity: String, mut annotations: BTreeMap<String, String>) -> Self {
+        // A view id is short hex; anything else is no view this replica could agree with.
+        let mut view = |key: &str| {
+            annotations.remove(key).filter(|v| {
+                !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_hexdigit())
+            })
+        };
+        let warm = view(WARM_ANNOTATION);
+        let serving = view(SERVING_ANNOTATION);
+        Member {
+            identity,
+            address: annotations
+                .remove(ADDRESS_ANNOTATION)
+                .filter(|a| !a.is_empty()),
+            term: annotations
+                .get(TERM_ANNOTATION)
+                .and_then(|t| t.parse().ok()),
+            warm,
+            serving,
+            leaving: annotations.get(LEAVING_ANNOTATION).map(String::as_str) == Some("true"),
+        }
+    }
 }
 
 /// What this process last saw of one Lease, and when, by its own clock.
@@ -66,7 +110,8 @@ pub struct Members {
     name: String,
     identity: String,
     duration: Duration,
-    address: Option<String>,
+    /// What this member says in its Lease's annotations, written with every renewal.
+    annotations: Mutex<BTreeMap<String, String>>,
     observed: Mutex<HashMap<String, Observed>>,
 }
 
@@ -120,7 +165,11 @@ impl Members {
             name: lease_name(prefix, &identity),
             identity,
             duration,
-            address,
+            annotations: Mutex::new(
+                address
+                    .map(|address| BTreeMap::from([(ADDRESS_ANNOTATION.to_owned(), address)]))
+                    .unwrap_or_default(),
+            ),
             observed: Mutex::new(HashMap::new()),
         })
     }
@@ -128,6 +177,11 @@ impl Members {
     /// This replica's identity.
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// Says `key: value` in this replica's Lease from the next renewal on.
+    pub fn set_annotation(&self, key: &str, value: impl Into<String>) {
+        self.annotations.lock().insert(key.to_owned(), value.into());
     }
 
     /// The name of this replica's own Lease.
@@ -140,10 +194,7 @@ impl Members {
     pub async fn renew(&self) -> Result<(), MembersError> {
         let mut labels = BTreeMap::from([(COMPONENT.0.to_owned(), COMPONENT.1.to_owned())]);
         labels.insert(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned());
-        let annotations = self
-            .address
-            .as_ref()
-            .map(|address| BTreeMap::from([(ADDRESS_ANNOTATION.to_owned(), address.clone())]));
+        let annotations = Some(self.annotations.lock().clone()).filter(|a| !a.is_empty());
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -226,20 +277,17 @@ impl Members {
                 _ => Instant::now(),
             };
             if at.elapsed() < duration {
-                let address = lease
-                    .metadata
-                    .annotations
-                    .and_then(|mut a| a.remove(ADDRESS_ANNOTATION));
-                members.insert(identity.clone(), address);
+                let annotations = lease.metadata.annotations.unwrap_or_default();
+                members.insert(
+                    identity.clone(),
+                    Member::from_annotations(identity.clone(), annotations),
+                );
             }
             seen.insert(name, Observed { record, at });
         }
         // Leases gone from the list are forgotten.
         *observed = seen;
-        Ok(members
-            .into_iter()
-            .map(|(identity, address)| Member { identity, address })
-            .collect())
+        Ok(members.into_values().collect())
     }
 
     /// Deletes this replica's Lease, so the others drop it at once instead of after its duration.

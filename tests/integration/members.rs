@@ -139,7 +139,7 @@ async fn another_prefix_and_the_leader_lease_are_not_members() {
         seen,
         [Member {
             identity: "pod-x".into(),
-            address: None
+            ..Member::default()
         }]
     );
 }

@@ -274,13 +274,26 @@ impl ProgressServer {
     /// polled in the last 5 s has fetched them (its next poll asks past them), or `timeout`.
     /// Call once this replica routes no more; records after it are not published.
     pub async fn finish(&self, timeout: Duration) -> FinishOutcome {
+        self.publish_and_wait(true, timeout).await
+    }
+
+    /// Publishes the records changed since the last interval now, not final, and waits as
+    /// [`finish`](Self::finish) does until the peers polling fetched them: a sharded replica
+    /// does this for the tokens it hands on, before it says they are released.
+    pub async fn publish_now(&self, timeout: Duration) -> FinishOutcome {
+        self.publish_and_wait(false, timeout).await
+    }
+
+    async fn publish_and_wait(&self, is_final: bool, timeout: Duration) -> FinishOutcome {
         let records = self.shared.source.changed_progress();
         let final_version = {
             let mut book = self.shared.book.lock();
             book.publish(records);
             // A version of its own, so a standby that had everything still gets the final word.
             book.version += 1;
-            book.final_version = Some(book.version);
+            if is_final {
+                book.final_version = Some(book.version);
+            }
             book.version
         };
         self.shared.published.send_replace(final_version);

@@ -1,0 +1,742 @@
+//! Each replica's side of sharding: keeps its member Lease, lists the live members, and moves
+//! tokens between replicas in three steps that every replica takes by itself, acknowledged in
+//! the member Leases: *warm* (open the streams the new view needs), *release* (stop routing
+//! what this replica no longer owns, let it settle, publish its last progress), *take over*
+//! (deliver what it newly owns once every member released). No token is delivered by two
+//! replicas: a replica starts a token only after every live member said it serves the view in
+//! which that token is its own.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::members::{
+    Member, Members, LEAVING_ANNOTATION, SERVING_ANNOTATION, TERM_ANNOTATION, WARM_ANNOTATION,
+};
+use super::ring::Ring;
+use crate::domain::TokenHash;
+use crate::forwarder::{Duties, Duty, ForwarderRegistry, StreamState};
+use crate::handover::peer::{CatchUp, Holder, ProgressClient, ProgressServer};
+use crate::handover::peer::{HandoverKey, HandoverMetrics};
+use crate::leader::LeaseFence;
+
+/// How replicas shard tokens between them.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ShardArgs {
+    /// Spread tokens over the live replicas, each token streamed for delivery by exactly one
+    /// of them and kept warm by another. Needs --leader-election and --handover-key.
+    #[arg(long, env = "SHARDING", default_value_t = false)]
+    pub sharding: bool,
+
+    /// Member Leases are named `<prefix>-member-<hash of the replica's identity>`.
+    #[arg(
+        long,
+        env = "SHARD_LEASE_PREFIX",
+        default_value = "crownstone-webhooks"
+    )]
+    pub shard_lease_prefix: String,
+
+    /// How long a replica waits for the streams of a new view to open before it says it is
+    /// ready for it anyway: a token whose stream does not open must not hold every move.
+    #[arg(long, env = "SHARD_WARM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shard_warm_timeout: Duration,
+}
+
+/// How long a release waits for the deliveries in flight of the tokens it hands on.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a release waits for the peers to fetch the last progress of those tokens.
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a release checks whether the deliveries settled.
+const SETTLE_POLL: Duration = Duration::from_millis(20);
+
+/// The id of a view: a hash of its members, the same on every replica.
+pub fn view_id(ring: &Ring) -> String {
+    let mut hash = Sha256::new();
+    for member in ring.members() {
+        hash.update((member.len() as u64).to_be_bytes());
+        hash.update(member.as_bytes());
+    }
+    hex::encode(&hash.finalize()[..8])
+}
+
+/// Where this replica stands in the moves between views.
+#[derive(Default)]
+struct Views {
+    /// The last view every live member served at once; tokens this replica owns in it (and in
+    /// every view of `chain`) are its to deliver.
+    confirmed: Ring,
+    /// Views this replica switched to since, oldest first: a token it owns in `confirmed` but
+    /// not in one of these was released and waits for the next confirmation.
+    chain: Vec<Ring>,
+    /// The view it warms up for, if other than the one it serves.
+    warming: Option<(Ring, Instant)>,
+    /// Tokens it hands on right now.
+    releasing: HashSet<TokenHash>,
+}
+
+/// The most views switched through before one is confirmed; past it this replica leads
+/// nothing until the next confirmation, which is always safe.
+const MAX_CHAIN: usize = 16;
+
+impl Views {
+    fn serving(&self) -> &Ring {
+        self.chain.last().unwrap_or(&self.confirmed)
+    }
+
+    fn leads(&self, me: &str, token: &TokenHash) -> bool {
+        self.chain.len() <= MAX_CHAIN
+            && self.confirmed.owner(token) == Some(me)
+            && self.chain.iter().all(|ring| ring.owner(token) == Some(me))
+    }
+
+    fn duty(&self, me: &str, token: &TokenHash) -> Duty {
+        if self.releasing.contains(token) {
+            return Duty::Release;
+        }
+        if self.leads(me, token) {
+            return Duty::Lead;
+        }
+        let holds = |ring: &Ring| {
+            let (owner, standby) = ring.owner_and_standby(token);
+            owner == Some(me) || standby == Some(me)
+        };
+        if holds(self.serving()) || self.warming.as_ref().is_some_and(|(ring, _)| holds(ring)) {
+            Duty::Standby
+        } else {
+            Duty::Idle
+        }
+    }
+}
+
+/// The coordinator's views as the forwarders ask them.
+pub struct ShardTable {
+    me: String,
+    views: Mutex<Views>,
+}
+
+impl Duties for ShardTable {
+    fn duty(&self, token: &TokenHash) -> Duty {
+        self.views.lock().duty(&self.me, token)
+    }
+}
+
+impl ShardTable {
+    pub fn new(me: String) -> Self {
+        ShardTable {
+            me,
+            views: Mutex::new(Views::default()),
+        }
+    }
+
+    /// Whether this replica delivers on the token now.
+    pub fn leads(&self, token: &TokenHash) -> bool {
+        self.views.lock().leads(&self.me, token)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+/// What `/metrics` shows of this replica's shards.
+#[derive(Clone, Default)]
+pub struct ShardMetrics {
+    members: Gauge,
+    tokens: Family<RoleLabel, Gauge>,
+    moves: Family<DirectionLabel, Counter>,
+    view_changes: Counter,
+}
+
+impl ShardMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = ShardMetrics::default();
+        registry.register(
+            "shard_members",
+            "Live members this replica sees",
+            metrics.members.clone(),
+        );
+        registry.register(
+            "shard_tokens",
+            "Tokens this replica streams, by role: lead (delivers) or standby (buffers)",
+            metrics.tokens.clone(),
+        );
+        registry.register(
+            "shard_moves",
+            "Tokens moved to this replica (in) or handed on by it (out)",
+            metrics.moves.clone(),
+        );
+        registry.register(
+            "shard_view_changes",
+            "Views this replica switched to",
+            metrics.view_changes.clone(),
+        );
+        for role in ["lead", "standby"] {
+            metrics.tokens.get_or_create(&RoleLabel { role }).set(0);
+        }
+        for direction in ["in", "out"] {
+            let _ = metrics.moves.get_or_create(&DirectionLabel { direction });
+        }
+        metrics
+    }
+}
+
+/// What `GET /shards` answers: this replica's place among the shards. Token hashes and
+/// identities only, nothing secret.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardReport {
+    pub identity: String,
+    pub serving: Vec<String>,
+    pub serving_id: String,
+    pub confirmed_id: String,
+    pub warming: Option<Vec<String>>,
+    pub members: Vec<MemberReport>,
+    pub leading: Vec<TokenHash>,
+    pub standby: Vec<TokenHash>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberReport {
+    pub identity: String,
+    pub warm: Option<String>,
+    pub serving: Option<String>,
+    pub leaving: bool,
+}
+
+/// Told the tokens this replica started delivering.
+pub type TakenOver = Arc<dyn Fn(&[TokenHash]) + Send + Sync>;
+
+/// Everything the coordinator works with.
+pub struct Coordinator {
+    pub members: Arc<Members>,
+    pub table: Arc<ShardTable>,
+    pub forwarders: ForwarderRegistry,
+    pub server: Option<Arc<ProgressServer>>,
+    pub key: HandoverKey,
+    pub term: i32,
+    pub fence: Arc<LeaseFence>,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+    pub warm_timeout: Duration,
+    /// Whether the caches are synced: a replica that has not listed the Listeners cannot know
+    /// which streams a view needs.
+    pub synced: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Called with the tokens this replica started delivering, so their Listeners' status
+    /// names it.
+    pub on_taken_over: TakenOver,
+    pub metrics: ShardMetrics,
+    pub handover_metrics: HandoverMetrics,
+    pub report: Arc<Mutex<ShardReport>>,
+    /// Woken to run a round at once (shutdown).
+    pub wake: Arc<Notify>,
+}
+
+/// The peers this replica polls for progress, by identity.
+struct Peer {
+    holder: watch::Sender<Option<Holder>>,
+    cancel: CancellationToken,
+}
+
+/// How a coordinator's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// Every token was handed on, or nobody was there to take it.
+    HandedOn,
+    /// The grace period ended first.
+    TimedOut,
+}
+
+impl Coordinator {
+    fn me(&self) -> &str {
+        self.members.identity()
+    }
+
+    /// Runs until `leave` and then until this replica handed every token on (or `grace` after
+    /// `leave`); deletes its member Lease at the end.
+    pub async fn run(self, leave: CancellationToken, grace: Duration) -> Departure {
+        self.members
+            .set_annotation(TERM_ANNOTATION, self.term.to_string());
+        let mut peers: HashMap<String, Peer> = HashMap::new();
+        let mut last_renewal: Option<Instant> = None;
+        let mut leaving_since: Option<Instant> = None;
+        let departure = loop {
+            if leave.is_cancelled() && leaving_since.is_none() {
+                leaving_since = Some(Instant::now());
+                self.members.set_annotation(LEAVING_ANNOTATION, "true");
+                tracing::info!("Leaving the shards: handing every token on.");
+            }
+            // A renewal that lapsed: another replica may own this one's tokens by now.
+            if last_renewal.is_some() && !self.fence.holds() {
+                self.drop_everything();
+            }
+            let sent = Instant::now();
+            match self.members.renew().await {
+                Ok(()) => {
+                    self.fence.extend_to(sent + self.renew_deadline);
+                    last_renewal = Some(sent);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Could not renew this replica's member lease.")
+                }
+            }
+            match self.members.live().await {
+                Ok(live) => {
+                    self.follow_peers(&mut peers, &live);
+                    if let Some(done) = self.round(&live, leaving_since.is_some()).await {
+                        if done {
+                            break Departure::HandedOn;
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "Could not list the member leases."),
+            }
+            if leaving_since.is_some_and(|since| since.elapsed() >= grace) {
+                break Departure::TimedOut;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.retry_period) => {}
+                _ = leave.cancelled(), if leaving_since.is_none() => {}
+                _ = self.wake.notified() => {}
+            }
+        };
+        for (_, peer) in peers {
+            peer.cancel.cancel();
+        }
+        if departure == Departure::TimedOut {
+            // Whatever was not handed on goes with the Lease: the others take it over as from
+            // a crash, from the progress already published.
+            self.drop_everything();
+        }
+        if let Err(error) = self.members.release().await {
+            tracing::warn!(%error, "Could not delete this replica's member lease; it expires.");
+        }
+        departure
+    }
+
+    /// One round over the live members. `Some(true)` once a leaving replica has handed
+    /// everything on.
+    async fn round(&self, live: &[Member], leaving: bool) -> Option<bool> {
+        let me = self.me().to_owned();
+        self.metrics.members.set(live.len() as i64);
+        let desired = Ring::new(
+            live.iter()
+                .filter(|m| !(m.leaving || leaving && m.identity == me))
+                .map(|m| m.identity.clone()),
+        );
+        // Not in its own list (its Lease not written yet): no view to take part in.
+        if !live.iter().any(|m| m.identity == me) {
+            return None;
+        }
+        let desired_id = view_id(&desired);
+        let serving = self.table.views.lock().serving().clone();
+        if desired != serving {
+            self.warm_up(&desired, &desired_id, live);
+        }
+        // Every member has this view's streams open: switch to it.
+        let all_warm = live.iter().all(|m| {
+            m.warm.as_deref() == Some(desired_id.as_str())
+                || m.serving.as_deref() == Some(desired_id.as_str())
+        });
+        if desired != serving && all_warm {
+            self.switch_to(desired.clone(), &desired_id).await;
+        }
+        // Every member serves this view: what this replica owns in it is its own to deliver.
+        let serving = self.table.views.lock().serving().clone();
+        let serving_id = view_id(&serving);
+        let all_serving = live
+            .iter()
+            .all(|m| m.identity == me || m.serving.as_deref() == Some(serving_id.as_str()));
+        let confirmed = {
+            let mut views = self.table.views.lock();
+            if all_serving && !views.chain.is_empty() && serving == desired {
+                views.confirmed = serving.clone();
+                views.chain.clear();
+                true
+            } else {
+                false
+            }
+        };
+        if confirmed {
+            let before: HashSet<TokenHash> = self.leading_now();
+            let changes = self.forwarders.refresh_duties();
+            let taken: Vec<TokenHash> = self
+                .leading_now()
+                .into_iter()
+                .filter(|t| !before.contains(t))
+                .collect();
+            self.metrics
+                .moves
+                .get_or_create(&DirectionLabel { direction: "in" })
+                .inc_by(taken.len() as u64);
+            tracing::info!(view = %serving_id, members = serving.len(), tokens_taken_over = changes.taken_over, events_routed = changes.events_routed, "Serving a new view: every member released.");
+            (self.on_taken_over)(&taken);
+        }
+        self.update_report(live);
+        let done = leaving
+            && !serving.members().contains(&me)
+            && self.table.views.lock().releasing.is_empty()
+            && self.leading_now().is_empty()
+            && serving == desired;
+        Some(done)
+    }
+
+    fn leading_now(&self) -> HashSet<TokenHash> {
+        self.forwarders
+            .token_roles()
+            .into_iter()
+            .filter_map(|(token, leading)| leading.then_some(token))
+            .collect()
+    }
+
+    /// Opens the streams `desired` needs and says so once they are open.
+    fn warm_up(&self, desired: &Ring, desired_id: &str, live: &[Member]) {
+        let started = {
+            let mut views = self.table.views.lock();
+            match &views.warming {
+                Some((ring, started)) if ring == desired => Some(*started),
+                _ => {
+                    views.warming = Some((desired.clone(), Instant::now()));
+                    None
+                }
+            }
+        };
+        let started = match started {
+            Some(started) => started,
+            None => {
+                self.forwarders.refresh_duties();
+                tracing::info!(view = %desired_id, members = desired.len(), "Warming up for a new view.");
+                Instant::now()
+            }
+        };
+        let said = live
+            .iter()
+            .find(|m| m.identity == self.me())
+            .and_then(|m| m.warm.clone());
+        if said.as_deref() == Some(desired_id) {
+            return;
+        }
+        let open = (self.synced)() && self.streams_open();
+        if open || started.elapsed() >= self.warm_timeout {
+            if !open {
+                tracing::warn!(view = %desired_id, "Not every stream of the new view opened in time; ready for it anyway.");
+            }
+            self.members.set_annotation(WARM_ANNOTATION, desired_id);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Every token this replica streams has its stream open, or refused for good.
+    fn streams_open(&self) -> bool {
+        self.forwarders.token_roles().iter().all(|(token, _)| {
+            matches!(
+                self.forwarders.state(token),
+                Some(StreamState::Streaming | StreamState::InvalidToken(_) | StreamState::Expired)
+                    | None
+            )
+        })
+    }
+
+    /// Serves `desired`: hands on the tokens this replica no longer owns in it (routing stops,
+    /// deliveries in flight settle, the last progress reaches the peers), then says it serves it.
+    async fn switch_to(&self, desired: Ring, desired_id: &str) {
+        let known = self.forwarders.known_tokens();
+        let released: Vec<TokenHash> = {
+            let mut views = self.table.views.lock();
+            let before: Vec<bool> = known.iter().map(|t| views.leads(self.me(), t)).collect();
+            views.chain.push(desired);
+            views.warming = None;
+            let released: Vec<TokenHash> = known
+                .iter()
+                .zip(before)
+                .filter(|(t, led)| *led && !views.leads(self.me(), t))
+                .map(|(t, _)| *t)
+                .collect();
+            views.releasing = released.iter().copied().collect();
+            released
+        };
+        self.metrics.view_changes.inc();
+        if !released.is_empty() {
+            self.forwarders.refresh_duties();
+            let deadline = Instant::now() + SETTLE_WAIT;
+            while !self.forwarders.settled(&released) && Instant::now() < deadline {
+                tokio::time::sleep(SETTLE_POLL).await;
+            }
+            if !self.forwarders.settled(&released) {
+                tracing::warn!(tokens = released.len(), "Deliveries of tokens handed on did not settle in time: the next owner may deliver some again.");
+            }
+            if let Some(server) = &self.server {
+                server.publish_now(PUBLISH_WAIT).await;
+            }
+        }
+        self.table.views.lock().releasing.clear();
+        self.forwarders.refresh_duties();
+        self.metrics
+            .moves
+            .get_or_create(&DirectionLabel { direction: "out" })
+            .inc_by(released.len() as u64);
+        self.members.set_annotation(SERVING_ANNOTATION, desired_id);
+        tracing::info!(view = %desired_id, tokens_released = released.len(), "Switched to a new view; waiting until every member serves it.");
+        // Says so at once: the others wait for it.
+        let sent = Instant::now();
+        match self.members.renew().await {
+            Ok(()) => self.fence.extend_to(sent + self.renew_deadline),
+            Err(error) => tracing::warn!(%error, "Could not renew this replica's member lease."),
+        }
+    }
+
+    /// This replica's renewals lapsed, or it leaves without handing on: it delivers nothing
+    /// more and starts over as a member serving nothing.
+    fn drop_everything(&self) {
+        let had = {
+            let mut views = self.table.views.lock();
+            let had = !views.confirmed.is_empty() || !views.chain.is_empty();
+            *views = Views::default();
+            had
+        };
+        if had {
+            self.members.set_annotation(SERVING_ANNOTATION, "");
+            self.members.set_annotation(WARM_ANNOTATION, "");
+            let changes = self.forwarders.refresh_duties();
+            tracing::warn!(
+                tokens = changes.stood_by,
+                "Stopped delivering every token: this replica's member lease lapsed or it left."
+            );
+        }
+    }
+
+    /// Polls the progress of every other live member that says where it serves it.
+    fn follow_peers(&self, peers: &mut HashMap<String, Peer>, live: &[Member]) {
+        let wanted: HashMap<&str, Holder> = live
+            .iter()
+            .filter(|m| m.identity != self.me())
+            .filter_map(|m| {
+                Some((
+                    m.identity.as_str(),
+                    Holder {
+                        identity: m.identity.clone(),
+                        term: m.term?,
+                        address: Some(m.address.clone()?),
+                    },
+                ))
+            })
+            .collect();
+        peers.retain(|identity, peer| {
+            let keep = wanted.contains_key(identity.as_str());
+            if !keep {
+                peer.cancel.cancel();
+            }
+            keep
+        });
+        for (identity, holder) in wanted {
+            if let Some(peer) = peers.get(identity) {
+                peer.holder.send_if_modified(|current| {
+                    let changed = current.as_ref() != Some(&holder);
+                    *current = Some(holder.clone());
+                    changed
+                });
+                continue;
+            }
+            let (sender, receiver) = watch::channel(Some(holder));
+            let cancel = CancellationToken::new();
+            match ProgressClient::spawn(
+                self.key.clone(),
+                self.me().to_owned(),
+                receiver,
+                Arc::new(self.forwarders.clone()),
+                self.handover_metrics.clone(),
+                CatchUp::default(),
+                cancel.clone(),
+            ) {
+                Ok(_) => {
+                    peers.insert(
+                        identity.to_owned(),
+                        Peer {
+                            holder: sender,
+                            cancel,
+                        },
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(%error, peer = identity, "Could not follow a peer's progress.")
+                }
+            }
+        }
+    }
+
+    fn update_report(&self, live: &[Member]) {
+        let roles = self.forwarders.token_roles();
+        let (mut leading, mut standby): (Vec<_>, Vec<_>) =
+            roles.into_iter().partition(|(_, leads)| *leads);
+        leading.sort_unstable();
+        standby.sort_unstable();
+        self.metrics
+            .tokens
+            .get_or_create(&RoleLabel { role: "lead" })
+            .set(leading.len() as i64);
+        self.metrics
+            .tokens
+            .get_or_create(&RoleLabel { role: "standby" })
+            .set(standby.len() as i64);
+        let views = self.table.views.lock();
+        *self.report.lock() = ShardReport {
+            identity: self.me().to_owned(),
+            serving: views.serving().members().to_vec(),
+            serving_id: view_id(views.serving()),
+            confirmed_id: view_id(&views.confirmed),
+            warming: views
+                .warming
+                .as_ref()
+                .map(|(ring, _)| ring.members().to_vec()),
+            members: live
+                .iter()
+                .map(|m| MemberReport {
+                    identity: m.identity.clone(),
+                    warm: m.warm.clone(),
+                    serving: m.serving.clone(),
+                    leaving: m.leaving,
+                })
+                .collect(),
+            leading: leading.into_iter().map(|(t, _)| t).collect(),
+            standby: standby.into_iter().map(|(t, _)| t).collect(),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(members: &[&str]) -> Ring {
+        Ring::new(members.iter().map(|m| m.to_string()))
+    }
+
+    fn tokens() -> Vec<TokenHash> {
+        (0..300).map(|i| TokenHash::of(&format!("t{i}"))).collect()
+    }
+
+    #[test]
+    fn view_ids_name_the_members_not_their_order() {
+        assert_eq!(view_id(&ring(&["a", "b"])), view_id(&ring(&["b", "a"])));
+        assert_ne!(
+            view_id(&ring(&["a", "b"])),
+            view_id(&ring(&["a", "b", "c"]))
+        );
+        // Lengths are hashed too: no two member lists read the same.
+        assert_ne!(view_id(&ring(&["ab", "c"])), view_id(&ring(&["a", "bc"])));
+    }
+
+    #[test]
+    fn nothing_is_led_before_a_view_is_confirmed() {
+        let mut views = Views::default();
+        views.chain.push(ring(&["a"]));
+        assert!(tokens().iter().all(|t| !views.leads("a", t)));
+        assert!(tokens().iter().all(|t| views.duty("a", t) == Duty::Standby));
+        views.confirmed = ring(&["a"]);
+        views.chain.clear();
+        assert!(tokens().iter().all(|t| views.duty("a", t) == Duty::Lead));
+    }
+
+    #[test]
+    fn a_token_is_led_only_where_every_view_since_the_confirmed_one_owns_it() {
+        let old = ring(&["a", "b"]);
+        let new = ring(&["a", "b", "c"]);
+        let newer = ring(&["a", "b"]);
+        let mut views = Views {
+            confirmed: old.clone(),
+            ..Views::default()
+        };
+        views.chain.push(new.clone());
+        for t in tokens() {
+            for me in ["a", "b", "c"] {
+                let expected = old.owner(&t) == Some(me) && new.owner(&t) == Some(me);
+                assert_eq!(views.leads(me, &t), expected);
+            }
+        }
+        // A view that gives back what the one before took: still not led until confirmed,
+        // since another replica may have confirmed the view between.
+        views.chain.push(newer);
+        for t in tokens() {
+            if new.owner(&t) == Some("c") {
+                assert!(!views.leads("a", &t) && !views.leads("b", &t));
+            }
+        }
+    }
+
+    #[test]
+    fn at_every_moment_at_most_one_replica_leads_a_token() {
+        // Three replicas at different points of the same two changes of view: one that has
+        // confirmed the newest view (possible only once every member serves it), one that
+        // switched to it, one still on the view before. No token has two leaders.
+        let v1 = ring(&["a", "b", "c"]);
+        let v2 = ring(&["a", "b", "c", "d"]);
+        let a = Views {
+            confirmed: v2.clone(),
+            ..Views::default()
+        };
+        let b = Views {
+            confirmed: v1.clone(),
+            chain: vec![v2.clone()],
+            ..Views::default()
+        };
+        let d = Views {
+            confirmed: Ring::default(),
+            chain: vec![v2.clone()],
+            ..Views::default()
+        };
+        let c = Views {
+            confirmed: v1,
+            chain: vec![v2],
+            ..Views::default()
+        };
+        for t in tokens() {
+            let leaders = [("a", &a), ("b", &b), ("c", &c), ("d", &d)]
+                .iter()
+                .filter(|(me, views)| views.leads(me, &t))
+                .count();
+            assert!(leaders <= 1);
+        }
+    }
+
+    #[test]
+    fn releasing_tokens_route_nothing_and_others_stream_only_where_held() {
+        let view = ring(&["a", "b", "c"]);
+        let mut views = Views {
+            confirmed: view.clone(),
+            ..Views::default()
+        };
+        let ts = tokens();
+        views.releasing.insert(ts[0]);
+        assert_eq!(views.duty("a", &ts[0]), Duty::Release);
+        for t in &ts[1..] {
+            let (owner, standby) = view.owner_and_standby(t);
+            let expected = if owner == Some("a") {
+                Duty::Lead
+            } else if standby == Some("a") {
+                Duty::Standby
+            } else {
+                Duty::Idle
+            };
+            assert_eq!(views.duty("a", t), expected);
+        }
+    }
+}
