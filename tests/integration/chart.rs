@@ -163,6 +163,12 @@ fn the_schema_refuses_bad_values_with_a_clear_message() {
         ("containerPorts.handover=0", "/containerPorts/handover"),
         ("traces.otlpEndpoint=collector:4317", "/traces/otlpEndpoint"),
         ("dashboards.label=", "/dashboards/label"),
+        ("sharding.enabled=yes", "/sharding/enabled"),
+        ("autoscaling.maxReplicas=0", "/autoscaling/maxReplicas"),
+        (
+            "autoscaling.targetCPUUtilizationPercentage=high",
+            "/autoscaling/targetCPUUtilizationPercentage",
+        ),
     ] {
         let output = Command::new(helm())
             .args(["template", "r"])
@@ -320,6 +326,165 @@ fn the_handover_parts_render_as_configured() {
     }
 }
 
+/// The verbs the chart's `-leader` Role grants on Leases of any name.
+fn unnamed_lease_verbs(docs: &[Value], release: &str) -> HashSet<String> {
+    let role = find(
+        docs,
+        "Role",
+        &format!("{release}-crownstone-webhooks-leader"),
+    )
+    .unwrap();
+    role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|rule| rule["resources"][0] == "leases" && rule["resourceNames"].is_null())
+        .flat_map(|rule| rule["verbs"].as_sequence().unwrap().iter())
+        .map(|verb| verb.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A render the chart refuses, and what it says.
+fn refused(sets: &[&str]) -> String {
+    let mut command = Command::new(helm());
+    command.args(["template", "r"]).arg(chart());
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    let output = command.output().unwrap();
+    assert!(!output.status.success(), "{sets:?} rendered");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn sharding_and_autoscaling_render_only_when_they_can_work() {
+    // Off by default: no sharding variables, a fixed replica count, no autoscaler, and no Lease
+    // rule beyond the leader's.
+    let docs = documents(&render("r", "ns", &[]));
+    let deployment = find(&docs, "Deployment", "r-crownstone-webhooks").unwrap();
+    assert!(env(deployment, "SHARDING").is_none());
+    assert!(env(deployment, "SHARD_LEASE_PREFIX").is_none());
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert!(!docs.iter().any(|d| d["kind"] == "HorizontalPodAutoscaler"));
+    assert_eq!(
+        unnamed_lease_verbs(&docs, "r"),
+        HashSet::from(["create".to_owned()])
+    );
+
+    // On: member Leases named after the leader's Lease, and the rule to apply, list and delete
+    // them; the replica count is still the chart's.
+    let docs = documents(&render(
+        "r",
+        "ns",
+        &["--set", "sharding.enabled=true", "--set", "replicaCount=4"],
+    ));
+    let deployment = find(&docs, "Deployment", "r-crownstone-webhooks").unwrap();
+    assert_eq!(env(deployment, "SHARDING").unwrap()["value"], "true");
+    let prefix = &env(deployment, "SHARD_LEASE_PREFIX").unwrap()["value"];
+    assert_eq!(prefix, "r-crownstone-webhooks");
+    assert_eq!(
+        prefix,
+        &env(deployment, "LEADER_ELECTION_LEASE").unwrap()["value"]
+    );
+    assert_eq!(deployment["spec"]["replicas"], 4);
+    assert!(!docs.iter().any(|d| d["kind"] == "HorizontalPodAutoscaler"));
+    assert_eq!(
+        unnamed_lease_verbs(&docs, "r"),
+        ["get", "list", "create", "patch", "delete"]
+            .map(str::to_owned)
+            .into()
+    );
+
+    // With an autoscaler: it scales the Deployment as configured, and the Deployment leaves its
+    // replica count to it (a count there would reset the autoscaler's on every upgrade).
+    let docs = documents(&render(
+        "r",
+        "ns",
+        &[
+            "--set",
+            "sharding.enabled=true",
+            "--set",
+            "autoscaling.enabled=true",
+            "--set",
+            "autoscaling.minReplicas=3",
+            "--set",
+            "autoscaling.maxReplicas=8",
+            "--set",
+            "autoscaling.targetCPUUtilizationPercentage=60",
+        ],
+    ));
+    let deployment = find(&docs, "Deployment", "r-crownstone-webhooks").unwrap();
+    assert!(
+        !deployment["spec"]
+            .as_mapping()
+            .unwrap()
+            .contains_key("replicas"),
+        "{deployment:?}"
+    );
+    let hpa = find(&docs, "HorizontalPodAutoscaler", "r-crownstone-webhooks").unwrap();
+    assert_eq!(hpa["apiVersion"], "autoscaling/v2");
+    assert_eq!(hpa["metadata"]["namespace"], "ns");
+    let target = &hpa["spec"]["scaleTargetRef"];
+    assert_eq!(target["apiVersion"], "apps/v1");
+    assert_eq!(target["kind"], "Deployment");
+    assert_eq!(target["name"], "r-crownstone-webhooks");
+    assert_eq!(hpa["spec"]["minReplicas"], 3);
+    assert_eq!(hpa["spec"]["maxReplicas"], 8);
+    let metric = &hpa["spec"]["metrics"][0];
+    assert_eq!(metric["type"], "Resource");
+    assert_eq!(metric["resource"]["name"], "cpu");
+    assert_eq!(metric["resource"]["target"]["type"], "Utilization");
+    assert_eq!(metric["resource"]["target"]["averageUtilization"], 60);
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"],
+        "100m"
+    );
+    assert!(find(&docs, "PodDisruptionBudget", "r-crownstone-webhooks").is_some());
+    // The budget follows the autoscaler's floor, not the unused replicaCount.
+    let docs = documents(&render(
+        "r",
+        "ns",
+        &[
+            "--set",
+            "sharding.enabled=true",
+            "--set",
+            "autoscaling.enabled=true",
+            "--set",
+            "autoscaling.minReplicas=1",
+            "--set",
+            "replicaCount=3",
+        ],
+    ));
+    assert!(find(&docs, "PodDisruptionBudget", "r-crownstone-webhooks").is_none());
+
+    // Values that cannot work are refused, saying what is missing.
+    for (sets, says) in [
+        (
+            &["sharding.enabled=true", "leaderElection.enabled=false"][..],
+            "sharding.enabled needs leaderElection.enabled",
+        ),
+        (
+            &["sharding.enabled=true", "handover.enabled=false"][..],
+            "sharding.enabled needs handover.enabled",
+        ),
+        (
+            &["autoscaling.enabled=true"][..],
+            "autoscaling.enabled needs sharding.enabled",
+        ),
+        (
+            &[
+                "sharding.enabled=true",
+                "autoscaling.enabled=true",
+                "resources.requests.cpu=null",
+            ][..],
+            "autoscaling.enabled needs resources.requests.cpu",
+        ),
+    ] {
+        let stderr = refused(sets);
+        assert!(stderr.contains(says), "{sets:?}: {stderr}");
+    }
+}
+
 #[test]
 fn the_dockerfile_and_tiltfile_agree_with_the_chart() {
     let values = values();
@@ -443,7 +608,7 @@ async fn both_renders_apply_to_a_real_api_server() {
             .arg(&kubeconfig)
             .args([
                 "get",
-                "servicemonitors,prometheusrules,configmaps,networkpolicies,poddisruptionbudgets,roles,rolebindings,serviceaccounts,services",
+                "servicemonitors,prometheusrules,configmaps,networkpolicies,poddisruptionbudgets,roles,rolebindings,serviceaccounts,services,horizontalpodautoscalers",
                 "-n",
                 &ns.name,
                 "-o",
@@ -458,6 +623,7 @@ async fn both_renders_apply_to_a_real_api_server() {
         "poddisruptionbudget",
         "role.rbac",
         "serviceaccount/webhooks-operator",
+        "horizontalpodautoscaler",
     ] {
         assert!(kinds.contains(kind), "{kind} missing in:\n{kinds}");
     }

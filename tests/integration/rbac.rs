@@ -179,9 +179,38 @@ fn lease<'a>(
         ),
         ("list", LEASES, None, In::Ns(release_ns), false),
         ("delete", own, None, In::Ns(release_ns), false),
+        ("delete", LEASES, None, In::Ns(release_ns), false),
         ("patch", own, None, In::Ns(release_ns), false),
         ("get", own, None, In::Ns("kube-system"), false),
     ]
+}
+
+/// Lease access with sharding: the leader's Lease as above, and every Lease of the release
+/// namespace for the member Leases, whose hashed names no rule can list; nothing elsewhere.
+fn member_leases<'a>(
+    release_ns: &'a str,
+    own: &'a str,
+    member: &'a str,
+    other: &'a str,
+) -> Vec<(&'a str, &'a str, Option<&'a str>, In<'a>, bool)> {
+    let mut cases = vec![
+        ("get", own, None, In::Ns(release_ns), true),
+        ("update", own, None, In::Ns(release_ns), true),
+        ("get", member, None, In::Ns(release_ns), true),
+        ("patch", member, None, In::Ns(release_ns), true),
+        ("delete", member, None, In::Ns(release_ns), true),
+        // Members are applied, listed and deleted, never updated, watched or deleted in bulk.
+        ("update", member, None, In::Ns(release_ns), false),
+        ("watch", LEASES, None, In::Ns(release_ns), false),
+        ("deletecollection", LEASES, None, In::Ns(release_ns), false),
+        ("list", LEASES, None, In::All, false),
+    ];
+    for verb in ["get", "list", "create", "patch", "delete"] {
+        cases.push((verb, LEASES, None, In::Ns(release_ns), true));
+        cases.push((verb, LEASES, None, In::Ns(other), false));
+        cases.push((verb, LEASES, None, In::Ns("kube-system"), false));
+    }
+    cases
 }
 
 fn delete_cluster_objects(kubeconfig: &std::path::Path, release: &str) {
@@ -243,6 +272,7 @@ async fn every_rbac_mode_grants_what_the_code_uses_and_nothing_else() {
             "deprecated watchNamespace",
             vec![format!("watchNamespace={w2}")],
         ),
+        ("sharding", vec!["sharding.enabled=true".to_owned()]),
     ];
     for (index, (mode, values)) in modes.iter().enumerate() {
         let name = format!("{rel}-m{index}");
@@ -259,6 +289,7 @@ async fn every_rbac_mode_grants_what_the_code_uses_and_nothing_else() {
             kubeconfig: &kubeconfig,
         };
         let own_lease = format!("{LEASES}/{name}");
+        let member_lease = format!("{LEASES}/{name}-member-0123456789abcdef");
         let mut cases = never(rel);
         cases.extend(secret_writes(other, false));
         if index != 4 {
@@ -323,11 +354,19 @@ async fn every_rbac_mode_grants_what_the_code_uses_and_nothing_else() {
                 cases.push(("create", LISTENERS, None, In::Ns(other), false));
                 assert!(!manifests.contains("WATCH_NAMESPACE"), "{manifests}");
             }
-            _ => {
+            5 => {
                 cases.extend(watched(w2, true));
                 cases.extend(secret_writes(w2, true));
                 cases.extend(api_only(w2, true));
                 cases.extend(watched(rel, false));
+            }
+            _ => {
+                // Sharding changes Lease access alone.
+                cases.extend(watched(rel, true));
+                cases.extend(secret_writes(rel, true));
+                cases.extend(api_only(rel, true));
+                cases.extend(watched(w1, false));
+                cases.extend(member_leases(rel, &own_lease, &member_lease, other));
             }
         }
         release.expect(mode, &cases);

@@ -125,6 +125,28 @@ transport both on. */}}
 {{- if and .Values.leaderElection.enabled .Values.handover.enabled }}true{{ end }}
 {{- end }}
 
+{{/* Refuses values that cannot work together: sharding moves tokens through the handover and
+keeps the leader Lease for the cluster-wide writes; an autoscaler without sharding would only add
+standbys, and one without a CPU request has nothing to measure against. */}}
+{{- define "crownstone-webhooks.checkScaling" -}}
+{{- if .Values.sharding.enabled }}
+{{- if not .Values.leaderElection.enabled }}
+{{- fail "sharding.enabled needs leaderElection.enabled: one elected replica still writes WebhookUsers, Secrets and finalizers, and the operator refuses to shard without it" }}
+{{- end }}
+{{- if not .Values.handover.enabled }}
+{{- fail "sharding.enabled needs handover.enabled: a token moves between replicas through the handover, authenticated with its key (HANDOVER_KEY)" }}
+{{- end }}
+{{- end }}
+{{- if .Values.autoscaling.enabled }}
+{{- if not .Values.sharding.enabled }}
+{{- fail "autoscaling.enabled needs sharding.enabled: without sharding only the leader streams and delivers, and more replicas would only be standbys" }}
+{{- end }}
+{{- if not (dig "requests" "cpu" "" (.Values.resources | default dict)) }}
+{{- fail "autoscaling.enabled needs resources.requests.cpu: the autoscaler measures CPU use as a share of it" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "crownstone-webhooks.handoverSecretName" -}}
 {{- .Values.handover.existingSecret | default (printf "%s-handover" (include "crownstone-webhooks.fullname" .)) }}
 {{- end }}
