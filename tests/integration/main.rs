@@ -21,6 +21,7 @@ mod observability;
 mod operator;
 mod rbac;
 mod rotation;
+mod sharding;
 mod simulator;
 mod simulator_python;
 mod standby;

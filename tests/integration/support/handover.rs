@@ -91,6 +91,17 @@ impl Replica {
     /// [`Replica::start`], with the transport between replicas only if `handover` (without it,
     /// no key: a standby neither learns the leader's progress nor sends it anything).
     pub fn start_with(name: &str, events_url: &str, namespace: &str, handover: bool) -> Replica {
+        Replica::start_args(name, events_url, namespace, handover, &[])
+    }
+
+    /// [`Replica::start_with`] with `extra` flags after the usual ones.
+    pub fn start_args(
+        name: &str,
+        events_url: &str,
+        namespace: &str,
+        handover: bool,
+        extra: &[&str],
+    ) -> Replica {
         let health = free_addr();
         let log = tempfile::NamedTempFile::new().expect("log file");
         let out = log.reopen().expect("log file opens");
@@ -124,6 +135,7 @@ impl Replica {
                 "--allow-private-destinations",
             ])
             .args(LEASE_FLAGS)
+            .args(extra)
             .env("KUBECONFIG", &control_plane().kubeconfig)
             .env("POD_NAME", name)
             .env("POD_IP", "127.0.0.1")

@@ -1,0 +1,294 @@
+//! Tokens sharded over replicas, measured from outside: three to five operator processes with
+//! `--sharding`, one Listener per token posting to one receiver, a publisher that numbers every
+//! event, a sampler that asks every replica which tokens it delivers, and an audit of what the
+//! receiver got.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crownstone_webhooks::resources::Listener;
+use parking_lot::Mutex;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use crate::support::cluster::eventually;
+use crate::support::handover::{Audit, Replica, Rig, Signal};
+use crate::support::operator::WAIT;
+
+const SHARD_FLAGS: &[&str] = &["--sharding", "--shard-warm-timeout", "3s"];
+
+/// How long the audit waits for a delivery before it calls the rest lost.
+const QUIET: Duration = Duration::from_secs(15);
+
+fn start(rig: &mut Rig, index: usize) {
+    rig.replicas.push(Replica::start_args(
+        &format!("shard-{index}"),
+        &rig.harness.sim.base_url(),
+        &rig.harness.ns.name,
+        true,
+        SHARD_FLAGS,
+    ));
+}
+
+/// What a replica's `/shards` says, or `None` when it does not answer at once (stopped,
+/// frozen, not started yet).
+async fn report(health: SocketAddr) -> Option<Value> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .ok()?;
+    let response = client
+        .get(format!("http://{health}/shards"))
+        .send()
+        .await
+        .ok()?;
+    response.json().await.ok()
+}
+
+fn hashes(report: &Value, key: &str) -> Vec<String> {
+    report[key]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|h| h.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every token hash led at one moment, with the replicas that lead it: the replicas are asked
+/// side by side, so a sample spans a few milliseconds.
+async fn leaders(healths: &[SocketAddr]) -> BTreeMap<String, usize> {
+    let reports = futures::future::join_all(healths.iter().map(|h| report(*h))).await;
+    let mut leaders = BTreeMap::new();
+    for report in reports.into_iter().flatten() {
+        for hash in hashes(&report, "leading") {
+            *leaders.entry(hash).or_insert(0) += 1;
+        }
+    }
+    leaders
+}
+
+/// Waits until the replicas at `live` all serve the same confirmed view of `live.len()`
+/// members and every token is led by exactly one of them.
+async fn wait_balanced(rig: &Rig, live: &[usize]) {
+    let healths: Vec<SocketAddr> = live.iter().map(|i| rig.replicas[*i].health).collect();
+    let what = format!("{} tokens led over {} replicas", rig.tokens, live.len());
+    let settled = tokio::time::timeout(WAIT, async {
+        loop {
+            let reports: Vec<Option<Value>> =
+                futures::future::join_all(healths.iter().map(|h| report(*h))).await;
+            let agreed = reports.iter().all(|r| {
+                r.as_ref().is_some_and(|r| {
+                    r["serving"].as_array().map(Vec::len) == Some(live.len())
+                        && r["servingId"] == r["confirmedId"]
+                })
+            });
+            let led = leaders(&healths).await;
+            if agreed && led.len() == rig.tokens && led.values().all(|n| *n == 1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(settled.is_ok(), "{what} in time:\n{}", rig.logs());
+}
+
+/// Samples every replica's leading tokens until stopped; remembers every token it ever saw led
+/// by two replicas in one sample.
+struct Sampler {
+    healths: Arc<Mutex<Vec<SocketAddr>>>,
+    doubles: Arc<Mutex<Vec<(String, usize)>>>,
+    samples: Arc<Mutex<usize>>,
+    task: JoinHandle<()>,
+}
+
+impl Sampler {
+    fn start(healths: Vec<SocketAddr>) -> Sampler {
+        let healths = Arc::new(Mutex::new(healths));
+        let doubles = Arc::new(Mutex::new(Vec::new()));
+        let samples = Arc::new(Mutex::new(0));
+        let task = {
+            let (healths, doubles, samples) = (healths.clone(), doubles.clone(), samples.clone());
+            tokio::spawn(async move {
+                loop {
+                    let now = healths.lock().clone();
+                    for (hash, count) in leaders(&now).await {
+                        if count > 1 {
+                            doubles.lock().push((hash, count));
+                        }
+                    }
+                    *samples.lock() += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        Sampler {
+            healths,
+            doubles,
+            samples,
+            task,
+        }
+    }
+
+    fn watch(&self, health: SocketAddr) {
+        self.healths.lock().push(health);
+    }
+
+    fn forget(&self, health: SocketAddr) {
+        self.healths.lock().retain(|h| *h != health);
+    }
+
+    /// Stops and returns (samples taken, tokens seen with two leaders).
+    fn stop(self) -> (usize, Vec<(String, usize)>) {
+        self.task.abort();
+        let samples = *self.samples.lock();
+        let doubles = self.doubles.lock().clone();
+        (samples, doubles)
+    }
+}
+
+/// Waits until every Listener's `status.streamedBy` names one of the replicas at `live`.
+async fn wait_streamed_by(rig: &Rig, live: &[usize]) {
+    let names: Vec<String> = live.iter().map(|i| rig.replicas[*i].name.clone()).collect();
+    let api = rig.harness.ns.api::<Listener>();
+    for index in 0..rig.tokens {
+        let name = format!("hook-{index}");
+        eventually(
+            &format!("{name} streamed by a live replica"),
+            WAIT,
+            || async {
+                let listener = api.get(&name).await.ok()?;
+                let by = listener.status?.streamed_by?;
+                names
+                    .iter()
+                    .any(|n| by.starts_with(&format!("{n}-")))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+fn assert_no_double_leaders(sampler: Sampler, rig: &Rig) {
+    let (samples, doubles) = sampler.stop();
+    assert!(samples > 20, "the sampler ran ({samples} samples)");
+    assert!(
+        doubles.is_empty(),
+        "tokens led by two replicas at once in {} of {samples} samples: {:?}\n{}",
+        doubles.len(),
+        &doubles[..doubles.len().min(5)],
+        rig.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scaling_3_to_5_to_2_moves_tokens_without_losing_or_repeating_an_event() {
+    let mut rig = Rig::without_replicas("shard-scale", 12).await;
+    for index in 0..3 {
+        start(&mut rig, index);
+    }
+    wait_balanced(&rig, &[0, 1, 2]).await;
+    for index in 0..rig.tokens {
+        rig.harness.wait_ready(&format!("hook-{index}")).await;
+    }
+    wait_streamed_by(&rig, &[0, 1, 2]).await;
+    // Each token streamed twice over the installation (owner and standby), not once per replica.
+    eventually("two streams per token", WAIT, || async {
+        (rig.open_streams().await == 2 * rig.tokens).then_some(())
+    })
+    .await;
+
+    let sampler = Sampler::start(rig.replicas.iter().map(|r| r.health).collect());
+    let publisher = rig.publish(20.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Scale up: two more replicas take their share.
+    for index in 3..5 {
+        start(&mut rig, index);
+        sampler.watch(rig.replicas[index].health);
+    }
+    wait_balanced(&rig, &[0, 1, 2, 3, 4]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Scale down to two at once, as a Deployment terminates three pods side by side.
+    for index in [0, 2, 4] {
+        rig.replicas[index].signal(Signal::Term);
+    }
+    for index in [0, 2, 4] {
+        rig.replicas[index].wait_exit(Duration::from_secs(30)).await;
+        sampler.forget(rig.replicas[index].health);
+    }
+    wait_balanced(&rig, &[1, 3]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let published = publisher.stop().await;
+    let audit = rig.settle(&published, QUIET).await;
+    println!("scale 3 -> 5 -> 2: {}", audit.summary());
+    assert_no_double_leaders(sampler, &rig);
+    assert_eq!(audit.unread, 0, "{}", audit.summary());
+    assert!(
+        audit.lost.is_empty(),
+        "planned moves lose nothing: {}\n{}",
+        audit.summary(),
+        rig.logs()
+    );
+    assert!(
+        audit.repeated.is_empty(),
+        "planned moves repeat nothing: {}\n{}",
+        audit.summary(),
+        rig.logs()
+    );
+    wait_streamed_by(&rig, &[1, 3]).await;
+    for index in [0, 2, 4] {
+        assert!(
+            rig.replicas[index].log().contains("Left the shards"),
+            "{} handed its tokens on before it stopped:\n{}",
+            rig.replicas[index].name,
+            rig.replicas[index].log()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replicas_tokens_move_to_their_standbys_and_nothing_is_lost() {
+    let mut rig = Rig::without_replicas("shard-kill", 9).await;
+    for index in 0..3 {
+        start(&mut rig, index);
+    }
+    wait_balanced(&rig, &[0, 1, 2]).await;
+    let sampler = Sampler::start(rig.replicas.iter().map(|r| r.health).collect());
+    let publisher = rig.publish(20.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let victim = 1;
+    let led_by_victim = hashes(
+        &report(rig.replicas[victim].health)
+            .await
+            .expect("the victim answers"),
+        "leading",
+    );
+    assert!(!led_by_victim.is_empty(), "the victim leads some tokens");
+    sampler.forget(rig.replicas[victim].health);
+    rig.replicas[victim].signal(Signal::Kill);
+    wait_balanced(&rig, &[0, 2]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let published = publisher.stop().await;
+    let audit: Audit = rig.settle(&published, QUIET).await;
+    println!("kill -9 of one of three: {}", audit.summary());
+    assert_no_double_leaders(sampler, &rig);
+    assert_eq!(audit.unread, 0, "{}", audit.summary());
+    assert!(
+        audit.lost.is_empty(),
+        "a crash loses nothing: {}\n{}",
+        audit.summary(),
+        rig.logs()
+    );
+    assert!(
+        audit.repeated_with_new_id.is_empty(),
+        "a crash repeats only under the same webhook-id: {}",
+        audit.summary()
+    );
+}
