@@ -96,6 +96,8 @@ struct Health {
     sharded: bool,
     /// Sharded: what `/shards` answers.
     shards: Arc<Mutex<ShardReport>>,
+    /// Sharded: the member Lease's fence; past it this replica delivers nothing.
+    shard_fence: Option<Arc<crate::leader::LeaseFence>>,
 }
 
 impl Health {
@@ -332,6 +334,7 @@ pub async fn start(
         catch_up: CatchUp::default(),
         sharded: sharding,
         shards: shard_report.clone(),
+        shard_fence: sharding.then(|| engine.fence()),
     });
     let (users, users_stream) = reflected(
         scoped_apis::<WebhookUser>(&client, &scope),
@@ -997,7 +1000,24 @@ async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {
 /// This replica's place among the shards, as JSON: its view, the members, the token hashes it
 /// leads and stands by for. Empty without sharding.
 async fn shards(State(state): State<HealthState>) -> impl IntoResponse {
-    let report = state.health.shards.lock().clone();
+    let health = &state.health;
+    let mut report = health.shards.lock().clone();
+    // Which tokens it delivers is read now, from the tokens' logs: the rest of the report is
+    // the coordinator's last round. Past its fence it delivers nothing, whatever the logs say.
+    if let Some(fence) = &health.shard_fence {
+        let delivering = fence.holds();
+        let (mut leading, mut standby) = (Vec::new(), Vec::new());
+        for (token, leads) in health.forwarders.token_roles() {
+            match leads && delivering {
+                true => leading.push(token),
+                false => standby.push(token),
+            }
+        }
+        leading.sort_unstable();
+        standby.sort_unstable();
+        report.leading = leading;
+        report.standby = standby;
+    }
     axum::Json(report)
 }
 

@@ -277,7 +277,6 @@ impl Coordinator {
         self.members
             .set_annotation(TERM_ANNOTATION, self.term.to_string());
         let mut peers: HashMap<String, Peer> = HashMap::new();
-        let mut last_renewal: Option<Instant> = None;
         let mut leaving_since: Option<Instant> = None;
         let departure = loop {
             if leave.is_cancelled() && leaving_since.is_none() {
@@ -285,22 +284,12 @@ impl Coordinator {
                 self.members.set_annotation(LEAVING_ANNOTATION, "true");
                 tracing::info!("Leaving the shards: handing every token on.");
             }
-            // A renewal that lapsed: another replica may own this one's tokens by now.
-            if last_renewal.is_some() && !self.fence.holds() {
-                self.drop_everything();
-            }
-            let sent = Instant::now();
-            match self.members.renew().await {
-                Ok(()) => {
-                    self.fence.extend_to(sent + self.renew_deadline);
-                    last_renewal = Some(sent);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "Could not renew this replica's member lease.")
-                }
-            }
-            match self.members.live().await {
-                Ok(live) => {
+            self.renew().await;
+            // Bounded: an API server that does not answer must not hold the fence checks.
+            match tokio::time::timeout(self.renew_deadline, self.members.live()).await {
+                Err(_) => tracing::warn!("Listing the member leases timed out."),
+                Ok(Err(error)) => tracing::warn!(%error, "Could not list the member leases."),
+                Ok(Ok(live)) => {
                     self.follow_peers(&mut peers, &live);
                     if let Some(done) = self.round(&live, leaving_since.is_some()).await {
                         if done {
@@ -308,7 +297,6 @@ impl Coordinator {
                         }
                     }
                 }
-                Err(error) => tracing::warn!(%error, "Could not list the member leases."),
             }
             if leaving_since.is_some_and(|since| since.elapsed() >= grace) {
                 break Departure::TimedOut;
@@ -497,10 +485,31 @@ impl Coordinator {
         self.members.set_annotation(SERVING_ANNOTATION, desired_id);
         tracing::info!(view = %desired_id, tokens_released = released.len(), "Switched to a new view; waiting until every member serves it.");
         // Says so at once: the others wait for it.
+        self.renew().await;
+    }
+
+    /// Renews this replica's member Lease, within the renew deadline, and moves the fence on
+    /// from when the renewal was sent. True when it was renewed.
+    async fn renew(&self) -> bool {
+        // The renewals lapsed (a cut, a frozen process): another replica may own this one's
+        // tokens by now, so it drops them all before a renewal makes the fence hold again.
+        if !self.fence.holds() {
+            self.drop_everything();
+        }
         let sent = Instant::now();
-        match self.members.renew().await {
-            Ok(()) => self.fence.extend_to(sent + self.renew_deadline),
-            Err(error) => tracing::warn!(%error, "Could not renew this replica's member lease."),
+        match tokio::time::timeout(self.renew_deadline, self.members.renew()).await {
+            Ok(Ok(())) => {
+                self.fence.extend_to(sent + self.renew_deadline);
+                true
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "Could not renew this replica's member lease.");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("Renewing this replica's member lease timed out.");
+                false
+            }
         }
     }
 

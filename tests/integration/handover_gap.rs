@@ -5,16 +5,12 @@
 //! lost, which shows the test would fail.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 use crate::support::cluster::eventually;
 use crate::support::handover::{Audit, Published, Replica, Rig};
 use crate::support::operator::WAIT;
+use crate::support::proxy::Proxy;
 
 const TOKENS: usize = 4;
 const RATE: f64 = 40.0;
@@ -23,73 +19,6 @@ const BEFORE: Duration = Duration::from_secs(3);
 const CUT: Duration = Duration::from_secs(2);
 const AFTER: Duration = Duration::from_secs(3);
 const QUIET: Duration = Duration::from_secs(5);
-
-/// A TCP proxy on 127.0.0.1 that can drop every connection through it and refuse new ones.
-struct Proxy {
-    addr: SocketAddr,
-    open: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
-        let addr = listener.local_addr().expect("proxy address");
-        let open = Arc::new(AtomicBool::new(true));
-        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let accept = tokio::spawn({
-            let open = open.clone();
-            let connections = connections.clone();
-            async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    if !open.load(Ordering::SeqCst) {
-                        // Cut: the connection is closed at once, as a network that drops it.
-                        continue;
-                    }
-                    let connection = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        }
-                    });
-                    connections.lock().unwrap().push(connection);
-                }
-            }
-        });
-        Proxy {
-            addr,
-            open,
-            connections,
-            accept,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Drops both sides of every connection and refuses new ones.
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
 
 /// Two replicas, the leader behind `proxy`; publishes before, during and after a cut of the
 /// leader's stream. Returns the audit and the events published while it was cut.

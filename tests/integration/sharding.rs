@@ -13,9 +13,10 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
-use crate::support::cluster::eventually;
+use crate::support::cluster::{control_plane, eventually};
 use crate::support::handover::{Audit, Replica, Rig, Signal};
 use crate::support::operator::WAIT;
+use crate::support::proxy::Proxy;
 
 const SHARD_FLAGS: &[&str] = &["--sharding", "--shard-warm-timeout", "3s"];
 
@@ -290,5 +291,123 @@ async fn a_killed_replicas_tokens_move_to_their_standbys_and_nothing_is_lost() {
         audit.repeated_with_new_id.is_empty(),
         "a crash repeats only under the same webhook-id: {}",
         audit.summary()
+    );
+}
+
+/// Publishes while replica `victim` of three is cut off by `cut` for `outage` and then comes
+/// back by `restore`: its tokens move to the others when its Lease expires, it delivers nothing
+/// once its renew deadline has passed, and it rejoins with nothing and takes its share back.
+async fn outage(
+    mut rig: Rig,
+    victim: usize,
+    outage: Duration,
+    cut: impl FnOnce(&Rig),
+    restore: impl FnOnce(&Rig),
+) -> Rig {
+    wait_balanced(&rig, &[0, 1, 2]).await;
+    let sampler = Sampler::start(rig.replicas.iter().map(|r| r.health).collect());
+    let publisher = rig.publish(20.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let led = hashes(
+        &report(rig.replicas[victim].health)
+            .await
+            .expect("the victim answers"),
+        "leading",
+    );
+    assert!(!led.is_empty(), "the victim leads some tokens");
+    cut(&rig);
+    let others: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    wait_balanced(&rig, &others).await;
+    tokio::time::sleep(outage).await;
+    restore(&rig);
+    wait_balanced(&rig, &[0, 1, 2]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let published = publisher.stop().await;
+    let audit = rig.settle(&published, QUIET).await;
+    println!("outage of one of three: {}", audit.summary());
+    assert_no_double_leaders(sampler, &rig);
+    assert_eq!(audit.unread, 0, "{}", audit.summary());
+    assert!(
+        audit.lost.is_empty(),
+        "an outage loses nothing: {}\n{}",
+        audit.summary(),
+        rig.logs()
+    );
+    assert!(
+        audit.repeated_with_new_id.is_empty(),
+        "an outage repeats only under the same webhook-id: {}",
+        audit.summary()
+    );
+    let log = rig.replicas[victim].log();
+    assert!(
+        log.contains("Stopped delivering every token"),
+        "the victim dropped its tokens when it found its lease lapsed:\n{log}"
+    );
+    rig.replicas.truncate(3);
+    rig
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_replica_loses_its_tokens_and_never_delivers_them_beside_their_new_owner() {
+    let mut rig = Rig::without_replicas("shard-stop", 9).await;
+    for index in 0..3 {
+        start(&mut rig, index);
+    }
+    // Frozen for twice the lease duration: long past its renew deadline.
+    outage(
+        rig,
+        1,
+        Duration::from_secs(3),
+        |rig| rig.replicas[1].signal(Signal::Stop),
+        |rig| rig.replicas[1].signal(Signal::Cont),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_cut_from_the_api_server_stops_delivering_and_rejoins_when_it_is_back() {
+    let mut rig = Rig::without_replicas("shard-cut", 9).await;
+    let plane = control_plane();
+    let config = std::fs::read_to_string(&plane.kubeconfig).expect("the kubeconfig reads");
+    let server = config
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("server: https://"))
+        .expect("the kubeconfig names its server")
+        .to_owned();
+    let upstream: SocketAddr = server.parse().expect("the server is host:port");
+    let proxy = Proxy::start(upstream).await;
+    let through = tempfile::NamedTempFile::new().expect("kubeconfig file");
+    std::fs::write(
+        through.path(),
+        config.replace(&server, &proxy.addr().to_string()),
+    )
+    .expect("the proxied kubeconfig writes");
+    for index in 0..3 {
+        let kubeconfig = match index {
+            1 => through.path().to_owned(),
+            _ => plane.kubeconfig.clone(),
+        };
+        rig.replicas.push(Replica::start_through(
+            &format!("shard-{index}"),
+            &rig.harness.sim.base_url(),
+            &rig.harness.ns.name,
+            true,
+            SHARD_FLAGS,
+            &kubeconfig,
+        ));
+    }
+    let rig = outage(
+        rig,
+        1,
+        Duration::from_secs(3),
+        |_| proxy.cut(),
+        |_| proxy.restore(),
+    )
+    .await;
+    let log = rig.replicas[1].log();
+    assert!(
+        log.contains("Could not renew this replica's member lease")
+            || log.contains("Renewing this replica's member lease timed out"),
+        "the cut replica could not renew:\n{log}"
     );
 }

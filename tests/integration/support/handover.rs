@@ -102,6 +102,26 @@ impl Replica {
         handover: bool,
         extra: &[&str],
     ) -> Replica {
+        Replica::start_through(
+            name,
+            events_url,
+            namespace,
+            handover,
+            extra,
+            &control_plane().kubeconfig,
+        )
+    }
+
+    /// [`Replica::start_args`], reaching the API server as `kubeconfig` says (through a proxy
+    /// the test can cut).
+    pub fn start_through(
+        name: &str,
+        events_url: &str,
+        namespace: &str,
+        handover: bool,
+        extra: &[&str],
+        kubeconfig: &std::path::Path,
+    ) -> Replica {
         let health = free_addr();
         let log = tempfile::NamedTempFile::new().expect("log file");
         let out = log.reopen().expect("log file opens");
@@ -136,7 +156,7 @@ impl Replica {
             ])
             .args(LEASE_FLAGS)
             .args(extra)
-            .env("KUBECONFIG", &control_plane().kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", name)
             .env("POD_IP", "127.0.0.1")
             // Progress records between replicas: on loopback, any free port, a shared key.

@@ -5,5 +5,6 @@ pub mod cluster;
 pub mod handover;
 pub mod objects;
 pub mod operator;
+pub mod proxy;
 pub mod receiver;
 pub mod sim;
