@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -33,11 +33,11 @@ use crate::clock::SharedClock;
 use crate::config::OperatorArgs;
 use crate::controller::{
     run_listener_controller, run_secret_watch, run_webhook_user_controller, scoped_apis,
-    scoped_watch, Context, SecretCache, SecretRefs, StatusPacing, StatusWriter, TriggerStreams,
-    Triggers,
+    scoped_watch, Context, FlushRequest, SecretCache, SecretRefs, StatusPacing, StatusWriter,
+    TriggerStreams, Triggers,
 };
 use crate::delivery::{DeliveryConfig, DeliveryEngine, DeliveryError};
-use crate::domain::ListenerId;
+use crate::domain::{ListenerId, TokenHash};
 use crate::forwarder::{ForwarderRegistry, StreamSettings, StreamState, TokenNotice};
 use crate::handover::peer::{
     watch_lease_holder, CatchUp, FinishOutcome, HandoverError, HandoverMetrics, ProgressClient,
@@ -462,6 +462,7 @@ pub async fn start(
         None => None,
     };
     let handover = handover.map(Arc::new);
+    let (flush_requests, flush_inbox) = mpsc::unbounded_channel();
     let shard = match (&shard_table, &lock, &args.handover.handover_key) {
         (Some(table), Some(_), Some(key)) => {
             let members = Members::new(
@@ -496,6 +497,23 @@ pub async fn start(
                         }
                     }
                 }),
+                before_release: {
+                    let index = ctx.index.clone();
+                    let flushes = flush_requests.clone();
+                    Arc::new(move |tokens: Vec<TokenHash>| {
+                        let listeners: Vec<ListenerId> = tokens
+                            .iter()
+                            .flat_map(|token| index.listeners_of_token(token))
+                            .collect();
+                        let (done, written) = oneshot::channel();
+                        let sent = flushes.send(FlushRequest { listeners, done }).is_ok();
+                        Box::pin(async move {
+                            if sent {
+                                let _ = written.await;
+                            }
+                        })
+                    })
+                },
                 metrics: shard_metrics,
                 handover_metrics: handover_metrics.clone(),
                 report: shard_report.clone(),
@@ -544,6 +562,7 @@ pub async fn start(
         handover,
         leading_term: Arc::new(leading_term),
         shard,
+        flush_inbox: Mutex::new(Some(flush_inbox)),
     };
     let task_stop = stop.clone();
     let task = tokio::spawn(async move {
@@ -651,6 +670,8 @@ struct Replica {
     leading_term: Arc<watch::Sender<Option<i32>>>,
     /// Sharded: the coordinator of this replica's shards.
     shard: Option<Coordinator>,
+    /// Sharded: the coordinator's requests to write counters before it hands tokens on.
+    flush_inbox: Mutex<Option<mpsc::UnboundedReceiver<FlushRequest>>>,
 }
 
 impl Replica {
@@ -723,8 +744,10 @@ impl Replica {
         let mut writer = StatusWriter::new(self.ctx.clone(), self.status_pacing);
         let writing = {
             let writer_stop = writer_stop.clone();
+            let (_unused, none) = mpsc::unbounded_channel();
+            let requests = self.flush_inbox.lock().take().unwrap_or(none);
             tokio::spawn(async move {
-                writer.run(writer_stop).await;
+                writer.run_with_requests(writer_stop, requests).await;
                 writer
             })
         };

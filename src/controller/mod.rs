@@ -33,7 +33,7 @@ pub use scoped_watch::{scoped_apis, scoped_watch};
 pub use secret_cache::SecretCache;
 pub use secret_cache::SecretKey;
 pub use secrets::{run_secret_watch, SecretRefs};
-pub use status::{StatusPacing, StatusWriter};
+pub use status::{FlushRequest, StatusPacing, StatusWriter};
 pub use webhook_user::run_webhook_user_controller;
 
 use crate::clock::SharedClock;
@@ -275,7 +275,7 @@ impl Context {
     /// else the leader.
     pub fn may_write_listener(&self, id: &ListenerId) -> bool {
         match (&self.shards, self.index.listener(id)) {
-            (Some(shards), Some(entry)) => shards.leads(&entry.token),
+            (Some(shards), Some(entry)) => shards.writes(&entry.token),
             _ => self.may_write(),
         }
     }

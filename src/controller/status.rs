@@ -14,6 +14,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::Resource;
 use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{apply_status, is_not_found, Context};
@@ -107,6 +108,12 @@ impl PendingFailures {
     }
 }
 
+/// Write these Listeners' counters now, and say so on `done`.
+pub struct FlushRequest {
+    pub listeners: Vec<ListenerId>,
+    pub done: oneshot::Sender<()>,
+}
+
 /// How often the writer writes, and how much.
 #[derive(Clone, Copy, Debug)]
 pub struct StatusPacing {
@@ -180,14 +187,42 @@ impl StatusWriter {
     /// Flushes every interval until `stop` is cancelled; the caller flushes once more after
     /// the delivery engine has drained.
     pub async fn run(&mut self, stop: CancellationToken) {
+        let (_keep, requests) = mpsc::unbounded_channel();
+        self.run_with_requests(stop, requests).await;
+    }
+
+    /// [`run`](Self::run), and writes the counters of the Listeners a request names at once:
+    /// a sharded replica does before it hands their token on, so its successor counts on from
+    /// everything it delivered.
+    pub async fn run_with_requests(
+        &mut self,
+        stop: CancellationToken,
+        mut requests: mpsc::UnboundedReceiver<FlushRequest>,
+    ) {
         let mut ticker = tokio::time::interval(self.pacing.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = ticker.tick() => self.flush().await,
+                Some(request) = requests.recv() => {
+                    self.flush_listeners(request.listeners).await;
+                    let _ = request.done.send(());
+                }
             }
         }
+    }
+
+    /// Writes the counters of these Listeners that are not on their status yet, side by side.
+    async fn flush_listeners(&mut self, ids: Vec<ListenerId>) {
+        for report in self.ctx.engine.take_reports() {
+            self.absorb(report);
+        }
+        let dirty = ids
+            .into_iter()
+            .filter(|id| self.totals.get(id).is_some_and(|t| t.dirty))
+            .collect();
+        self.write_listeners(dirty, LAST_FLUSH_IN_FLIGHT).await;
     }
 
     /// Writes what is due, within the writes a flush may make: failures and drops first, then
@@ -342,7 +377,11 @@ impl StatusWriter {
                 .get(&ObjectRef::new(id.name()).within(id.namespace()))
                 .is_some()
         };
-        self.totals.retain(|id, _| exists(id));
+        // Sharded: counters of a Listener whose token another replica delivers now are that
+        // replica's to write; kept here they would later be written over its.
+        let ctx = &self.ctx;
+        let ours = |id: &ListenerId| ctx.shards.is_none() || ctx.may_write_listener(id);
+        self.totals.retain(|id, _| exists(id) && ours(id));
         self.failures.retain(|id, _| exists(id));
         let users = &self.ctx.users;
         self.usage.retain(|owner, _| {

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -58,6 +59,9 @@ const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a release waits for the peers to fetch the last progress of those tokens.
 const PUBLISH_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a release waits for the last status counters of the tokens it hands on.
+const COUNTERS_WAIT: Duration = Duration::from_secs(5);
 
 /// How often a release checks whether the deliveries settled.
 const SETTLE_POLL: Duration = Duration::from_millis(20);
@@ -145,6 +149,13 @@ impl ShardTable {
     pub fn leads(&self, token: &TokenHash) -> bool {
         self.views.lock().leads(&self.me, token)
     }
+
+    /// Whether this replica writes the status of the token's Listeners: while it delivers on
+    /// the token, and while it hands the token on (its last counters).
+    pub fn writes(&self, token: &TokenHash) -> bool {
+        let views = self.views.lock();
+        views.releasing.contains(token) || views.leads(&self.me, token)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -226,6 +237,9 @@ pub struct MemberReport {
 /// Told the tokens this replica started delivering.
 pub type TakenOver = Arc<dyn Fn(&[TokenHash]) + Send + Sync>;
 
+/// Writes the last status counters of the Listeners of tokens about to be handed on.
+pub type BeforeRelease = Arc<dyn Fn(Vec<TokenHash>) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// Everything the coordinator works with.
 pub struct Coordinator {
     pub members: Arc<Members>,
@@ -244,6 +258,7 @@ pub struct Coordinator {
     /// Called with the tokens this replica started delivering, so their Listeners' status
     /// names it.
     pub on_taken_over: TakenOver,
+    pub before_release: BeforeRelease,
     pub metrics: ShardMetrics,
     pub handover_metrics: HandoverMetrics,
     pub report: Arc<Mutex<ShardReport>>,
@@ -471,6 +486,14 @@ impl Coordinator {
             }
             if !self.forwarders.settled(&released) {
                 tracing::warn!(tokens = released.len(), "Deliveries of tokens handed on did not settle in time: the next owner may deliver some again.");
+            }
+            if tokio::time::timeout(COUNTERS_WAIT, (self.before_release)(released.clone()))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "The last status counters of the tokens handed on were not written in time."
+                );
             }
             if let Some(server) = &self.server {
                 server.publish_now(PUBLISH_WAIT).await;

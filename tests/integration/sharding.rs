@@ -174,6 +174,43 @@ async fn wait_streamed_by(rig: &Rig, live: &[usize]) {
     }
 }
 
+/// Waits until each Listener's `status.delivered` counts every event of its token the receiver
+/// got: the counters moved with the tokens, written by each owner before it handed on and
+/// counted on by the next.
+async fn wait_counted(rig: &Rig, audit: &Audit) {
+    let api = rig.harness.ns.api::<Listener>();
+    for index in 0..rig.tokens {
+        let expected = audit
+            .deliveries
+            .iter()
+            .filter(|(seq, _)| **seq % rig.tokens as u64 == index as u64)
+            .map(|(_, deliveries)| deliveries.len() as u64)
+            .sum::<u64>();
+        let name = format!("hook-{index}");
+        let counted = tokio::time::timeout(WAIT, async {
+            loop {
+                let delivered = api
+                    .get(&name)
+                    .await
+                    .ok()
+                    .and_then(|l| l.status)
+                    .map(|s| s.delivered);
+                if delivered == Some(expected) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        let status = api.get(&name).await.ok().and_then(|l| l.status);
+        assert!(
+            counted.is_ok(),
+            "{name} counts {expected} deliveries; its status says {:?}",
+            status.map(|s| s.delivered)
+        );
+    }
+}
+
 fn assert_no_double_leaders(sampler: Sampler, rig: &Rig) {
     let (samples, doubles) = sampler.stop();
     assert!(samples > 20, "the sampler ran ({samples} samples)");
@@ -244,6 +281,7 @@ async fn scaling_3_to_5_to_2_moves_tokens_without_losing_or_repeating_an_event()
         rig.logs()
     );
     wait_streamed_by(&rig, &[1, 3]).await;
+    wait_counted(&rig, &audit).await;
     for index in [0, 2, 4] {
         assert!(
             rig.replicas[index].log().contains("Left the shards"),
