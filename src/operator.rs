@@ -310,6 +310,9 @@ pub async fn start(
         }
     };
     // Sharded, every replica streams what its shards need whatever it does about the Lease.
+    if sharding && args.leader.standby == StandbyMode::Cold {
+        tracing::warn!("STANDBY=cold is ignored with sharding: every replica keeps warm streams of the tokens it stands by for.");
+    }
     let standby_mode = match sharding {
         true => StandbyMode::Warm,
         false => args.leader.standby,
@@ -462,6 +465,8 @@ pub async fn start(
         None => None,
     };
     let handover = handover.map(Arc::new);
+    // Registered without sharding too (at zero), so dashboards and alerts find them.
+    let shard_metrics = ShardMetrics::register(&mut registry.lock());
     let (flush_requests, flush_inbox) = mpsc::unbounded_channel();
     let shard = match (&shard_table, &lock, &args.handover.handover_key) {
         (Some(table), Some(_), Some(key)) => {
@@ -475,7 +480,6 @@ pub async fn start(
             )?;
             let fence = engine.fence();
             fence.close();
-            let shard_metrics = ShardMetrics::register(&mut registry.lock());
             let synced_health = health.clone();
             let waker = ctx.clone();
             Some(Coordinator {
@@ -514,7 +518,7 @@ pub async fn start(
                         })
                     })
                 },
-                metrics: shard_metrics,
+                metrics: shard_metrics.clone(),
                 handover_metrics: handover_metrics.clone(),
                 report: shard_report.clone(),
                 wake: Arc::default(),
