@@ -280,9 +280,12 @@ impl Context {
         }
     }
 
-    /// The replica named in a Listener's `status.streamedBy`: this one while it may write the
-    /// Listener and streams its token; nobody while the token is not streamed.
+    /// The replica named in a Listener's `status.streamedBy` when sharded: this one while it
+    /// may write the Listener and streams its token; nobody while the token is not streamed.
+    /// Without sharding the leader streams every token, and the Lease names it: naming it in
+    /// every Listener would rewrite them all on each leader change.
     pub fn streamed_by(&self, id: &ListenerId) -> Option<&str> {
+        self.shards.as_ref()?;
         let entry = self.index.listener(id)?;
         let streams = self.forwarders.state(&entry.token).is_some();
         (streams && self.may_write_listener(id)).then_some(self.identity.as_str())

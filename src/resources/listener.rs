@@ -139,7 +139,8 @@ pub struct ListenerStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// The replica (pod) that streams this Listener's token and delivers its events.
+    /// With sharding, the replica (pod) that streams this Listener's token and delivers its
+    /// events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streamed_by: Option<String>,
 }
