@@ -665,17 +665,19 @@ pub(crate) async fn dispatch(
     shared.dispatcher_exited();
 }
 
+/// Another replica leads now: for every token (this one stopped leading since the delivery was
+/// made), or, sharded, for this delivery's token (its log stood by).
+fn led_elsewhere(delivery: &Delivery, shared: &Shared) -> bool {
+    delivery.lead != shared.abandons.load(Ordering::Acquire)
+        || delivery
+            .settle_handle
+            .as_ref()
+            .is_some_and(|settle| !settle.is_current())
+}
+
 /// Checks a delivery before an attempt: drops or fails the ones that must not be sent.
 fn ready_for_attempt(mut delivery: Delivery, shared: &Arc<Shared>) -> Option<Delivery> {
-    // Another replica leads now, for every token or (sharded) for this delivery's token.
-    let token_moved = delivery
-        .settle_handle
-        .as_ref()
-        .is_some_and(|settle| !settle.is_current());
-    if delivery.lead != shared.abandons.load(Ordering::Acquire)
-        || !shared.fence.holds()
-        || token_moved
-    {
+    if led_elsewhere(&delivery, shared) || !shared.fence.holds() {
         delivery.settle(Settlement::Dropped(DropReason::LeadershipLost), shared);
         return None;
     }
@@ -793,7 +795,7 @@ fn conclude(attempted: Attempted, shared: &Arc<Shared>) -> Option<(Instant, Deli
                     .delay_after(delivery.attempts, retry_after, &mut rand::rng());
             match delay.map(|delay| Instant::now() + delay) {
                 // Abandoned while in flight: whoever leads now delivers it.
-                _ if delivery.lead != shared.abandons.load(Ordering::Acquire) => {
+                _ if led_elsewhere(&delivery, shared) => {
                     Settlement::Dropped(DropReason::LeadershipLost)
                 }
                 Some(due) if due < delivery.deadline => {

@@ -767,6 +767,38 @@ mod placed {
         );
         eventually("a delivery after the abandon", || fine.requests() == 2).await;
     }
+
+    #[tokio::test]
+    async fn a_delivery_of_a_token_handed_on_is_dropped_before_its_next_attempt() {
+        let hanging = Receiver::start(Answer::Never).await;
+        let fine = Receiver::start(Answer::After(200, Duration::ZERO)).await;
+        let engine = start(DeliveryConfig {
+            timeout: Duration::from_secs(3),
+            ..one_at_a_time()
+        });
+        let moved = leading_log();
+        let kept = leading_log();
+        // One delivery of the moving token hangs in flight, a second waits behind it.
+        let submit = |log: &Arc<Mutex<TokenLog>>, url: &Url| {
+            engine.submit_placed(event(), target("b", "acme", url), None, place(log))
+        };
+        assert_eq!(submit(&moved, &hanging.url), Submission::Queued);
+        assert_eq!(submit(&moved, &hanging.url), Submission::Queued);
+        eventually("the attempt in flight", || hanging.requests() == 1).await;
+        // Sharding moved the token to another replica: this one only buffers it now.
+        moved.lock().stand_by();
+        let dropped = AtomicU64::new(0);
+        let count_drops = || {
+            let reports = engine.take_reports();
+            let more: u64 = reports.iter().map(|r| r.dropped).sum();
+            dropped.fetch_add(more, Ordering::SeqCst) + more
+        };
+        eventually("both deliveries dropped", || count_drops() == 2).await;
+        assert_eq!(hanging.requests(), 1, "the waiting one was never sent");
+        // Other tokens' deliveries go on: the fence is the token's, not the replica's.
+        engine.submit_placed(event(), target("a", "acme", &fine.url), None, place(&kept));
+        eventually("the kept token delivered", || fine.requests() == 1).await;
+    }
 }
 
 #[tokio::test]

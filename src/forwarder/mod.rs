@@ -641,6 +641,94 @@ mod tests {
         assert!(!forwarders.detach(&ListenerId::new("ns", "b")));
     }
 
+    /// Duties set by the test, token by token; `Idle` for any other.
+    #[derive(Default)]
+    struct TestDuties(Mutex<HashMap<TokenHash, Duty>>);
+
+    impl Duties for TestDuties {
+        fn duty(&self, token: &TokenHash) -> Duty {
+            self.0.lock().get(token).copied().unwrap_or(Duty::Idle)
+        }
+    }
+
+    fn log_role(forwarders: &ForwarderRegistry, token: &Token) -> Option<&'static str> {
+        let log = forwarders.log(&token.hash())?;
+        let log = log.lock();
+        Some(if log.is_leading() {
+            "lead"
+        } else if log.is_standby() {
+            "standby"
+        } else {
+            "frozen"
+        })
+    }
+
+    #[tokio::test]
+    async fn duties_decide_which_tokens_stream_and_in_which_role() {
+        let forwarders = registry();
+        let duties = Arc::new(TestDuties::default());
+        forwarders.set_duties(duties.clone());
+        let (t1, t2, t3) = (Token::new("t1"), Token::new("t2"), Token::new("t3"));
+        duties.0.lock().extend([
+            (t1.hash(), Duty::Lead),
+            (t2.hash(), Duty::Standby),
+            (t3.hash(), Duty::Idle),
+        ]);
+        for (name, token) in [("a", &t1), ("b", &t2), ("c", &t3)] {
+            forwarders.attach(entry(name, token), token);
+        }
+        assert_eq!(log_role(&forwarders, &t1), Some("lead"));
+        assert_eq!(log_role(&forwarders, &t2), Some("standby"));
+        assert_eq!(
+            log_role(&forwarders, &t3),
+            None,
+            "an idle token is not streamed"
+        );
+        assert_eq!(forwarders.known_tokens().len(), 3, "but it is known");
+
+        // t1 is handed on, t2 goes elsewhere entirely, t3 becomes this replica's standby.
+        duties.0.lock().extend([
+            (t1.hash(), Duty::Release),
+            (t2.hash(), Duty::Idle),
+            (t3.hash(), Duty::Standby),
+        ]);
+        let changes = forwarders.refresh_duties();
+        assert_eq!(
+            (changes.released, changes.stopped, changes.started),
+            (1, 1, 1)
+        );
+        assert_eq!(log_role(&forwarders, &t1), Some("frozen"));
+        assert_eq!(log_role(&forwarders, &t2), None);
+        assert_eq!(log_role(&forwarders, &t3), Some("standby"));
+        assert!(forwarders.settled(&[t1.hash(), t2.hash()]));
+
+        // The release is done: t1 is buffered only; t3 is taken over.
+        duties
+            .0
+            .lock()
+            .extend([(t1.hash(), Duty::Standby), (t3.hash(), Duty::Lead)]);
+        let changes = forwarders.refresh_duties();
+        assert_eq!((changes.stood_by, changes.taken_over), (1, 1));
+        assert_eq!(log_role(&forwarders, &t1), Some("standby"));
+        assert_eq!(log_role(&forwarders, &t3), Some("lead"));
+        let leading: Vec<TokenHash> = forwarders
+            .token_roles()
+            .into_iter()
+            .filter_map(|(token, leads)| leads.then_some(token))
+            .collect();
+        assert_eq!(leading, vec![t3.hash()]);
+        assert_eq!(
+            forwarders.refresh_duties(),
+            DutyChanges::default(),
+            "nothing left to do"
+        );
+
+        // A token no Listener is on any more is forgotten, duty or not.
+        assert!(forwarders.detach(&ListenerId::new("ns", "c")));
+        assert_eq!(forwarders.known_tokens().len(), 2);
+        assert_eq!(log_role(&forwarders, &t3), None);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn racing_attaches_and_detaches_never_leave_a_listener_without_its_stream() {
         let forwarders = registry();

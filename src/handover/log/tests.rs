@@ -150,6 +150,46 @@ fn a_settle_from_an_earlier_lead_is_ignored() {
 }
 
 #[test]
+fn a_released_log_is_settled_once_every_delivery_of_it_is_and_its_settles_stay_current() {
+    let log = leader();
+    assert!(log.lock().is_settled(), "nothing routed");
+    log.lock().record(digest(1), 2);
+    log.lock().record(digest(2), 0);
+    let epoch = log.lock().epoch();
+    let (first, second) = (
+        Settle::new(Arc::clone(&log), 1, epoch),
+        Settle::new(Arc::clone(&log), 1, epoch),
+    );
+    log.lock().freeze();
+    assert!(
+        !log.lock().is_settled(),
+        "two deliveries of event 1 are out"
+    );
+    assert!(
+        first.is_current(),
+        "a frozen log still counts its deliveries"
+    );
+    first.settled();
+    assert!(!log.lock().is_settled());
+    second.settled();
+    assert!(log.lock().is_settled());
+}
+
+#[test]
+fn a_delivery_of_a_log_that_stood_by_is_no_longer_current() {
+    let log = leader();
+    log.lock().record(digest(1), 1);
+    let settle = Settle::new(Arc::clone(&log), 1, log.lock().epoch());
+    assert!(settle.is_current());
+    log.lock().stand_by();
+    assert!(
+        !settle.is_current(),
+        "the token moved: its delivery must not be attempted"
+    );
+    assert!(log.lock().is_settled(), "a standby has nothing to settle");
+}
+
+#[test]
 fn records_carry_the_last_digests_and_only_when_something_changed() {
     let log = leader();
     let mut log = log.lock();
