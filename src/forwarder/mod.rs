@@ -502,6 +502,14 @@ impl ForwarderRegistry {
             .collect()
     }
 
+    /// The gap fills found since the previous call for the tokens `wanted` picks: sharded,
+    /// each goes to the replica that leads its token.
+    pub fn take_fills_where(&self, wanted: impl Fn(&TokenHash) -> bool) -> Vec<GapFill> {
+        self.shared
+            .logs
+            .take_fills_where(|fill| wanted(&fill.token))
+    }
+
     /// Every token a Listener is routed on, streamed here or not.
     pub fn known_tokens(&self) -> Vec<TokenHash> {
         self.shared.known.lock().keys().copied().collect()

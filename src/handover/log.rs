@@ -92,6 +92,14 @@ impl LogShared {
         std::mem::take(&mut *self.fills.lock())
     }
 
+    /// The gap fills found since the previous call that `wanted` picks; the others stay.
+    pub fn take_fills_where(&self, wanted: impl Fn(&GapFill) -> bool) -> Vec<GapFill> {
+        let mut fills = self.fills.lock();
+        let (taken, kept) = std::mem::take(&mut *fills).into_iter().partition(wanted);
+        *fills = kept;
+        taken
+    }
+
     pub fn limits(&self) -> BufferLimits {
         self.limits
     }

@@ -30,6 +30,7 @@ use crate::domain::TokenHash;
 use crate::forwarder::{Duties, Duty, ForwarderRegistry, StreamState};
 use crate::handover::peer::{CatchUp, Holder, ProgressClient, ProgressServer};
 use crate::handover::peer::{HandoverKey, HandoverMetrics};
+use crate::handover::{GapFill, ProgressSink, Seq, TokenProgress};
 use crate::leader::LeaseFence;
 
 /// How replicas shard tokens between them.
@@ -150,6 +151,11 @@ impl ShardTable {
         self.views.lock().leads(&self.me, token)
     }
 
+    /// The token's owner in the view this replica serves.
+    pub fn owner(&self, token: &TokenHash) -> Option<String> {
+        self.views.lock().serving().owner(token).map(str::to_owned)
+    }
+
     /// Whether this replica writes the status of the token's Listeners: while it delivers on
     /// the token, and while it hands the token on (its last counters).
     pub fn writes(&self, token: &TokenHash) -> bool {
@@ -266,6 +272,30 @@ pub struct Coordinator {
     pub wake: Arc<Notify>,
 }
 
+/// What one peer's progress client hands its records to: every record goes to the forwarders
+/// (a token's last owner's records matter to whoever takes it), but only the gap fills of the
+/// tokens that peer owns go to it, since no other replica could use them.
+struct PeerSink {
+    forwarders: ForwarderRegistry,
+    table: Arc<ShardTable>,
+    peer: String,
+}
+
+impl ProgressSink for PeerSink {
+    fn apply_progress(&self, records: &[TokenProgress]) {
+        self.forwarders.apply_progress(records);
+    }
+
+    fn take_fills(&self) -> Vec<GapFill> {
+        self.forwarders
+            .take_fills_where(|token| self.table.owner(token).as_deref() == Some(&self.peer))
+    }
+
+    fn fill_answered(&self, token: &TokenHash, at: Seq, accepted: bool) {
+        self.forwarders.fill_answered(token, at, accepted);
+    }
+}
+
 /// The peers this replica polls for progress, by identity.
 struct Peer {
     holder: watch::Sender<Option<Holder>>,
@@ -306,6 +336,12 @@ impl Coordinator {
                 Ok(Err(error)) => tracing::warn!(%error, "Could not list the member leases."),
                 Ok(Ok(live)) => {
                     self.follow_peers(&mut peers, &live);
+                    // Fills no peer can take (this replica owns the token now, or nobody does)
+                    // would wait for ever.
+                    let _ = self.forwarders.take_fills_where(|token| {
+                        let owner = self.table.owner(token);
+                        owner.is_none_or(|owner| !peers.contains_key(&owner))
+                    });
                     if let Some(done) = self.round(&live, leaving_since.is_some()).await {
                         if done {
                             break Departure::HandedOn;
@@ -594,7 +630,11 @@ impl Coordinator {
                 self.key.clone(),
                 self.me().to_owned(),
                 receiver,
-                Arc::new(self.forwarders.clone()),
+                Arc::new(PeerSink {
+                    forwarders: self.forwarders.clone(),
+                    table: self.table.clone(),
+                    peer: identity.to_owned(),
+                }),
                 self.handover_metrics.clone(),
                 CatchUp::default(),
                 cancel.clone(),

@@ -636,3 +636,20 @@ fn a_gap_with_events_that_do_not_fold_to_the_leaders_chain_is_not_filled() {
     // event the leader may have missed.
     assert_eq!(take_over(&mut log), vec![(1, 3), (2, 4), (3, 5), (4, 6)]);
 }
+
+#[test]
+fn gap_fills_are_taken_only_for_the_tokens_asked_for_and_the_rest_wait() {
+    let shared = shared(BufferLimits::default());
+    for name in ["a", "b", "a"] {
+        shared.fills.lock().push(GapFill {
+            token: TokenHash::of(name),
+            at: 1,
+            events: Vec::new(),
+        });
+    }
+    let for_a = shared.take_fills_where(|fill| fill.token == TokenHash::of("a"));
+    assert_eq!(for_a.len(), 2);
+    let rest = shared.take_fills();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].token, TokenHash::of("b"));
+}
