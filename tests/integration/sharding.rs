@@ -449,3 +449,62 @@ async fn a_replica_cut_from_the_api_server_stops_delivering_and_rejoins_when_it_
         "the cut replica could not renew:\n{log}"
     );
 }
+
+/// A blip in one owner's streams is covered by its tokens' standbys: they send the events of
+/// the gap to the replica that owns the token, which delivers them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_missed_by_an_owners_stream_are_filled_in_by_the_tokens_standbys() {
+    let mut rig = Rig::without_replicas("shard-blip", 9).await;
+    let upstream: SocketAddr = rig
+        .harness
+        .sim
+        .base_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("the simulator listens on an address");
+    let proxy = Proxy::start(upstream).await;
+    for index in 0..3 {
+        let events_url = match index {
+            0 => proxy.url(),
+            _ => rig.harness.sim.base_url(),
+        };
+        rig.replicas.push(Replica::start_args(
+            &format!("shard-{index}"),
+            &events_url,
+            &rig.harness.ns.name,
+            true,
+            SHARD_FLAGS,
+        ));
+    }
+    wait_balanced(&rig, &[0, 1, 2]).await;
+    let led = hashes(
+        &report(rig.replicas[0].health).await.expect("it answers"),
+        "leading",
+    );
+    assert!(
+        !led.is_empty(),
+        "the replica behind the proxy leads some tokens"
+    );
+    let publisher = rig.publish(20.0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let published = publisher.stop().await;
+    let audit = rig.settle(&published, QUIET).await;
+    println!("a blip in one owner's streams: {}", audit.summary());
+    assert!(
+        audit.lost.is_empty(),
+        "the standbys filled the gap: {}\n{}",
+        audit.summary(),
+        rig.logs()
+    );
+    assert!(
+        audit.repeated.is_empty(),
+        "every event once: {}\n{}",
+        audit.summary(),
+        rig.logs()
+    );
+}
