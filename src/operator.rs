@@ -393,6 +393,7 @@ pub async fn start(
         failures_in_a_row: Default::default(),
         last_applied: Default::default(),
         adopting: Default::default(),
+        reconciled_once: Default::default(),
         count_refresh_pending: Default::default(),
         triggers,
         leadership: leadership.clone(),
@@ -481,6 +482,7 @@ pub async fn start(
             let fence = engine.fence();
             fence.close();
             let synced_health = health.clone();
+            let synced_ctx = ctx.clone();
             let waker = ctx.clone();
             Some(Coordinator {
                 members: Arc::new(members),
@@ -493,7 +495,12 @@ pub async fn start(
                 renew_deadline: args.leader.lease_renew_deadline,
                 retry_period: args.leader.lease_retry_period,
                 warm_timeout: args.shard.shard_warm_timeout,
-                synced: Arc::new(move || synced_health.watches().iter().all(|w| w.is_healthy())),
+                // Listed, and every Listener listed reconciled once: only then are all the
+                // tokens a view needs known.
+                synced: Arc::new(move || {
+                    synced_health.watches().iter().all(|w| w.is_healthy())
+                        && synced_ctx.every_listener_reconciled()
+                }),
                 on_taken_over: Arc::new(move |tokens| {
                     for token in tokens {
                         for id in waker.index.listeners_of_token(token) {

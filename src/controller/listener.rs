@@ -80,19 +80,29 @@ async fn reconcile(listener: Arc<Listener>, ctx: Arc<Context>) -> Result<Action,
     let id = listener_id(&listener).ok_or(Error::MissingNamespace)?;
     let api: Api<Listener> = Api::namespaced(ctx.client.clone(), id.namespace());
     if !ctx.may_write() {
-        return reconcile_standing_by(&listener, &id, &api, &ctx).await;
+        let result = reconcile_standing_by(&listener, &id, &api, &ctx).await;
+        if listener.meta().deletion_timestamp.is_none() {
+            ctx.reconciled_once.insert(id, ());
+        }
+        return result;
     }
     if adopt_new(&listener, &id, &api, &ctx).await? == Adoption::Pending {
         // The watch brings the patched object, and with it the next reconcile.
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let action = finalizer(&api, FINALIZER, listener, |event| async {
+    let deleting = listener.meta().deletion_timestamp.is_some();
+    let result = finalizer(&api, FINALIZER, listener, |event| async {
         match event {
             FinalizerEvent::Apply(listener) => apply(&listener, &id, &api, &ctx).await,
             FinalizerEvent::Cleanup(listener) => cleanup(&listener, &id, &ctx).await,
         }
     })
-    .await?;
+    .await;
+    // Whatever came of it, its token is known now if it could be.
+    if !deleting {
+        ctx.reconciled_once.insert(id.clone(), ());
+    }
+    let action = result?;
     ctx.reconciled(&format!("listener/{id}"));
     Ok(action)
 }

@@ -87,6 +87,9 @@ pub struct Context {
     /// was made over: until the cache shows the patch, a reconcile waits instead of patching
     /// again (which could only conflict).
     pub adopting: DashMap<ListenerId, String>,
+    /// Listeners this process has reconciled at least once: until every Listener in the cache
+    /// is, the streams it routes are not all known yet.
+    pub reconciled_once: DashMap<ListenerId, ()>,
     pub triggers: Triggers,
     /// Whether this replica leads: a standby reconciles into its routing index and streams,
     /// but writes nothing to the API server.
@@ -361,6 +364,7 @@ impl Context {
     pub fn forget_listener(&self, id: &ListenerId) {
         self.last_applied.remove(&format!("listener/{id}"));
         self.adopting.remove(id);
+        self.reconciled_once.remove(id);
         if let Some(owner) = self.owned.remove(id) {
             self.wake_user(owner.namespace(), owner.name());
         }
@@ -379,6 +383,18 @@ impl Context {
                 self.forget_listener(&id);
             }
         }
+        self.reconciled_once.retain(|id, _| {
+            let reference = ObjectRef::<Listener>::new(id.name()).within(id.namespace());
+            self.listeners.get(&reference).is_some()
+        });
+    }
+
+    /// Whether every Listener in the cache has been reconciled at least once by this process,
+    /// so every token they route on is known to the forwarders.
+    pub fn every_listener_reconciled(&self) -> bool {
+        self.listeners.state().iter().all(|listener| {
+            listener::listener_id(listener).is_none_or(|id| self.reconciled_once.contains_key(&id))
+        })
     }
 
     /// Applies a reconciler's part of the status of `cached` (the object as the cache holds

@@ -510,6 +510,27 @@ impl ForwarderRegistry {
             .take_fills_where(|fill| wanted(&fill.token))
     }
 
+    /// Whether every token routed on that is this replica's duty has its stream open, or
+    /// refused for good: a token without a forwarder yet counts as not open.
+    pub fn duty_streams_open(&self) -> bool {
+        let Some(duties) = self.shared.duties.lock().clone() else {
+            return true;
+        };
+        let known = self.known_tokens();
+        let forwarders = self.forwarders.lock();
+        known.iter().all(|hash| {
+            if !self.shared.index.has_token(hash) || duties.duty(hash) == Duty::Idle {
+                return true;
+            }
+            forwarders.get(hash).is_some_and(|forwarder| {
+                matches!(
+                    *forwarder.state.lock(),
+                    StreamState::Streaming | StreamState::InvalidToken(_) | StreamState::Expired
+                )
+            })
+        })
+    }
+
     /// Every token a Listener is routed on, streamed here or not.
     pub fn known_tokens(&self) -> Vec<TokenHash> {
         self.shared.known.lock().keys().copied().collect()
@@ -735,6 +756,43 @@ mod tests {
         assert!(forwarders.detach(&ListenerId::new("ns", "c")));
         assert_eq!(forwarders.known_tokens().len(), 2);
         assert_eq!(log_role(&forwarders, &t3), None);
+    }
+
+    #[tokio::test]
+    async fn streams_count_as_open_only_when_every_token_on_duty_streams() {
+        let forwarders = registry();
+        let duties = Arc::new(TestDuties::default());
+        forwarders.set_duties(duties.clone());
+        let (t1, t2) = (Token::new("t1"), Token::new("t2"));
+        forwarders.attach(entry("a", &t1), &t1);
+        forwarders.attach(entry("b", &t2), &t2);
+        assert!(forwarders.duty_streams_open(), "idle tokens need no stream");
+
+        // t2 becomes a duty, but no refresh started its stream yet.
+        duties
+            .0
+            .lock()
+            .extend([(t1.hash(), Duty::Lead), (t2.hash(), Duty::Standby)]);
+        assert!(
+            !forwarders.duty_streams_open(),
+            "a token on duty without a forwarder is not open"
+        );
+        forwarders.refresh_duties();
+        assert!(
+            !forwarders.duty_streams_open(),
+            "streams still connecting are not open"
+        );
+        let set_state = |token: &Token, state: StreamState| {
+            let forwarders = forwarders.forwarders.lock();
+            *forwarders[&token.hash()].state.lock() = state;
+        };
+        set_state(&t1, StreamState::Streaming);
+        assert!(!forwarders.duty_streams_open(), "t2 is still connecting");
+        set_state(&t2, StreamState::Expired);
+        assert!(
+            forwarders.duty_streams_open(),
+            "a token refused for good holds nothing up"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

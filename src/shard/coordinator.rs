@@ -27,7 +27,7 @@ use super::members::{
 };
 use super::ring::Ring;
 use crate::domain::TokenHash;
-use crate::forwarder::{Duties, Duty, ForwarderRegistry, StreamState};
+use crate::forwarder::{Duties, Duty, ForwarderRegistry};
 use crate::handover::peer::{CatchUp, Holder, ProgressClient, ProgressServer};
 use crate::handover::peer::{HandoverKey, HandoverMetrics};
 use crate::handover::{GapFill, ProgressSink, Seq, TokenProgress};
@@ -319,6 +319,19 @@ impl Coordinator {
     /// Runs until `leave` and then until this replica handed every token on (or `grace` after
     /// `leave`); deletes its member Lease at the end.
     pub async fn run(self, leave: CancellationToken, grace: Duration) -> Departure {
+        // A replica joins once it knows every token: as a member it would be counted on to
+        // open streams it cannot know of yet, and to say so within the warm timeout.
+        let mut waited = false;
+        while !(self.synced)() {
+            if !waited {
+                tracing::info!("Waiting for every Listener to be listed and reconciled before joining the shards.");
+                waited = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(SETTLE_POLL * 5) => {}
+                _ = leave.cancelled() => return Departure::HandedOn,
+            }
+        }
         self.members
             .set_annotation(TERM_ANNOTATION, self.term.to_string());
         let mut peers: HashMap<String, Peer> = HashMap::new();
@@ -474,7 +487,7 @@ impl Coordinator {
         if said.as_deref() == Some(desired_id) {
             return;
         }
-        let open = (self.synced)() && self.streams_open();
+        let open = (self.synced)() && self.forwarders.duty_streams_open();
         if open || started.elapsed() >= self.warm_timeout {
             if !open {
                 tracing::warn!(view = %desired_id, "Not every stream of the new view opened in time; ready for it anyway.");
@@ -482,17 +495,6 @@ impl Coordinator {
             self.members.set_annotation(WARM_ANNOTATION, desired_id);
             self.wake.notify_one();
         }
-    }
-
-    /// Every token this replica streams has its stream open, or refused for good.
-    fn streams_open(&self) -> bool {
-        self.forwarders.token_roles().iter().all(|(token, _)| {
-            matches!(
-                self.forwarders.state(token),
-                Some(StreamState::Streaming | StreamState::InvalidToken(_) | StreamState::Expired)
-                    | None
-            )
-        })
     }
 
     /// Serves `desired`: hands on the tokens this replica no longer owns in it (routing stops,
