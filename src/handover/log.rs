@@ -639,7 +639,38 @@ impl TokenLog {
             }
         }
         let first = self.history.front()?.0;
-        (first..=self.count).find(|&end| self.matches_at(tail, end))
+        (first..=self.count)
+            .find(|&end| self.matches_at(tail, end))
+            .or_else(|| self.find_across_gap(record))
+    }
+
+    /// Where a record whose tail spans a gap the leader names ends in this replica's count.
+    /// The tail's events before the gap are not next to those after it here: the ones only
+    /// this replica read lie between. So the tail's part after the gap places the record, and
+    /// only where the chain since the previous alignment, less the events between, folds to
+    /// the record's: a place the chain does not vouch for is never taken. Without this a gap
+    /// could be placed only once the leader had read a whole tail past it, which a quiet token
+    /// may not do before the gap times out.
+    fn find_across_gap(&self, record: &TokenProgress) -> Option<u64> {
+        let (anchor, before, after) = (self.anchor?, self.anchor_chain?, record.chain?);
+        let k = record.tail.len() as u64;
+        let gap = record
+            .gaps
+            .iter()
+            .copied()
+            .find(|&at| at >= anchor.1 && at < record.seq && at + k > record.seq)?;
+        let behind = usize::try_from(record.seq - gap).ok()?;
+        let suffix = &record.tail[record.tail.len().checked_sub(behind)?..];
+        // This replica read at least as many events since the anchor as the leader did, and
+        // at most a gap's worth more.
+        let least = anchor.0 + (record.seq - anchor.1);
+        let most = (least + MAX_GAP_EVENTS as u64).min(self.count);
+        (least..=most).find(|&end| {
+            self.matches_at(suffix, end)
+                && self
+                    .chained_since(anchor, before, (end, record.seq), after)
+                    .is_some_and(|gap| gap.is_some())
+        })
     }
 
     /// Whether the events counted `end - tail.len() + 1 ..= end` have `tail`'s digests. Where

@@ -597,6 +597,49 @@ fn a_standby_finds_the_events_of_the_leaders_gap_and_takes_over_with_their_gap_p
 }
 
 #[test]
+fn a_gap_is_placed_by_the_first_event_the_leader_read_behind_it() {
+    // The leader read 1..=4, missed 5 and 6, and read 7 as its 5: its tail of four spans the
+    // gap, and nothing in this replica's count matches it as a run.
+    let mut log = standby();
+    let now = Instant::now();
+    for n in 1..=7 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(4, &[1, 2, 3, 4], 0, 0, [1, 2, 3, 4]), now);
+    let after = TokenProgress {
+        gaps: vec![4],
+        ..chained(5, &[2, 3, 4, 7], 4, 0, [1, 2, 3, 4, 7])
+    };
+    log.apply(&after, now);
+    assert_eq!(
+        log.shared.take_fills(),
+        vec![GapFill {
+            token: token(),
+            at: 4,
+            events: vec![event(5).json, event(6).json],
+        }]
+    );
+    assert_eq!(
+        take_over(&mut log),
+        vec![(gap_place(4, 1), 5), (gap_place(4, 2), 6), (5, 7)]
+    );
+
+    // The same, but the chain says the leader read another event than 7 behind the gap: the
+    // record is not placed, nothing is filled.
+    let mut log = standby();
+    for n in 1..=7 {
+        log.buffer(event(n), now);
+    }
+    log.apply(&chained(4, &[1, 2, 3, 4], 0, 0, [1, 2, 3, 4]), now);
+    let forged = TokenProgress {
+        gaps: vec![4],
+        ..chained(5, &[2, 3, 4, 7], 4, 0, [1, 2, 3, 4, 9])
+    };
+    log.apply(&forged, now);
+    assert_eq!(log.shared.take_fills(), vec![]);
+}
+
+#[test]
 fn a_standby_drops_a_gaps_events_only_once_its_own_fill_was_taken_and_settled() {
     let now = Instant::now();
     let settled = TokenProgress {
