@@ -7,6 +7,7 @@
 //! which that token is its own.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -518,24 +519,30 @@ impl Coordinator {
         self.metrics.view_changes.inc();
         if !released.is_empty() {
             self.forwarders.refresh_duties();
-            let deadline = Instant::now() + SETTLE_WAIT;
-            while !self.forwarders.settled(&released) && Instant::now() < deadline {
-                tokio::time::sleep(SETTLE_POLL).await;
-            }
-            if !self.forwarders.settled(&released) {
-                tracing::warn!(tokens = released.len(), "Deliveries of tokens handed on did not settle in time: the next owner may deliver some again.");
-            }
-            if tokio::time::timeout(COUNTERS_WAIT, (self.before_release)(released.clone()))
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    "The last status counters of the tokens handed on were not written in time."
-                );
-            }
-            if let Some(server) = &self.server {
-                server.publish_now(PUBLISH_WAIT).await;
-            }
+            // A release can take longer than the renew deadline (settling, counters, the
+            // peers' fetch): the Lease is renewed meanwhile, or the fence would lapse and drop
+            // the tokens this replica keeps.
+            self.renewing(async {
+                let deadline = Instant::now() + SETTLE_WAIT;
+                while !self.forwarders.settled(&released) && Instant::now() < deadline {
+                    tokio::time::sleep(SETTLE_POLL).await;
+                }
+                if !self.forwarders.settled(&released) {
+                    tracing::warn!(tokens = released.len(), "Deliveries of tokens handed on did not settle in time: the next owner may deliver some again.");
+                }
+                if tokio::time::timeout(COUNTERS_WAIT, (self.before_release)(released.clone()))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "The last status counters of the tokens handed on were not written in time."
+                    );
+                }
+                if let Some(server) = &self.server {
+                    server.publish_now(PUBLISH_WAIT).await;
+                }
+            })
+            .await;
         }
         self.table.views.lock().releasing.clear();
         self.forwarders.refresh_duties();
@@ -547,6 +554,24 @@ impl Coordinator {
         tracing::info!(view = %desired_id, tokens_released = released.len(), "Switched to a new view; waiting until every member serves it.");
         // Says so at once: the others wait for it.
         self.renew().await;
+    }
+
+    /// Runs `work`, renewing this replica's member Lease every retry period until it is done.
+    async fn renewing<T>(&self, work: impl Future<Output = T>) -> T {
+        let mut work = std::pin::pin!(work);
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.retry_period,
+            self.retry_period,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = tick.tick() => {
+                    self.renew().await;
+                }
+            }
+        }
     }
 
     /// Renews this replica's member Lease, within the renew deadline, and moves the fence on
