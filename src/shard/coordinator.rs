@@ -68,6 +68,49 @@ const COUNTERS_WAIT: Duration = Duration::from_secs(5);
 /// How often a release checks whether the deliveries settled.
 const SETTLE_POLL: Duration = Duration::from_millis(20);
 
+/// Whether a member has taken part in a view: it said it is warm for one, or serves one.
+fn takes_part(member: &Member) -> bool {
+    member.warm.is_some() || member.serving.is_some()
+}
+
+/// The live members views are made of now. Those that took part in a view always count; a
+/// newcomer is let in only once all of those serve the one view they make up. A replica that
+/// joined while tokens were between owners (released by one, not yet confirmed to the next)
+/// could become the owner of some with a stream opened after the last owner let go, and the
+/// events in between would be in nobody's reach; once a view is served throughout, a joiner
+/// opens its streams while every token still has an owner delivering it.
+fn counted(live: &[Member]) -> Vec<&Member> {
+    let (old, new): (Vec<&Member>, Vec<&Member>) = live.iter().partition(|m| takes_part(m));
+    if new.is_empty() {
+        return old;
+    }
+    let staying = Ring::new(
+        old.iter()
+            .filter(|m| !m.leaving)
+            .map(|m| m.identity.clone()),
+    );
+    let settled_id = view_id(&staying);
+    let settled = old
+        .iter()
+        .all(|m| m.serving.as_deref() == Some(settled_id.as_str()));
+    if settled {
+        live.iter().collect()
+    } else {
+        old
+    }
+}
+
+/// Whether every member but `me` serves the view `id`, so that what `me` owns in it is its own
+/// to deliver. A member that serves no view yet (let in a moment ago, or starting over after
+/// its renewals lapsed) delivers nothing and releases nothing: it does not hold this up. Were
+/// it waited for, the view it was let in during would never be confirmed, and the tokens on
+/// their way to a new owner in that view would stay undelivered through the next change.
+fn served_throughout(members: &[&Member], me: &str, id: &str) -> bool {
+    members
+        .iter()
+        .all(|m| m.identity == me || m.serving.is_none() || m.serving.as_deref() == Some(id))
+}
+
 /// The id of a view: a hash of its members, the same on every replica.
 pub fn view_id(ring: &Ring) -> String {
     let mut hash = Sha256::new();
@@ -391,37 +434,45 @@ impl Coordinator {
     async fn round(&self, live: &[Member], leaving: bool) -> Option<bool> {
         let me = self.me().to_owned();
         self.metrics.members.set(live.len() as i64);
-        let desired = Ring::new(
-            live.iter()
-                .filter(|m| !(m.leaving || leaving && m.identity == me))
-                .map(|m| m.identity.clone()),
-        );
         // Not in its own list (its Lease not written yet): no view to take part in.
         if !live.iter().any(|m| m.identity == me) {
             return None;
         }
+        let counted = counted(live);
+        if !counted.iter().any(|m| m.identity == me) {
+            // A newcomer waiting to be let in holds nothing: it may leave at once.
+            self.update_report(live);
+            return Some(leaving);
+        }
+        let desired = Ring::new(
+            counted
+                .iter()
+                .filter(|m| !(m.leaving || leaving && m.identity == me))
+                .map(|m| m.identity.clone()),
+        );
         let desired_id = view_id(&desired);
         let serving = self.table.views.lock().serving().clone();
         if desired != serving {
             self.warm_up(&desired, &desired_id, live);
         }
         // Every member has this view's streams open: switch to it.
-        let all_warm = live.iter().all(|m| {
+        let all_warm = counted.iter().all(|m| {
             m.warm.as_deref() == Some(desired_id.as_str())
                 || m.serving.as_deref() == Some(desired_id.as_str())
         });
         if desired != serving && all_warm {
             self.switch_to(desired.clone(), &desired_id).await;
         }
-        // Every member serves this view: what this replica owns in it is its own to deliver.
+        // Every member serves this view: what this replica owns in it is its own to deliver,
+        // even while the next change is on its way. Waiting for that one too would leave the
+        // tokens released into this view undelivered for as long as changes keep coming, and
+        // their next owner might open its stream only after events the old one left behind.
         let serving = self.table.views.lock().serving().clone();
         let serving_id = view_id(&serving);
-        let all_serving = live
-            .iter()
-            .all(|m| m.identity == me || m.serving.as_deref() == Some(serving_id.as_str()));
+        let all_serving = served_throughout(&counted, &me, &serving_id);
         let confirmed = {
             let mut views = self.table.views.lock();
-            if all_serving && !views.chain.is_empty() && serving == desired {
+            if all_serving && !views.chain.is_empty() {
                 views.confirmed = serving.clone();
                 views.chain.clear();
                 true
@@ -779,6 +830,102 @@ mod tests {
                 assert!(!views.leads("a", &t) && !views.leads("b", &t));
             }
         }
+    }
+
+    fn member(identity: &str, warm: Option<&Ring>, serving: Option<&Ring>) -> Member {
+        Member {
+            identity: identity.to_owned(),
+            address: None,
+            term: None,
+            warm: warm.map(view_id),
+            serving: serving.map(view_id),
+            leaving: false,
+        }
+    }
+
+    fn identities(members: &[&Member]) -> Vec<String> {
+        let mut names: Vec<String> = members.iter().map(|m| m.identity.clone()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn replicas_starting_together_are_all_counted() {
+        let live = [
+            member("a", None, None),
+            member("b", None, None),
+            member("c", None, None),
+        ];
+        assert_eq!(identities(&counted(&live)), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_newcomer_waits_until_the_view_under_way_is_served_by_everyone() {
+        let old = ring(&["a", "b", "c"]);
+        let new = ring(&["a", "b"]);
+        // "c" leaves; "a" serves the view without it, "b" has not switched yet.
+        let mut leaving = member("c", Some(&new), Some(&new));
+        leaving.leaving = true;
+        let live = [
+            member("a", Some(&new), Some(&new)),
+            member("b", Some(&new), Some(&old)),
+            leaving,
+            member("d", None, None),
+        ];
+        assert_eq!(identities(&counted(&live)), ["a", "b", "c"]);
+        // Once every member that took part serves the view they make up, "d" is let in.
+        let mut live = live;
+        live[1] = member("b", Some(&new), Some(&new));
+        assert_eq!(identities(&counted(&live)), ["a", "b", "c", "d"]);
+        // The leaving member gone, the same.
+        assert_eq!(
+            identities(&counted(&[
+                live[0].clone(),
+                live[1].clone(),
+                live[3].clone()
+            ])),
+            ["a", "b", "d"]
+        );
+    }
+
+    #[test]
+    fn a_member_that_took_part_always_counts() {
+        let served = ring(&["a", "b"]);
+        let next = ring(&["a", "b", "c"]);
+        // "c" was let in and warms up; another newcomer, "d", waits for the next settled view.
+        let live = [
+            member("a", Some(&next), Some(&served)),
+            member("b", Some(&served), Some(&served)),
+            member("c", Some(&next), None),
+            member("d", None, None),
+        ];
+        assert_eq!(identities(&counted(&live)), ["a", "b", "c"]);
+        // A member whose renewals lapsed says nothing any more: a newcomer again.
+        let live = [
+            member("a", Some(&served), Some(&served)),
+            member("b", None, None),
+        ];
+        assert_eq!(identities(&counted(&live)), ["a"]);
+    }
+
+    #[test]
+    fn a_view_is_served_throughout_once_every_member_that_serves_any_serves_it() {
+        let served = ring(&["a", "b"]);
+        let next = ring(&["a", "b", "c"]);
+        let id = view_id(&served);
+        // "c" was just let in and serves nothing yet: it does not hold "a" back.
+        let a = member("a", Some(&next), Some(&served));
+        let b = member("b", Some(&next), Some(&served));
+        let c = member("c", Some(&next), None);
+        assert!(served_throughout(&[&a, &b, &c], "a", &id));
+        // A member still on the view before, or already on the next, does.
+        let b_before = member("b", Some(&served), Some(&ring(&["a", "b", "d"])));
+        assert!(!served_throughout(&[&a, &b_before, &c], "a", &id));
+        let b_next = member("b", Some(&next), Some(&next));
+        assert!(!served_throughout(&[&a, &b_next, &c], "a", &id));
+        // "a" itself is not asked.
+        let a_next = member("a", Some(&next), Some(&next));
+        assert!(served_throughout(&[&a_next, &b, &c], "a", &id));
     }
 
     #[test]
