@@ -364,10 +364,7 @@ pub async fn run(
 
     for step in &steps {
         for cost in &step.per_replica {
-            let at = match step.replicas {
-                1 => format!("1 replica, {}", cost.name),
-                n => format!("{n} replicas, {}", cost.name),
-            };
+            let at = format!("{}, {}", replicas(step.replicas), cost.name);
             report.text(
                 SCENARIO,
                 &format!("{at}: streams (lead + standby)"),
@@ -521,8 +518,8 @@ async fn steady(
         per_replica,
     };
     println!(
-        "  {} replicas: {} streams at the simulator; {}",
-        step.replicas,
+        "  {}: {} streams at the simulator; {}",
+        replicas(step.replicas),
         step.simulator_streams,
         step.per_replica
             .iter()
@@ -539,6 +536,14 @@ async fn steady(
             .join("; ")
     );
     Ok(step)
+}
+
+/// "1 replica", "2 replicas".
+fn replicas(count: usize) -> String {
+    match count {
+        1 => "1 replica".to_owned(),
+        n => format!("{n} replicas"),
+    }
 }
 
 /// Starts one more replica while the load runs, waits until the view is balanced, keeps the
