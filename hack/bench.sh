@@ -5,7 +5,7 @@
 # end and the figures as JSON under target/bench/.
 #
 #   hack/bench.sh [--quick] [--only ceiling,a,b,c,d,e,f,g,h,i,burst,handover,handover-nokey,
-#                 handover-cold] [--json PATH] [--scale F]
+#                 handover-cold,scale-out] [--json PATH] [--scale F]
 #                 [--phase S] [--exe PATH]
 #
 # --exe runs the scenarios against another build of the operator (a before/after comparison).
@@ -23,8 +23,10 @@ log "building crownstone-webhooks and the benchmark (release)"
 cargo build --locked --release --bin crownstone-webhooks
 cargo bench --locked --bench end_to_end --no-run
 # 10,000 event streams need as many sockets in the operator and in the simulator, and the
-# handover scenarios' three replicas three times as many in the simulator: raise the limit where
-# allowed (root), else take the hard limit.
+# handover scenarios' three replicas three times as many in the simulator, and scale-out up to
+# 2.7 per token (an owner's, a standby's, and a joining replica's share): raise the limit where
+# allowed (root), else take the hard limit. scale-out runs fewer tokens where that limit is too
+# low, and says so.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # The handover scenarios hold three replicas' streams to one loopback address at once (30,000 at
 # full size), more than the default ephemeral port range (about 28,000) has: widen it where

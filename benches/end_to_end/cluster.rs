@@ -621,15 +621,7 @@ impl OperatorProcess {
 
     /// Its `/metrics` text.
     pub async fn metrics(&self) -> Result<Metrics, BenchError> {
-        let text = self
-            .http
-            .get(format!("http://{}/metrics", self.health))
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?;
-        Ok(Metrics(text))
+        Metrics::fetch(&self.http, self.health).await
     }
 
     /// SIGTERM and wait.
@@ -643,6 +635,18 @@ impl OperatorProcess {
 pub struct Metrics(pub String);
 
 impl Metrics {
+    /// The `/metrics` text of the operator whose health port is `health`.
+    pub async fn fetch(http: &reqwest::Client, health: SocketAddr) -> Result<Metrics, BenchError> {
+        let text = http
+            .get(format!("http://{health}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(Metrics(text))
+    }
+
     /// Every series of `name` (exactly), summed, restricted to those with `label="value"`
     /// when given.
     pub fn sum(&self, name: &str, label: Option<(&str, &str)>) -> f64 {

@@ -4,7 +4,7 @@
 //! each while events are published: a rollout (a third replica starts, then the leader gets
 //! SIGTERM) and a crash (the leader gets SIGKILL). For each: events lost, repeated, repeated
 //! under another `webhook-id`, and how long until the new leader delivers; and the standby's
-//! memory per token.
+//! memory per token. Its replicas, audit receiver and audit serve `shard.rs` too.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -60,6 +60,26 @@ impl Variant {
     fn warm(self) -> bool {
         self != Variant::Cold
     }
+
+    fn mode(self) -> ReplicaMode {
+        ReplicaMode {
+            namespace: self.namespace(),
+            warm: self.warm(),
+            handover_key: self != Variant::NoKey,
+            sharding: false,
+        }
+    }
+}
+
+/// How a replica runs: what it watches, how it stands by, and whether it shards.
+pub(crate) struct ReplicaMode {
+    pub namespace: String,
+    /// `STANDBY=warm`, else cold.
+    pub warm: bool,
+    /// Whether it gets the shared handover key (sharding needs it).
+    pub handover_key: bool,
+    /// `--sharding`: each replica owns a share of the tokens.
+    pub sharding: bool,
 }
 /// The operator's default Lease name; the Lease lives in the watched namespace.
 const LEASE: &str = "crownstone-webhooks";
@@ -75,15 +95,16 @@ const QUIET: Duration = Duration::from_secs(5);
 const SETTLE_LIMIT: Duration = Duration::from_secs(120);
 
 /// One replica: `crownstone-webhooks controller --leader-election`, named `name` in the Lease.
-struct Replica {
-    name: String,
+pub(crate) struct Replica {
+    pub name: String,
     process: ChildGuard,
-    health: SocketAddr,
+    /// Where it serves `/readyz`, `/metrics` and `/shards`.
+    pub health: SocketAddr,
 }
 
 impl Replica {
-    async fn start(
-        variant: Variant,
+    pub async fn start(
+        mode: &ReplicaMode,
         exe: &Path,
         name: &str,
         events_url: &str,
@@ -95,7 +116,7 @@ impl Replica {
         let mut command = Command::new(exe);
         command
             .args(["controller", "--events-url", events_url])
-            .args(["--watch-namespace", &variant.namespace()])
+            .args(["--watch-namespace", &mode.namespace])
             .args(["--health-listen", &health.to_string()])
             .args(["--allow-private-destinations", "--log-format", "json"])
             .args(["--leader-election", "--shutdown-grace", SHUTDOWN_GRACE])
@@ -103,10 +124,13 @@ impl Replica {
             .env("POD_NAME", name)
             .env("POD_IP", "127.0.0.1")
             .env("HANDOVER_LISTEN", handover.to_string())
-            .env("STANDBY", if variant.warm() { "warm" } else { "cold" })
+            .env("STANDBY", if mode.warm { "warm" } else { "cold" })
             .env("RUST_LOG", "info");
-        if variant != Variant::NoKey {
+        if mode.handover_key {
             command.env("HANDOVER_KEY", HANDOVER_KEY);
+        }
+        if mode.sharding {
+            command.arg("--sharding");
         }
         let process = ChildGuard::spawn(
             name,
@@ -144,11 +168,11 @@ impl Replica {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.process.pid()
     }
 
-    fn signal(&self, signal: &str) -> Result<(), BenchError> {
+    pub fn signal(&self, signal: &str) -> Result<(), BenchError> {
         let status = Command::new("kill")
             .args([signal, &self.pid().to_string()])
             .status()?;
@@ -161,7 +185,7 @@ impl Replica {
         }
     }
 
-    fn exited(&mut self) -> bool {
+    pub fn exited(&mut self) -> bool {
         self.process
             .child_mut()
             .is_none_or(|child| matches!(child.try_wait(), Ok(Some(_))))
@@ -170,10 +194,11 @@ impl Replica {
 
 /// One delivery at the audit receiver.
 #[derive(Clone, Debug)]
-struct Delivery {
-    seq: u64,
-    id: String,
-    arrived_ns: u64,
+pub(crate) struct Delivery {
+    /// The event's number, as published.
+    pub seq: u64,
+    pub id: String,
+    pub arrived_ns: u64,
 }
 
 #[derive(Deserialize)]
@@ -188,14 +213,15 @@ struct Stamp {
 }
 
 /// Answers 200 to every POST and records its event number and `webhook-id`.
-struct AuditReceiver {
-    url: String,
+pub(crate) struct AuditReceiver {
+    /// Where Listeners post.
+    pub url: String,
     deliveries: Arc<Mutex<Vec<Delivery>>>,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl AuditReceiver {
-    async fn start() -> Result<AuditReceiver, BenchError> {
+    pub async fn start() -> Result<AuditReceiver, BenchError> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/hook", listener.local_addr()?);
         let deliveries = Arc::new(Mutex::new(Vec::new()));
@@ -212,11 +238,11 @@ impl AuditReceiver {
         })
     }
 
-    fn reset(&self) {
+    pub fn reset(&self) {
         self.deliveries.lock().clear();
     }
 
-    fn deliveries(&self) -> Vec<Delivery> {
+    pub fn deliveries(&self) -> Vec<Delivery> {
         self.deliveries.lock().clone()
     }
 }
@@ -249,16 +275,60 @@ async fn record(
     StatusCode::OK
 }
 
+/// What became of the events `0..published`, from the deliveries of their run.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Tally {
+    pub published: u64,
+    /// Events no delivery came for.
+    pub lost: u64,
+    /// Events delivered more than once.
+    pub repeated: u64,
+    /// Of those, events delivered under more than one `webhook-id`: a receiver that dedups
+    /// by id sees them twice.
+    pub repeated_with_another_id: u64,
+}
+
+impl Tally {
+    pub fn of(deliveries: &[Delivery], published: u64) -> Tally {
+        let mut ids: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+        for delivery in deliveries.iter().filter(|d| d.seq < published) {
+            ids.entry(delivery.seq).or_default().push(&delivery.id);
+        }
+        let repeated = ids.values().filter(|ids| ids.len() > 1);
+        Tally {
+            published,
+            lost: published - ids.len() as u64,
+            repeated: repeated.clone().count() as u64,
+            repeated_with_another_id: repeated
+                .filter(|ids| ids.iter().any(|id| *id != ids[0]))
+                .count() as u64,
+        }
+    }
+
+    /// Its three rows, each named after `change`.
+    pub fn report(&self, report: &mut Report, scenario: &str, change: &str) {
+        for (figure, value) in [
+            ("events lost", self.lost),
+            ("events repeated", self.repeated),
+            (
+                "repeated with another webhook-id",
+                self.repeated_with_another_id,
+            ),
+        ] {
+            report.figure(scenario, &format!("{change}: {figure}"), value as f64, "");
+        }
+    }
+}
+
 /// What one leader change did to the events published around it.
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ChangeOutcome {
-    published: u64,
+    #[serde(flatten)]
+    tally: Tally,
     /// Stream frames per published event: how many replicas read each event.
     frames_per_event: f64,
-    lost: u64,
-    repeated: u64,
-    repeated_with_another_id: u64,
     /// From the signal until another replica held the Lease.
     lease_taken_after_s: f64,
     /// From the signal until the old process had exited.
@@ -295,8 +365,9 @@ pub async fn run(
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let receiver = AuditReceiver::start().await?;
     let streams_before = simulator.open_streams().await?;
+    let mode = variant.mode();
     let start = |name: &'static str| {
-        Replica::start(variant, exe, name, &simulator.url, &plane.kubeconfig, logs)
+        Replica::start(&mode, exe, name, &simulator.url, &plane.kubeconfig, logs)
     };
     let mut replicas = vec![start("replica-a").await?, start("replica-b").await?];
     let leader = leader_index(&leases, &replicas, None).await?;
@@ -371,24 +442,7 @@ pub async fn run(
     let crash = change("crash", "-KILL", &mut replicas, &leases, &receiver, &load).await?;
 
     for (name, outcome) in [("rollout (SIGTERM)", &rollout), ("crash (SIGKILL)", &crash)] {
-        report.figure(
-            scenario,
-            &format!("{name}: events lost"),
-            outcome.lost as f64,
-            "",
-        );
-        report.figure(
-            scenario,
-            &format!("{name}: events repeated"),
-            outcome.repeated as f64,
-            "",
-        );
-        report.figure(
-            scenario,
-            &format!("{name}: repeated with another webhook-id"),
-            outcome.repeated_with_another_id as f64,
-            "",
-        );
+        outcome.tally.report(report, scenario, name);
         match outcome.new_leader_delivered_after_s {
             Some(seconds) => report.figure(
                 scenario,
@@ -506,10 +560,10 @@ async fn change(
     println!(
         "  {label}: published {}, lost {}, repeated {} ({} with another webhook-id), Lease \
          taken after {:.2} s, new leader delivers after {}",
-        outcome.published,
-        outcome.lost,
-        outcome.repeated,
-        outcome.repeated_with_another_id,
+        outcome.tally.published,
+        outcome.tally.lost,
+        outcome.tally.repeated,
+        outcome.tally.repeated_with_another_id,
         outcome.lease_taken_after_s,
         outcome
             .new_leader_delivered_after_s
@@ -520,7 +574,7 @@ async fn change(
 }
 
 /// Waits until every one of `events` arrived, or no delivery arrived for [`QUIET`].
-async fn settle(receiver: &AuditReceiver, events: u64) -> Vec<Delivery> {
+pub(crate) async fn settle(receiver: &AuditReceiver, events: u64) -> Vec<Delivery> {
     let until = Instant::now() + SETTLE_LIMIT;
     let mut last = (0, Instant::now());
     loop {
@@ -542,22 +596,12 @@ async fn settle(receiver: &AuditReceiver, events: u64) -> Vec<Delivery> {
 /// Lost, repeated and repeated under another id, over events `0..events`; and when the first
 /// delivery after the old leader's exit arrived.
 fn audit(deliveries: &[Delivery], events: u64, signalled_ns: u64, exited_ns: u64) -> ChangeOutcome {
-    let mut ids: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
-    for delivery in deliveries.iter().filter(|d| d.seq < events) {
-        ids.entry(delivery.seq).or_default().push(&delivery.id);
-    }
-    let repeated = ids.values().filter(|ids| ids.len() > 1);
     let mut arrivals: Vec<u64> = deliveries.iter().map(|d| d.arrived_ns).collect();
     arrivals.sort_unstable();
     let longest_gap_ns = arrivals.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let seconds = |ns: u64| ns as f64 / 1e9;
     ChangeOutcome {
-        published: events,
-        lost: events - ids.len() as u64,
-        repeated: repeated.clone().count() as u64,
-        repeated_with_another_id: repeated
-            .filter(|ids| ids.iter().any(|id| *id != ids[0]))
-            .count() as u64,
+        tally: Tally::of(deliveries, events),
         old_exited_after_s: seconds(exited_ns.saturating_sub(signalled_ns)),
         new_leader_delivered_after_s: arrivals
             .iter()

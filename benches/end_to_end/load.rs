@@ -2,7 +2,7 @@
 //! with its publish time, and the bare POST loop that measures the machine's ceiling (run as a
 //! child process, so its CPU time is its own).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -128,6 +128,45 @@ impl Publisher {
         rate: f64,
         duration: Duration,
     ) -> Published {
+        self.run_until(templates, spheres, rate, duration, &AtomicBool::new(false))
+            .await
+    }
+
+    /// Publishes in the background, as [`run`](Self::run) does, until stopped: for load that
+    /// runs through a change of unknown length.
+    pub fn start(
+        &self,
+        templates: &Arc<EventTemplates>,
+        spheres: &Arc<Vec<usize>>,
+        rate: f64,
+    ) -> RunningLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let (publisher, templates, spheres, stop) = (
+                self.clone(),
+                templates.clone(),
+                spheres.clone(),
+                stop.clone(),
+            );
+            async move {
+                publisher
+                    .run_until(&templates, &spheres, rate, Duration::MAX, &stop)
+                    .await
+            }
+        });
+        RunningLoad { stop, task }
+    }
+
+    /// [`run`](Self::run), ending early once `stop` is set; the rate then counts up to that
+    /// moment.
+    async fn run_until(
+        &self,
+        templates: &Arc<EventTemplates>,
+        spheres: &Arc<Vec<usize>>,
+        rate: f64,
+        duration: Duration,
+        stop: &AtomicBool,
+    ) -> Published {
         let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
         let mut requests = JoinSet::new();
         let mut published = Published {
@@ -141,10 +180,10 @@ impl Publisher {
         loop {
             tick.tick().await;
             let elapsed = started.elapsed();
-            let last = elapsed >= duration;
+            let last = elapsed >= duration || stop.load(Ordering::Relaxed);
             // The last tick publishes what is still due, so a run publishes rate × duration.
             let target = if last {
-                let total = rate * duration.as_secs_f64();
+                let total = rate * elapsed.min(duration).as_secs_f64();
                 // Kept up: what is still due at the end fits in a moment's worth.
                 published.kept_up = total - seq as f64 <= (0.03 * total).max(rate * 0.1);
                 total.round() as u64
@@ -201,6 +240,20 @@ impl Publisher {
         }
         published.events = seq;
         published
+    }
+}
+
+/// A load [`Publisher::start`] publishes until [`stop`](Self::stop)ped.
+pub struct RunningLoad {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Published>,
+}
+
+impl RunningLoad {
+    /// Stops publishing and returns what was published.
+    pub async fn stop(self) -> Result<Published, BenchError> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok(self.task.await?)
     }
 }
 

@@ -12,6 +12,7 @@ mod phase;
 mod receivers;
 mod report;
 mod scenarios;
+mod shard;
 mod system;
 
 use std::collections::BTreeSet;
@@ -57,7 +58,7 @@ bench_error_from!(
 );
 
 /// Every scenario, in the order they run.
-pub const SCENARIOS: [&str; 14] = [
+pub const SCENARIOS: [&str; 15] = [
     "ceiling",
     "f",
     "b",
@@ -72,10 +73,11 @@ pub const SCENARIOS: [&str; 14] = [
     "handover",
     "handover-nokey",
     "handover-cold",
+    "scale-out",
 ];
 
 /// The order of the table.
-pub const SCENARIOS_IN_TABLE_ORDER: [&str; 14] = [
+pub const SCENARIOS_IN_TABLE_ORDER: [&str; 15] = [
     "ceiling",
     "a",
     "b",
@@ -90,6 +92,7 @@ pub const SCENARIOS_IN_TABLE_ORDER: [&str; 14] = [
     "handover",
     "handover-nokey",
     "handover-cold",
+    "scale-out",
 ];
 
 #[derive(Parser, Debug)]
@@ -115,7 +118,7 @@ struct Args {
     phase: Option<f64>,
 
     /// Only these scenarios, comma-separated: ceiling,a,b,c,d,e,f,g,h,i,burst,handover,
-    /// handover-nokey,handover-cold.
+    /// handover-nokey,handover-cold,scale-out.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 
@@ -152,6 +155,11 @@ pub struct Sizes {
     /// Tokens and events a second of the leader changes (`handover`).
     pub tokens_handover: usize,
     pub handover_rate: f64,
+    /// Tokens and events a second of the sharded installation (`scale-out`), and the rate
+    /// that saturates its replicas.
+    pub tokens_scale_out: usize,
+    pub scale_out_rate: f64,
+    pub saturating_rate: f64,
     /// Receivers of the ceiling and of (a)'s first half.
     pub receivers_few: usize,
     /// Receivers of (a)'s second half and of the fan-out.
@@ -183,6 +191,9 @@ impl Sizes {
             tokens_scale: n(10_000.0, 10.0) as usize,
             tokens_handover: n(10_000.0, 10.0) as usize,
             handover_rate: n(500.0, 50.0),
+            tokens_scale_out: n(10_000.0, 10.0) as usize,
+            scale_out_rate: n(500.0, 50.0),
+            saturating_rate: n(20_000.0, 2_000.0),
             receivers_few: 8,
             receivers_many: n(100.0, 2.0) as usize,
             fixed_rate: n(2000.0, 20.0),

@@ -2,8 +2,9 @@
 //! (f) at the small size, (b) latency (also (f) at the middle size), (a) throughput at 8
 //! receivers, (g) the REST facade, (a) at 100 receivers, (d) fan-out, (e) a slow receiver,
 //! (h) overload, (i) fair sharing of one receiver; then on namespace `bench-scale` (a fresh
-//! operator) (c) connection scale and (f) at the large size; last, on namespace
-//! `bench-handover` (replicas of their own), leader changes under load (`handover.rs`).
+//! operator) (c) connection scale and (f) at the large size; then, on namespace
+//! `bench-handover` (replicas of their own), leader changes under load (`handover.rs`); last,
+//! on namespace `bench-scale-out`, tokens sharded over a growing set of replicas (`shard.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -100,8 +101,19 @@ async fn run_selected(context: &Context, report: &mut Report) -> Result<(), Benc
         .into_iter()
         .filter(|variant| context.wants(variant.scenario()))
         .collect();
-    if !context.wants_any(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "burst"])
-        && handovers.is_empty()
+    if !context.wants_any(&[
+        "a",
+        "b",
+        "c",
+        "d",
+        "e",
+        "f",
+        "g",
+        "h",
+        "i",
+        "burst",
+        "scale-out",
+    ]) && handovers.is_empty()
     {
         return Ok(());
     }
@@ -133,6 +145,9 @@ async fn run_selected(context: &Context, report: &mut Report) -> Result<(), Benc
             context, report, &plane, &client, &simulator, &publisher, variant,
         )
         .await?;
+    }
+    if context.wants("scale-out") {
+        crate::shard::run(context, report, &plane, &client, &simulator, &publisher).await?;
     }
     Ok(())
 }

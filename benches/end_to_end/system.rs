@@ -85,7 +85,13 @@ impl CpuSnapshot {
     }
 }
 
-/// Samples a process's resident memory in the background and keeps the largest value seen.
+/// Descriptors a process has open.
+pub fn open_files(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+/// Samples a figure of a process in the background (its resident memory, unless told
+/// otherwise) and keeps the largest value seen.
 pub struct RssPeak {
     peak: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -93,16 +99,21 @@ pub struct RssPeak {
 }
 
 impl RssPeak {
-    /// Starts sampling `pid` every 200 ms.
+    /// Starts sampling the resident memory of `pid` every 200 ms.
     pub fn start(pid: u32) -> RssPeak {
-        let peak = Arc::new(AtomicU64::new(rss_kb(pid).unwrap_or(0)));
+        RssPeak::sampling(move || rss_kb(pid))
+    }
+
+    /// Starts sampling `read` every 200 ms.
+    pub fn sampling(read: impl Fn() -> Option<u64> + Send + 'static) -> RssPeak {
+        let peak = Arc::new(AtomicU64::new(read().unwrap_or(0)));
         let stop = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn({
             let (peak, stop) = (peak.clone(), stop.clone());
             async move {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some(rss) = rss_kb(pid) {
-                        peak.fetch_max(rss, Ordering::Relaxed);
+                    if let Some(value) = read() {
+                        peak.fetch_max(value, Ordering::Relaxed);
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -111,7 +122,7 @@ impl RssPeak {
         RssPeak { peak, stop, task }
     }
 
-    /// Stops sampling and returns the peak in kB.
+    /// Stops sampling and returns the peak (in kB for memory).
     pub async fn finish(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
