@@ -62,8 +62,20 @@ const SETTLE_WAIT: Duration = Duration::from_secs(10);
 /// How long a release waits for the peers to fetch the last progress of those tokens.
 const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 
-/// How long a release waits for the last status counters of the tokens it hands on.
+/// How long a release waits for the last status counters of the tokens it hands on: a base,
+/// and more per token, since each of their Listeners is a status write; bounded, because the
+/// tokens handed on deliver nothing meanwhile.
 const COUNTERS_WAIT: Duration = Duration::from_secs(5);
+const COUNTERS_WAIT_PER_TOKEN: Duration = Duration::from_millis(5);
+const COUNTERS_WAIT_MAX: Duration = Duration::from_secs(15);
+
+fn counters_wait(tokens: usize) -> Duration {
+    let per_token =
+        COUNTERS_WAIT_PER_TOKEN.saturating_mul(u32::try_from(tokens).unwrap_or(u32::MAX));
+    COUNTERS_WAIT
+        .saturating_add(per_token)
+        .min(COUNTERS_WAIT_MAX)
+}
 
 /// How often a release checks whether the deliveries settled.
 const SETTLE_POLL: Duration = Duration::from_millis(20);
@@ -581,7 +593,7 @@ impl Coordinator {
                 if !self.forwarders.settled(&released) {
                     tracing::warn!(tokens = released.len(), "Deliveries of tokens handed on did not settle in time: the next owner may deliver some again.");
                 }
-                if tokio::time::timeout(COUNTERS_WAIT, (self.before_release)(released.clone()))
+                if tokio::time::timeout(counters_wait(released.len()), (self.before_release)(released.clone()))
                     .await
                     .is_err()
                 {
@@ -782,6 +794,14 @@ mod tests {
 
     fn tokens() -> Vec<TokenHash> {
         (0..300).map(|i| TokenHash::of(&format!("t{i}"))).collect()
+    }
+
+    #[test]
+    fn the_counters_wait_grows_with_the_tokens_handed_on_up_to_a_bound() {
+        assert_eq!(counters_wait(0), COUNTERS_WAIT);
+        assert_eq!(counters_wait(1_000), Duration::from_secs(10));
+        assert_eq!(counters_wait(100_000), COUNTERS_WAIT_MAX);
+        assert_eq!(counters_wait(usize::MAX), COUNTERS_WAIT_MAX);
     }
 
     #[test]

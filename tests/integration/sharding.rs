@@ -211,6 +211,40 @@ async fn wait_counted(rig: &Rig, audit: &Audit) {
     }
 }
 
+/// What a change may repeat.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Repeats {
+    /// Nothing: a planned move.
+    Never,
+    /// Only under the same `webhook-id`: a crash or an outage.
+    UnderTheSameId,
+}
+
+/// Asserts what `change` cost: every event read by some stream and delivered, and repeated
+/// only as `repeats` allows.
+fn assert_cost(change: &str, audit: &Audit, rig: &Rig, repeats: Repeats) {
+    assert_eq!(audit.unread, 0, "{}\n{}", audit.summary(), rig.logs());
+    assert!(
+        audit.lost.is_empty(),
+        "{change} loses nothing: {}\n{}",
+        audit.summary(),
+        rig.logs()
+    );
+    let (repeated, allowed) = match repeats {
+        Repeats::Never => (&audit.repeated, "nothing"),
+        Repeats::UnderTheSameId => (
+            &audit.repeated_with_new_id,
+            "only under the same webhook-id",
+        ),
+    };
+    assert!(
+        repeated.is_empty(),
+        "{change} repeats {allowed}: {}\n{}",
+        audit.summary(),
+        rig.logs()
+    );
+}
+
 fn assert_no_double_leaders(sampler: Sampler, rig: &Rig) {
     let (samples, doubles) = sampler.stop();
     assert!(samples > 20, "the sampler ran ({samples} samples)");
@@ -267,19 +301,7 @@ async fn scaling_3_to_5_to_2_moves_tokens_without_losing_or_repeating_an_event()
     let audit = rig.settle(&published, QUIET).await;
     println!("scale 3 -> 5 -> 2: {}", audit.summary());
     assert_no_double_leaders(sampler, &rig);
-    assert_eq!(audit.unread, 0, "{}", audit.summary());
-    assert!(
-        audit.lost.is_empty(),
-        "planned moves lose nothing: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
-    assert!(
-        audit.repeated.is_empty(),
-        "planned moves repeat nothing: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
+    assert_cost("scaling", &audit, &rig, Repeats::Never);
     wait_streamed_by(&rig, &[1, 3]).await;
     wait_counted(&rig, &audit).await;
     for index in [0, 2, 4] {
@@ -327,7 +349,6 @@ async fn rapid_scale_changes_never_deliver_a_token_twice_nor_lose_an_event() {
     let audit = rig.settle(&published, QUIET).await;
     println!("rapid changes 3 -> 4 -> 3 -> 4 -> 3: {}", audit.summary());
     assert_no_double_leaders(sampler, &rig);
-    assert_eq!(audit.unread, 0, "{}\n{}", audit.summary(), rig.logs());
     // A release that outlasts the renew deadline must not make its replica think it was cut
     // off: it would drop the tokens it keeps.
     for replica in &rig.replicas {
@@ -338,18 +359,7 @@ async fn rapid_scale_changes_never_deliver_a_token_twice_nor_lose_an_event() {
             replica.log()
         );
     }
-    assert!(
-        audit.lost.is_empty(),
-        "planned moves lose nothing, however fast they come: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
-    assert!(
-        audit.repeated.is_empty(),
-        "planned moves repeat nothing, however fast they come: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
+    assert_cost("rapid scaling", &audit, &rig, Repeats::Never);
 }
 
 /// A replica that joins a crowded installation must know every token before it is counted on:
@@ -384,19 +394,7 @@ async fn a_replica_joining_many_tokens_takes_its_share_without_losing_or_repeati
     let audit = rig.settle(&published, QUIET).await;
     println!("scale 1 -> 2 at {} tokens: {}", rig.tokens, audit.summary());
     assert_no_double_leaders(sampler, &rig);
-    assert_eq!(audit.unread, 0, "{}", audit.summary());
-    assert!(
-        audit.lost.is_empty(),
-        "a planned move loses nothing: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
-    assert!(
-        audit.repeated.is_empty(),
-        "a planned move repeats nothing: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
+    assert_cost("a join", &audit, &rig, Repeats::Never);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -425,18 +423,7 @@ async fn a_killed_replicas_tokens_move_to_their_standbys_and_nothing_is_lost() {
     let audit: Audit = rig.settle(&published, QUIET).await;
     println!("kill -9 of one of three: {}", audit.summary());
     assert_no_double_leaders(sampler, &rig);
-    assert_eq!(audit.unread, 0, "{}", audit.summary());
-    assert!(
-        audit.lost.is_empty(),
-        "a crash loses nothing: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
-    assert!(
-        audit.repeated_with_new_id.is_empty(),
-        "a crash repeats only under the same webhook-id: {}",
-        audit.summary()
-    );
+    assert_cost("a crash", &audit, &rig, Repeats::UnderTheSameId);
 }
 
 /// Publishes while replica `victim` of three is cut off by `cut` for `outage` and then comes
@@ -471,18 +458,7 @@ async fn outage(
     let audit = rig.settle(&published, QUIET).await;
     println!("outage of one of three: {}", audit.summary());
     assert_no_double_leaders(sampler, &rig);
-    assert_eq!(audit.unread, 0, "{}", audit.summary());
-    assert!(
-        audit.lost.is_empty(),
-        "an outage loses nothing: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
-    assert!(
-        audit.repeated_with_new_id.is_empty(),
-        "an outage repeats only under the same webhook-id: {}",
-        audit.summary()
-    );
+    assert_cost("an outage", &audit, &rig, Repeats::UnderTheSameId);
     let log = rig.replicas[victim].log();
     assert!(
         log.contains("Stopped delivering every token"),
@@ -602,16 +578,6 @@ async fn events_missed_by_an_owners_stream_are_filled_in_by_the_tokens_standbys(
     let published = publisher.stop().await;
     let audit = rig.settle(&published, QUIET).await;
     println!("a blip in one owner's streams: {}", audit.summary());
-    assert!(
-        audit.lost.is_empty(),
-        "the standbys filled the gap: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
-    assert!(
-        audit.repeated.is_empty(),
-        "every event once: {}\n{}",
-        audit.summary(),
-        rig.logs()
-    );
+    // The standbys filled the owner's gap: every event once.
+    assert_cost("a blip in an owner's streams", &audit, &rig, Repeats::Never);
 }
