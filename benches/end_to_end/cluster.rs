@@ -543,6 +543,14 @@ impl SimulatorProcess {
             .map_err(|e| BenchError::new(format!("simulator stats: {e}")))?
             .open_streams)
     }
+
+    /// Waits, at most `limit`, until at least `streams` streams are open.
+    pub async fn wait_streams(&self, streams: usize, limit: Duration) -> Result<(), BenchError> {
+        wait_until(&format!("{streams} streams"), limit, || async {
+            self.open_streams().await.is_ok_and(|n| n >= streams)
+        })
+        .await
+    }
 }
 
 /// The operator (`crownstone-webhooks controller`), as its own release process.

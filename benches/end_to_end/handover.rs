@@ -387,17 +387,9 @@ pub async fn run(
         )
         .await?;
     println!("  {tokens} tokens with a Listener each, created in {took:.1?}");
-    wait_until(
-        &format!("{tokens} streams"),
-        Duration::from_secs(300),
-        || async {
-            simulator
-                .open_streams()
-                .await
-                .is_ok_and(|n| n >= streams_before + tokens)
-        },
-    )
-    .await?;
+    simulator
+        .wait_streams(streams_before + tokens, Duration::from_secs(300))
+        .await?;
     // A warm standby opens its own streams too; a cold one does not. Give it the time.
     if variant.warm() {
         let _ = wait_until("the standby's streams", Duration::from_secs(60), || async {

@@ -322,17 +322,9 @@ pub async fn run(
         .await?;
     println!("  {tokens} tokens with a Listener each, created in {took:.1?}");
     installation.wait_balanced().await?;
-    wait_until(
-        &format!("{tokens} streams"),
-        Duration::from_secs(300),
-        || async {
-            simulator
-                .open_streams()
-                .await
-                .is_ok_and(|n| n >= streams_before + tokens)
-        },
-    )
-    .await?;
+    simulator
+        .wait_streams(streams_before + tokens, Duration::from_secs(300))
+        .await?;
     let load = Load {
         publisher,
         templates: Arc::new(EventTemplates::new(&set.spheres())),

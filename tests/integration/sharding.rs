@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 
 use crate::support::cluster::{control_plane, eventually};
-use crate::support::handover::{Audit, Replica, Rig, Signal};
+use crate::support::handover::{Audit, Publisher, Replica, Rig, Signal};
 use crate::support::operator::WAIT;
 use crate::support::proxy::Proxy;
 
@@ -211,6 +211,26 @@ async fn wait_counted(rig: &Rig, audit: &Audit) {
     }
 }
 
+/// Three replicas in a balanced view, a sampler watching them, and events published at
+/// 20 a second for 2 s already.
+async fn three_under_load(prefix: &str, tokens: usize) -> (Rig, Sampler, Publisher) {
+    let mut rig = Rig::without_replicas(prefix, tokens).await;
+    for index in 0..3 {
+        start(&mut rig, index);
+    }
+    loaded(rig).await
+}
+
+/// A sampler watching `rig`'s three replicas once balanced, and events published at 20 a
+/// second for 2 s already.
+async fn loaded(rig: Rig) -> (Rig, Sampler, Publisher) {
+    wait_balanced(&rig, &[0, 1, 2]).await;
+    let sampler = Sampler::start(rig.replicas.iter().map(|r| r.health).collect());
+    let publisher = rig.publish(20.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    (rig, sampler, publisher)
+}
+
 /// What a change may repeat.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Repeats {
@@ -319,14 +339,7 @@ async fn scaling_3_to_5_to_2_moves_tokens_without_losing_or_repeating_an_event()
 /// up, and still no token is delivered by two replicas, none is lost and none repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rapid_scale_changes_never_deliver_a_token_twice_nor_lose_an_event() {
-    let mut rig = Rig::without_replicas("shard-rapid", 24).await;
-    for index in 0..3 {
-        start(&mut rig, index);
-    }
-    wait_balanced(&rig, &[0, 1, 2]).await;
-    let sampler = Sampler::start(rig.replicas.iter().map(|r| r.health).collect());
-    let publisher = rig.publish(20.0);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut rig, sampler, publisher) = three_under_load("shard-rapid", 24).await;
 
     start(&mut rig, 3);
     sampler.watch(rig.replicas[3].health);
@@ -399,14 +412,7 @@ async fn a_replica_joining_many_tokens_takes_its_share_without_losing_or_repeati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replicas_tokens_move_to_their_standbys_and_nothing_is_lost() {
-    let mut rig = Rig::without_replicas("shard-kill", 24).await;
-    for index in 0..3 {
-        start(&mut rig, index);
-    }
-    wait_balanced(&rig, &[0, 1, 2]).await;
-    let sampler = Sampler::start(rig.replicas.iter().map(|r| r.health).collect());
-    let publisher = rig.publish(20.0);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rig, sampler, publisher) = three_under_load("shard-kill", 24).await;
     let victim = 1;
     let led_by_victim = hashes(
         &report(rig.replicas[victim].health)
@@ -430,16 +436,13 @@ async fn a_killed_replicas_tokens_move_to_their_standbys_and_nothing_is_lost() {
 /// back by `restore`: its tokens move to the others when its Lease expires, it delivers nothing
 /// once its renew deadline has passed, and it rejoins with nothing and takes its share back.
 async fn outage(
-    mut rig: Rig,
+    rig: Rig,
     victim: usize,
     outage: Duration,
     cut: impl FnOnce(&Rig),
     restore: impl FnOnce(&Rig),
 ) -> Rig {
-    wait_balanced(&rig, &[0, 1, 2]).await;
-    let sampler = Sampler::start(rig.replicas.iter().map(|r| r.health).collect());
-    let publisher = rig.publish(20.0);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut rig, sampler, publisher) = loaded(rig).await;
     let led = hashes(
         &report(rig.replicas[victim].health)
             .await
