@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::cluster::{self, wait_until, Metrics, Plane, SimulatorProcess, TokenSet};
-use crate::handover::{settle, AuditReceiver, Replica, ReplicaMode, Tally};
-use crate::load::{EventTemplates, Publisher};
+use crate::handover::{settle, AuditReceiver, Delivery, Replica, ReplicaMode, Tally};
+use crate::load::{EventTemplates, Published, Publisher, RunningLoad};
 use crate::phase::DELIVERIES;
 use crate::report::Report;
 use crate::scenarios::Context;
@@ -159,6 +159,34 @@ struct Load<'a> {
     receiver: &'a AuditReceiver,
     /// Publishing before a change, and again once the view is balanced after it.
     around_change: Duration,
+}
+
+impl Load<'_> {
+    /// Starts publishing for a change: the receiver forgets what came before, and the change
+    /// comes `around_change` into the load.
+    async fn start_for_change(&self) -> RunningLoad {
+        self.receiver.reset();
+        let running = self
+            .publisher
+            .start(&self.templates, &self.spheres, self.rate);
+        tokio::time::sleep(self.around_change).await;
+        running
+    }
+
+    /// Ends a change's load, `around_change` after the view balanced (at once if it did not),
+    /// and returns every delivery of what was published.
+    async fn end_of_change(
+        &self,
+        running: RunningLoad,
+        balanced: Result<impl Sized, BenchError>,
+    ) -> Result<(Vec<Delivery>, Published), BenchError> {
+        if balanced.is_ok() {
+            tokio::time::sleep(self.around_change).await;
+        }
+        let published = running.stop().await?;
+        balanced?;
+        Ok((settle(self.receiver, published.events).await, published))
+    }
 }
 
 /// One replica under the steady load.
@@ -545,11 +573,7 @@ async fn scale_up(
     load: &Load<'_>,
 ) -> Result<Move, BenchError> {
     let from = installation.replicas.len();
-    load.receiver.reset();
-    let running = load
-        .publisher
-        .start(&load.templates, &load.spheres, load.rate);
-    tokio::time::sleep(load.around_change).await;
+    let running = load.start_for_change().await;
     let started = Instant::now();
     let balanced = async {
         installation.add().await?;
@@ -557,12 +581,7 @@ async fn scale_up(
     }
     .await;
     let balanced_after_s = started.elapsed().as_secs_f64();
-    if balanced.is_ok() {
-        tokio::time::sleep(load.around_change).await;
-    }
-    let published = running.stop().await?;
-    balanced?;
-    let deliveries = settle(load.receiver, published.events).await;
+    let (deliveries, published) = load.end_of_change(running, balanced).await?;
     let change = Move {
         from,
         to: installation.replicas.len(),
@@ -598,11 +617,7 @@ async fn kill_one(
         .enumerate()
         .map(|(i, token)| (TokenHash::of(token).to_hex(), i))
         .collect();
-    load.receiver.reset();
-    let running = load
-        .publisher
-        .start(&load.templates, &load.spheres, load.rate);
-    tokio::time::sleep(load.around_change).await;
+    let running = load.start_for_change().await;
     // Which tokens it leads, read just before the kill.
     let led: BTreeSet<usize> = installation.views().await[victim]
         .as_ref()
@@ -626,12 +641,7 @@ async fn kill_one(
     let exited_ns = unix_ns();
     let balanced = installation.wait_balanced().await;
     let balanced_after_s = started.elapsed().as_secs_f64();
-    if balanced.is_ok() {
-        tokio::time::sleep(load.around_change).await;
-    }
-    let published = running.stop().await?;
-    balanced?;
-    let deliveries = settle(load.receiver, published.events).await;
+    let (deliveries, published) = load.end_of_change(running, balanced).await?;
     let tokens = set.len() as u64;
     let resumed_ns = deliveries
         .iter()

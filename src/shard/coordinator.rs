@@ -92,8 +92,8 @@ fn takes_part(member: &Member) -> bool {
 /// events in between would be in nobody's reach; once a view is served throughout, a joiner
 /// opens its streams while every token still has an owner delivering it.
 fn counted(live: &[Member]) -> Vec<&Member> {
-    let (old, new): (Vec<&Member>, Vec<&Member>) = live.iter().partition(|m| takes_part(m));
-    if new.is_empty() {
+    let old: Vec<&Member> = live.iter().filter(|m| takes_part(m)).collect();
+    if old.len() == live.len() {
         return old;
     }
     let staying = Ring::new(
@@ -120,7 +120,7 @@ fn counted(live: &[Member]) -> Vec<&Member> {
 fn served_throughout(members: &[&Member], me: &str, id: &str) -> bool {
     members
         .iter()
-        .all(|m| m.identity == me || m.serving.is_none() || m.serving.as_deref() == Some(id))
+        .all(|m| m.identity == me || m.serving.as_deref().is_none_or(|serving| serving == id))
 }
 
 /// The id of a view: a hash of its members, the same on every replica.
